@@ -1,0 +1,5 @@
+"""alselect: pool-based active learning for image folders."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

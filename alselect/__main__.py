@@ -1,0 +1,5 @@
+"""``python -m alselect``."""
+
+from alselect.cli import main
+
+main()

@@ -1,0 +1,89 @@
+"""alselect's own checkpoint: a ``torch.save`` dict with arch, weights, classes and preprocessing.
+
+Layout (all plain types, loadable with ``weights_only=True``)::
+
+    {"alselect_checkpoint": 1, "arch": "small_cnn" | <torchvision name>, "num_classes": C,
+     "state_dict": {...}, "classes": [names] | None, "preprocess": {image_size, resize_size,
+     mean, std}}
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from alselect.checkpoints.base import (
+    CheckpointFile,
+    CheckpointOptions,
+    LoadedModel,
+    register_loader,
+)
+from alselect.checkpoints.state_dict import load_weights, wrap_classifier
+from alselect.errors import CheckpointError
+from alselect.models import build_model
+from alselect.preprocess import Preprocess
+
+FORMAT_KEY = "alselect_checkpoint"
+FORMAT_VERSION = 1
+
+
+def save_alselect_checkpoint(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    arch: str,
+    num_classes: int,
+    classes: list[str] | None = None,
+    preprocess: Preprocess | None = None,
+) -> None:
+    """Write ``model``'s weights in alselect's format (atomically: temp file, then rename)."""
+    payload = {
+        FORMAT_KEY: FORMAT_VERSION,
+        "arch": arch,
+        "num_classes": int(num_classes),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "classes": list(classes) if classes is not None else None,
+        "preprocess": (preprocess or Preprocess()).to_dict(),
+    }
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, target)
+
+
+@register_loader(order=30)
+def load_alselect_dict(ckpt: CheckpointFile, options: CheckpointOptions) -> LoadedModel | None:
+    """Claim dicts carrying the ``alselect_checkpoint`` marker."""
+    if ckpt.zip_names and not ckpt.has_member("data.pkl"):
+        return None
+    obj, path = ckpt.obj, ckpt.path
+    if not isinstance(obj, dict) or FORMAT_KEY not in obj:
+        return None
+    version = obj[FORMAT_KEY]
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: alselect checkpoint version {version} is not supported by this alselect "
+            f"(reads version {FORMAT_VERSION}); upgrade alselect"
+        )
+    try:
+        arch = str(obj["arch"])
+        num_classes = int(obj["num_classes"])
+        state = obj["state_dict"]
+    except KeyError as exc:
+        raise CheckpointError(f"{path}: alselect checkpoint lacks the {exc} entry") from exc
+    if options.num_classes is not None and options.num_classes != num_classes:
+        raise CheckpointError(
+            f"{path}: checkpoint has {num_classes} classes but --num-classes is {options.num_classes}"
+        )
+    module = build_model(arch, num_classes)
+    load_weights(module, state, path, num_classes)
+    return wrap_classifier(
+        module,
+        kind="alselect",
+        arch=arch,
+        num_classes=num_classes,
+        classes=obj.get("classes"),
+        preprocess=Preprocess.from_metadata(obj.get("preprocess")),
+    )

@@ -1,0 +1,150 @@
+"""``embed`` and ``score``: the commands that run a model (torch is imported only here)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from alselect.cli.app import app, globals_of, reporter_for
+from alselect.progress import Reporter
+
+if TYPE_CHECKING:
+    from alselect.pipeline import EmbedResult, ModelSpec
+
+Folder = Annotated[Path, typer.Argument(help="Image folder (searched recursively).")]
+Model = Annotated[Path, typer.Option("--model", "-m", help="Checkpoint file.")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+BatchSize = Annotated[int, typer.Option(min=1, help="Images per model call.")]
+Workers = Annotated[
+    int | None, typer.Option(min=0, help="Decoding processes [default: min(4, CPUs)]; 0 = none.")
+]
+ImageSize = Annotated[int | None, typer.Option(min=1, help="Crop size in pixels (overrides checkpoint).")]
+Mean = Annotated[str | None, typer.Option(help="Normalisation mean R,G,B (0–1 scale).")]
+Std = Annotated[str | None, typer.Option(help="Normalisation std R,G,B (0–1 scale).")]
+Arch = Annotated[
+    str | None, typer.Option(help="Architecture of a plain state_dict (small_cnn or torchvision).")
+]
+NumClasses = Annotated[int | None, typer.Option(min=1, help="Classes of a plain state_dict.")]
+Trust = Annotated[bool, typer.Option(help="Allow arbitrary unpickling (only for checkpoints you trust).")]
+
+
+def _spec(
+    model: Path,
+    arch: str | None,
+    num_classes: int | None,
+    trust: bool,
+    image_size: int | None,
+    mean: str | None,
+    std: str | None,
+) -> ModelSpec:
+    from alselect.pipeline import ModelSpec
+    from alselect.preprocess import parse_triple
+
+    return ModelSpec(
+        checkpoint=model,
+        arch=arch,
+        num_classes=num_classes,
+        trust_checkpoint=trust,
+        image_size=image_size,
+        mean=parse_triple(mean, "--mean"),
+        std=parse_triple(std, "--std"),
+    )
+
+
+@app.command()
+def embed(
+    ctx: typer.Context,
+    folder: Folder,
+    model: Model,
+    device: Device = "auto",
+    batch_size: BatchSize = 64,
+    workers: Workers = None,
+    image_size: ImageSize = None,
+    mean: Mean = None,
+    std: Std = None,
+    arch: Arch = None,
+    num_classes: NumClasses = None,
+    trust_checkpoint: Trust = False,
+) -> None:
+    """Embed new or changed images (probabilities + penultimate features) into the store."""
+    from alselect.embed import EmbedOptions
+    from alselect.pipeline import embed_folder
+    from alselect.store import Store
+
+    spec = _spec(model, arch, num_classes, trust_checkpoint, image_size, mean, std)
+    with Store.open(globals_of(ctx).store, write=True) as store, reporter_for(ctx) as reporter:
+        result = embed_folder(store, folder, spec, EmbedOptions(device, batch_size, workers), reporter)
+        reporter.close()
+        _report_embed(reporter, result)
+
+
+@app.command()
+def score(
+    ctx: typer.Context,
+    folder: Folder,
+    model: Model,
+    strategy: Annotated[str, typer.Option("--strategy", "-s", help="See 'alselect strategies'.")],
+    budget: Annotated[int | None, typer.Option(min=1, help="Rank only the best N [default: all].")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for strategies that draw at random.")] = 0,
+    device: Device = "auto",
+    batch_size: BatchSize = 64,
+    workers: Workers = None,
+    image_size: ImageSize = None,
+    mean: Mean = None,
+    std: Std = None,
+    arch: Arch = None,
+    num_classes: NumClasses = None,
+    trust_checkpoint: Trust = False,
+) -> None:
+    """Embed what is missing, then rank every unlabeled image and record the run."""
+    from alselect.embed import EmbedOptions
+    from alselect.pipeline import score_folder
+    from alselect.store import Store
+    from alselect.strategies import make_strategy
+
+    make_strategy(strategy)  # unknown names are a usage error before any work
+    spec = _spec(model, arch, num_classes, trust_checkpoint, image_size, mean, std)
+    command = shlex.join(["alselect", *sys.argv[1:]])
+    with Store.open(globals_of(ctx).store, write=True) as store, reporter_for(ctx) as reporter:
+        result = score_folder(
+            store,
+            folder,
+            spec,
+            strategy,
+            budget=budget,
+            seed=seed,
+            options=EmbedOptions(device, batch_size, workers),
+            reporter=reporter,
+            command=command,
+        )
+        reporter.close()
+        _report_embed(reporter, result.embed)
+        reporter.info(
+            f"run {result.run_id}: {result.strategy} ranked {result.selected} of "
+            f"{result.pool_size} image(s) ({result.labeled} labeled); "
+            "next: alselect export --top N"
+        )
+
+
+def _report_embed(reporter: Reporter, result: EmbedResult) -> None:
+    sync = result.sync
+    reporter.info(
+        f"{sync.found} image file(s): {sync.new} new, {sync.changed} changed, "
+        f"{sync.vanished} vanished; embedded {result.embedded} with model {result.model_display} "
+        f"({result.already_embedded} already embedded)"
+    )
+    summary = result.failure_summary()
+    if summary:
+        reporter.warning(summary)
+    problems = sync.problems
+    if problems.unreadable_dirs:
+        reporter.warning(
+            f"{len(problems.unreadable_dirs)} unreadable folder(s) skipped, "
+            f"e.g. {problems.unreadable_dirs[0]}"
+        )
+    if problems.undecodable_names:
+        reporter.warning(f"{problems.undecodable_names} file name(s) that are not valid UTF-8 skipped")

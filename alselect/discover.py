@@ -1,0 +1,126 @@
+"""Find image files under a folder and hash their contents."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alselect.errors import DataError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+
+@dataclass(frozen=True)
+class FoundFile:
+    """One candidate image: path relative to the root (``/`` separators), size, mtime in ns."""
+
+    relpath: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class WalkProblems:
+    """Things skipped while walking that the user should hear about."""
+
+    unreadable_dirs: list[str] = field(default_factory=list)
+    undecodable_names: int = 0
+    symlink_loops: int = 0
+
+
+def resolve_root(folder: str | os.PathLike[str]) -> Path:
+    """The absolute, symlink-resolved pool folder; a clear error if it is not a folder."""
+    path = Path(folder).expanduser()
+    if not path.exists():
+        raise DataError(f"image folder not found: {folder}")
+    if not path.is_dir():
+        raise DataError(f"not a folder: {folder}")
+    return path.resolve()
+
+
+def walk_images(root: Path, problems: WalkProblems | None = None) -> Iterator[FoundFile]:
+    """Yield image files under ``root`` in sorted order, following symlinks without looping.
+
+    Hidden files and folders (leading ``.``) are skipped: they hold caches, checkpoints and
+    macOS resource forks, not pool images. Names that are not valid UTF-8 are counted and skipped.
+    """
+    problems = problems if problems is not None else WalkProblems()
+    seen_dirs: set[tuple[int, int]] = set()
+    yield from _walk(root, "", seen_dirs, problems)
+
+
+def _walk(
+    directory: Path, prefix: str, seen: set[tuple[int, int]], problems: WalkProblems
+) -> Iterator[FoundFile]:
+    try:
+        info = directory.stat()
+    except OSError:
+        problems.unreadable_dirs.append(prefix or ".")
+        return
+    key = (info.st_dev, info.st_ino)
+    if key in seen:
+        problems.symlink_loops += 1
+        return
+    seen.add(key)
+    try:
+        with os.scandir(directory) as entries:
+            items = sorted(entries, key=lambda e: e.name)
+    except OSError:
+        problems.unreadable_dirs.append(prefix or ".")
+        return
+    for entry in items:
+        name = entry.name
+        if name.startswith("."):
+            continue
+        if not _is_utf8(name):
+            problems.undecodable_names += 1
+            continue
+        relpath = f"{prefix}{name}"
+        try:
+            if entry.is_dir():  # follows symlinks; loops are caught by the (dev, inode) set
+                yield from _walk(Path(entry.path), relpath + "/", seen, problems)
+                continue
+            if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            stat = entry.stat()
+        except OSError:
+            continue  # dangling symlink or a file removed mid-walk
+        yield FoundFile(relpath=relpath, size=stat.st_size, mtime_ns=stat.st_mtime_ns)
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # surrogate-escaped bytes from a non-UTF-8 file name
+        return False
+    return True
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_files(
+    root: Path, relpaths: Iterable[str], threads: int = 4
+) -> Iterator[tuple[str, str | None, str | None]]:
+    """Yield ``(relpath, sha256, error)`` in input order; hashing runs on a thread pool.
+
+    hashlib releases the GIL on large buffers, so threads overlap I/O and hashing.
+    """
+
+    def one(relpath: str) -> tuple[str, str | None, str | None]:
+        try:
+            return relpath, sha256_file(root / relpath), None
+        except OSError as exc:
+            return relpath, None, f"unreadable: {exc.strerror or exc}"
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        yield from pool.map(one, relpaths)

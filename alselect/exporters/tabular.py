@@ -1,0 +1,32 @@
+"""CSV (RFC 4180 quoting) and TSV: one row per image in rank order, columns only appended."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable
+from typing import TextIO
+
+from alselect.exporters.base import CSV_COLUMNS, Exporter, ExportRow, register_exporter
+
+
+@register_exporter
+class CsvExporter(Exporter):
+    name = "csv"
+    summary = "UTF-8 CSV with header; paths with commas, quotes or newlines are quoted"
+    dialect: type[csv.Dialect] | str = "excel"
+
+    def write(self, rows: Iterable[ExportRow], stream: TextIO) -> list[ExportRow]:
+        writer = csv.DictWriter(stream, fieldnames=CSV_COLUMNS, dialect=self.dialect, lineterminator="\n")
+        writer.writeheader()
+        written = []
+        for row in rows:
+            writer.writerow(row.values())
+            written.append(row)
+        return written
+
+
+@register_exporter
+class TsvExporter(CsvExporter):
+    name = "tsv"
+    summary = "tab-separated, same columns as csv; fields with tabs or newlines are quoted"
+    dialect = "excel-tab"
