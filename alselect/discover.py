@@ -45,33 +45,30 @@ def resolve_root(folder: str | os.PathLike[str]) -> Path:
 def walk_images(root: Path, problems: WalkProblems | None = None) -> Iterator[FoundFile]:
     """Yield image files under ``root`` in sorted order, following symlinks without looping.
 
-    Hidden files and folders (leading ``.``) are skipped: they hold caches, checkpoints and
-    macOS resource forks, not pool images. Names that are not valid UTF-8 are counted and skipped.
+    A symlink back to one of its own ancestors is a loop and is skipped (as ``find -L`` does);
+    other aliases are walked, and duplicate contents are merged later by hash. Hidden files and
+    folders (leading ``.``) are skipped: they hold caches, checkpoints and macOS resource forks.
+    Names that are not valid UTF-8 are counted and skipped.
     """
     problems = problems if problems is not None else WalkProblems()
-    seen_dirs: set[tuple[int, int]] = set()
-    yield from _walk(root, "", seen_dirs, problems)
+    yield from _walk(root, "", frozenset(), problems)
 
 
 def _walk(
-    directory: Path, prefix: str, seen: set[tuple[int, int]], problems: WalkProblems
+    directory: Path, prefix: str, ancestors: frozenset[tuple[int, int]], problems: WalkProblems
 ) -> Iterator[FoundFile]:
     try:
         info = directory.stat()
-    except OSError:
-        problems.unreadable_dirs.append(prefix or ".")
-        return
-    key = (info.st_dev, info.st_ino)
-    if key in seen:
-        problems.symlink_loops += 1
-        return
-    seen.add(key)
-    try:
         with os.scandir(directory) as entries:
             items = sorted(entries, key=lambda e: e.name)
     except OSError:
         problems.unreadable_dirs.append(prefix or ".")
         return
+    key = (info.st_dev, info.st_ino)
+    if key in ancestors:
+        problems.symlink_loops += 1
+        return
+    inside = ancestors | {key}
     for entry in items:
         name = entry.name
         if name.startswith("."):
@@ -81,8 +78,8 @@ def _walk(
             continue
         relpath = f"{prefix}{name}"
         try:
-            if entry.is_dir():  # follows symlinks; loops are caught by the (dev, inode) set
-                yield from _walk(Path(entry.path), relpath + "/", seen, problems)
+            if entry.is_dir():  # follows symlinks; loops are caught by the ancestor set
+                yield from _walk(Path(entry.path), relpath + "/", inside, problems)
                 continue
             if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
                 continue

@@ -14,7 +14,7 @@ import numpy as np
 from alselect import __version__
 from alselect.checkpoints import CheckpointOptions, LoadedModel, load_checkpoint
 from alselect.discover import resolve_root
-from alselect.embed import EmbedOptions, run_model
+from alselect.embed import EmbedOptions, resolve_device, run_model
 from alselect.errors import UsageError
 from alselect.preprocess import Preprocess
 from alselect.progress import NULL_REPORTER, Reporter
@@ -97,6 +97,7 @@ def embed_folder(
 ) -> EmbedResult:
     """Sync the folder and run the model over images not yet embedded with this model."""
     options = options or EmbedOptions()
+    resolve_device(options.device)  # fail before any work when the device is missing
     root = resolve_root(folder)
     prepared = prepare_model(spec)
     return _embed(store, root, prepared, options, reporter)
@@ -166,9 +167,11 @@ def score_folder(
     strategy = make_strategy(strategy_name, seed=seed, **(strategy_params or {}))
     if budget is not None and budget < 1:
         raise UsageError(f"--budget must be at least 1, got {budget}")
+    options = options or EmbedOptions()
+    resolve_device(options.device)
     root = resolve_root(folder)
     prepared = prepare_model(spec)
-    embedded = _embed(store, root, prepared, options or EmbedOptions(), reporter)
+    embedded = _embed(store, root, prepared, options, reporter)
     pool = store.pool(str(root), prepared.key, with_embeddings="embeddings" in strategy.needs)
     inputs = PoolInputs(
         probs=pool.probs,

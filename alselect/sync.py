@@ -14,10 +14,11 @@ COMMIT_EVERY = 2000
 
 @dataclass
 class SyncResult:
-    """What a folder scan found and changed in the store."""
+    """What a folder scan found; a ``moved`` file vanished under one name and appeared under another."""
 
     found: int = 0
     new: int = 0
+    moved: int = 0
     changed: int = 0
     vanished: int = 0
     unreadable: list[tuple[str, str]] = field(default_factory=list)
@@ -58,11 +59,14 @@ def sync_folder(
 
     to_hash = [rel for rel, f in found.items() if needs_hash(f, known.get(rel))]
     pending: list[tuple[str, str | None, int, int, str, str | None]] = []
+    new_shas: set[str] = set()
     for done, (rel, sha, error) in enumerate(hash_files(root, to_hash, hash_threads), start=1):
         file = found[rel]
         previous = known.get(rel)
         if previous is None:
             result.new += 1
+            if sha is not None:
+                new_shas.add(sha)
         elif previous.sha256 != sha:
             result.changed += 1
         if error is not None:
@@ -79,4 +83,7 @@ def sync_folder(
 
     gone = [rel for rel, rec in known.items() if rel not in found and rec.status != "absent"]
     result.vanished = store.mark_absent(key, gone)
+    result.moved = sum(1 for rel in gone if known[rel].sha256 in new_shas)
+    result.new -= result.moved
+    result.vanished -= result.moved
     return result

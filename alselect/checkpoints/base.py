@@ -114,7 +114,7 @@ class CheckpointFile:
                 f"{self.path}: refusing to unpickle arbitrary objects (weights_only=True failed). "
                 "Pass --trust-checkpoint only if you trust where this file came from"
             ) from exc
-        except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        except Exception as exc:  # torch.load raises anything from IndexError to RuntimeError
             raise CheckpointError(f"{self.path}: not a readable PyTorch checkpoint ({exc})") from exc
 
 

@@ -76,7 +76,7 @@ def embed(
     from alselect.store import Store
 
     spec = _spec(model, arch, num_classes, trust_checkpoint, image_size, mean, std)
-    with Store.open(globals_of(ctx).store, write=True) as store, reporter_for(ctx) as reporter:
+    with Store.open(globals_of(ctx).store, write=True, create=True) as store, reporter_for(ctx) as reporter:
         result = embed_folder(store, folder, spec, EmbedOptions(device, batch_size, workers), reporter)
         reporter.close()
         _report_embed(reporter, result)
@@ -109,7 +109,7 @@ def score(
     make_strategy(strategy)  # unknown names are a usage error before any work
     spec = _spec(model, arch, num_classes, trust_checkpoint, image_size, mean, std)
     command = shlex.join(["alselect", *sys.argv[1:]])
-    with Store.open(globals_of(ctx).store, write=True) as store, reporter_for(ctx) as reporter:
+    with Store.open(globals_of(ctx).store, write=True, create=True) as store, reporter_for(ctx) as reporter:
         result = score_folder(
             store,
             folder,
@@ -133,7 +133,7 @@ def score(
 def _report_embed(reporter: Reporter, result: EmbedResult) -> None:
     sync = result.sync
     reporter.info(
-        f"{sync.found} image file(s): {sync.new} new, {sync.changed} changed, "
+        f"{sync.found} image file(s): {sync.new} new, {sync.moved} moved, {sync.changed} changed, "
         f"{sync.vanished} vanished; embedded {result.embedded} with model {result.model_display} "
         f"({result.already_embedded} already embedded)"
     )

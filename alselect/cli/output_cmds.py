@@ -42,7 +42,10 @@ def export(
 ) -> None:
     """Write the latest run's ranking (rank 1 = annotate first) and remember what was sent."""
     from alselect.export import export_latest
+    from alselect.exporters import get_exporter
     from alselect.store import Store
+
+    get_exporter(format)  # an unknown format is a usage error, before the store is touched
 
     with (
         Store.open(globals_of(ctx).store, write=True) as store,

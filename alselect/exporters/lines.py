@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from typing import TextIO
 
@@ -17,19 +18,28 @@ class JsonlExporter(Exporter):
     def write(self, rows: Iterable[ExportRow], stream: TextIO) -> list[ExportRow]:
         written = []
         for row in rows:
+            text = row.values()
             record = {
                 "rank": row.rank,
                 "path": row.path,
-                "score": float(row.values()["score"]),
+                "score": json_number(text["score"]),
                 "strategy": row.strategy,
                 "model": row.model,
                 "predicted_label": row.predicted_label,
-                "confidence": None if row.confidence is None else float(row.values()["confidence"]),
+                "confidence": json_number(text["confidence"]),
                 "sha256": row.sha256,
             }
-            stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+            stream.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
             written.append(row)
         return written
+
+
+def json_number(text: str) -> float | None:
+    """A formatted number as JSON allows it: NaN, infinities and blanks become null."""
+    if not text:
+        return None
+    value = float(text)
+    return value if math.isfinite(value) else None
 
 
 @register_exporter

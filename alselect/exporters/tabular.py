@@ -1,4 +1,4 @@
-"""CSV (RFC 4180 quoting) and TSV: one row per image in rank order, columns only appended."""
+"""CSV (RFC 4180: CRLF, minimal quoting) and TSV: one row per image in rank order, columns only appended."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ class CsvExporter(Exporter):
     dialect: type[csv.Dialect] | str = "excel"
 
     def write(self, rows: Iterable[ExportRow], stream: TextIO) -> list[ExportRow]:
-        writer = csv.DictWriter(stream, fieldnames=CSV_COLUMNS, dialect=self.dialect, lineterminator="\n")
+        # RFC 4180 CRLF: csv then quotes any field holding CR or LF (with a bare "\n"
+        # terminator a lone CR stays unquoted, and readers split the row on it).
+        writer = csv.DictWriter(stream, fieldnames=CSV_COLUMNS, dialect=self.dialect, lineterminator="\r\n")
         writer.writeheader()
         written = []
         for row in rows:

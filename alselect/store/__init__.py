@@ -78,12 +78,13 @@ class Store:
         path: Path | str | None = None,
         *,
         write: bool = False,
+        create: bool = False,
         lock_timeout: float | None = None,
     ) -> Store:
-        """Open (creating when writing) the store at ``path``; writers take the lock first."""
+        """Open the store at ``path`` (``create`` makes a missing one); writers take the lock first."""
         path = Path(path) if path is not None else default_store_path()
         db_path = path / DB_FILE
-        if not write and not db_path.exists():
+        if not (write and create) and not db_path.exists():
             raise StoreError(f"no alselect store at {path} (run 'alselect score' first, or pass --store)")
         lock = None
         if write:

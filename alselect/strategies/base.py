@@ -78,8 +78,7 @@ def top_k(scores: np.ndarray, labeled: np.ndarray, budget: int | None) -> Select
     """Stable descending order of unlabeled scores; NaN sorts last."""
     candidates = np.flatnonzero(~labeled)
     values = scores[candidates]
-    safe = np.where(np.isnan(values), -np.inf, values)
-    order = np.argsort(-safe, kind="stable")
+    order = np.argsort(-values, kind="stable")  # numpy sorts NaN after everything else
     chosen = candidates[order[:budget] if budget is not None else order]
     return Selection(indices=chosen, scores=scores[chosen])
 

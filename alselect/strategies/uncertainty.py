@@ -59,8 +59,9 @@ class Ratio(Strategy):
 
     def score(self, inputs: PoolInputs) -> np.ndarray:
         first, second = top_two(inputs.probs)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(first > 0, second / np.where(first > 0, first, 1.0), 0.0)
+        ratio = np.zeros_like(first)
+        np.divide(second, first, out=ratio, where=first != 0)
+        return np.where(np.isnan(first), np.nan, ratio)
 
 
 @register

@@ -1,0 +1,34 @@
+"""Small wrappers over the library used by several test modules."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+from alselect.embed import EmbedOptions
+from alselect.export import export_latest
+from alselect.pipeline import ModelSpec, ScoreResult, score_folder
+from alselect.store import Store
+
+FAST = EmbedOptions(device="cpu", batch_size=4, workers=0)
+
+
+def score(
+    store_path: Path, folder: Path, checkpoint: Path, strategy: str = "entropy", **kwargs: Any
+) -> ScoreResult:
+    spec = kwargs.pop("spec", None) or ModelSpec(checkpoint)
+    with Store.open(store_path, write=True, create=True) as store:
+        return score_folder(store, folder, spec, strategy, options=FAST, **kwargs)
+
+
+def export_text(store_path: Path, fmt: str = "csv", **kwargs: Any) -> str:
+    buffer = io.StringIO(newline="")
+    with Store.open(store_path, write=True) as store:
+        export_latest(store, fmt, stdout=lambda: buffer, **kwargs)
+    return buffer.getvalue()
+
+
+def export_rows(store_path: Path, **kwargs: Any) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(export_text(store_path, "csv", **kwargs), newline="")))

@@ -1,0 +1,269 @@
+"""Score → export → label through the library: incremental runs, exclusion, determinism."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from alselect.checkpoints import load_checkpoint
+from alselect.images import load_image
+from alselect.labels import import_labels
+from alselect.pipeline import ModelSpec
+from alselect.store import Store
+from tests.conftest import TINY_CLASSES, write_image
+from tests.helpers import export_rows, export_text, score
+
+MakeImages = Callable[..., list[Path]]
+
+
+def test_first_run_embeds_all_and_second_run_embeds_none(
+    tmp_path: Path, store_path: Path, tiny_checkpoint: Path, make_images: MakeImages
+) -> None:
+    make_images(tmp_path / "pool", 9)
+    first = score(store_path, tmp_path / "pool", tiny_checkpoint)
+    assert (first.embed.embedded, first.embed.sync.new, first.selected) == (9, 9, 9)
+    second = score(store_path, tmp_path / "pool", tiny_checkpoint)
+    assert (second.embed.embedded, second.embed.already_embedded, second.embed.sync.new) == (0, 9, 0)
+    assert second.selected == 9
+
+
+def test_new_changed_renamed_and_vanished_files(
+    tmp_path: Path, store_path: Path, tiny_checkpoint: Path, make_images: MakeImages
+) -> None:
+    pool = tmp_path / "pool"
+    files = make_images(pool, 6)
+    score(store_path, pool, tiny_checkpoint)
+
+    write_image(files[0], seed=1000)  # changed content
+    os.utime(files[0], ns=(1, 1))  # and a different mtime, as an edit would give
+    files[1].rename(pool / "renamed.png")  # same content, new name
+    files[2].unlink()  # vanished
+    make_images(pool, 2, start=100)  # two new files
+    result = score(store_path, pool, tiny_checkpoint)
+
+    assert result.embed.embedded == 3  # changed + 2 new; the rename reuses its embedding
+    sync = result.embed.sync
+    assert (sync.new, sync.moved, sync.changed, sync.vanished) == (2, 1, 1, 1)
+    paths = {row["path"] for row in export_rows(store_path)}
+    assert "renamed.png" in paths and files[1].name not in paths
+    assert files[2].name not in paths
+    assert len(paths) == 7
+    with Store.open(store_path) as store:
+        status = dict(store.rows("SELECT relpath, status FROM images"))
+    assert status[files[2].name] == "absent" and status["renamed.png"] == "present"
+
+
+def test_stored_arrays_equal_direct_model_output(
+    tmp_path: Path, store_path: Path, tiny_checkpoint: Path, make_images: MakeImages
+) -> None:
+    files = make_images(tmp_path / "pool", 5)
+    result = score(store_path, tmp_path / "pool", tiny_checkpoint)
+    model = load_checkpoint(tiny_checkpoint)
+    pixels = torch.from_numpy(np.stack([load_image(f, model.preprocess) for f in files])).float()
+    mean = torch.tensor(model.preprocess.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(model.preprocess.std).view(1, 3, 1, 1) * 255
+    probs, embedding = model.predict((pixels - mean) / std)
+    with Store.open(store_path) as store:
+        pool = store.pool(str((tmp_path / "pool").resolve()), result.embed.model_key)
+    assert pool.relpaths == [f.name for f in files]
+    np.testing.assert_allclose(pool.probs, probs.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pool.embeddings, embedding.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_exported_scores_are_entropy_of_stored_probs_in_descending_order(
+    tmp_path: Path, store_path: Path, tiny_checkpoint: Path, make_images: MakeImages
+) -> None:
+    make_images(tmp_path / "pool", 8)
+    result = score(store_path, tmp_path / "pool", tiny_checkpoint)
+    with Store.open(store_path) as store:
+        pool = store.pool(str((tmp_path / "pool").resolve()), result.embed.model_key)
+    expected = {
+        path: -sum(p * math.log(p) for p in row if p > 0)
+        for path, row in zip(pool.relpaths, pool.probs.astype(float).tolist(), strict=True)
+    }
+    rows = export_rows(store_path)
+    assert [int(r["rank"]) for r in rows] == list(range(1, 9))
+    for row in rows:
+        assert float(row["score"]) == pytest.approx(expected[row["path"]], rel=1e-6)
+        assert row["predicted_label"] in TINY_CLASSES
+        assert row["strategy"] == "entropy"
+    scores = [float(r["score"]) for r in rows]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_export_skips_already_exported_unless_asked(
+    tmp_path: Path, store_path: Path, tiny_checkpoint: Path, make_images: MakeImages
+) -> None:
+    make_images(tmp_path / "pool", 7)
+    score(store_path, tmp_path / "pool", tiny_checkpoint)
+    first = [r["path"] for r in export_rows(store_path, top=3)]
+    second = [r["path"] for r in export_rows(store_path, top=3)]
+    assert len(first) == len(second) == 3 and not set(first) & set(second)
+    # a new nightly run still never re-sends what went out before
+    score(store_path, tmp_path / "pool", tiny_checkpoint)
+    third = [r["path"] for r in export_rows(store_path)]
+    assert sorted(first + second + third) == sorted(f"img_{i:04d}.png" for i in range(7))
+    everything = [r["path"] for r in export_rows(store_path, include_exported=True)]
+    assert len(everything) == 7
+
+
+def test_dry_run_export_is_not_recorded(
+    tmp_path: Path, store_path: Path, tiny_checkpoint: Path, make_images: MakeImages
+) -> None:
+    make_images(tmp_path / "pool", 4)
+    score(store_path, tmp_path / "pool", tiny_checkpoint)
+    assert export_text(store_path, record=False) == export_text(store_path, record=False)
+    assert len(export_rows(store_path)) == 4
+
+
+def test_labeled_images_are_never_selected_or_exported(
+    tmp_path: Path, store_path: Path, tiny_checkpoint: Path, make_images: MakeImages
+) -> None:
+    make_images(tmp_path / "pool", 6)
+    score(store_path, tmp_path / "pool", tiny_checkpoint)
+    with Store.open(store_path, write=True) as store:
+        result = import_labels(store, "img_0000.png\nimg_0003.png\nnot/there.png\n", "test")
+    assert (result.newly_labeled, result.unknown) == (2, ["not/there.png"])
+    # labeled after the run: export already skips them
+    assert {r["path"] for r in export_rows(store_path, record=False)} == {
+        "img_0001.png",
+        "img_0002.png",
+        "img_0004.png",
+        "img_0005.png",
+    }
+    run = score(store_path, tmp_path / "pool", tiny_checkpoint)
+    assert (run.labeled, run.selected) == (2, 4)
+
+
+def test_label_an_export_csv_by_hash_survives_rename(
+    tmp_path: Path, store_path: Path, tiny_checkpoint: Path, make_images: MakeImages
+) -> None:
+    pool = tmp_path / "pool"
+    make_images(pool, 4)
+    score(store_path, pool, tiny_checkpoint)
+    batch = export_text(store_path, top=2)
+    with Store.open(store_path, write=True) as store:
+        assert import_labels(store, batch, "batch.csv").newly_labeled == 2
+    sent = [r["path"] for r in export_rows(store_path, include_exported=True, record=False)]
+    assert len(sent) == 2
+    (pool / sent[0]).rename(pool / "moved.png")
+    run = score(store_path, pool, tiny_checkpoint)
+    assert run.labeled == 2 and run.selected == 2
+
+
+def test_same_store_and_options_give_byte_identical_exports(
+    tmp_path: Path, tiny_checkpoint: Path, make_images: MakeImages
+) -> None:
+    make_images(tmp_path / "pool", 10)
+    outputs = []
+    for name in ("a", "b"):
+        score(tmp_path / name, tmp_path / "pool", tiny_checkpoint, strategy="random", seed=7)
+        outputs.append(export_text(tmp_path / name, top=6))
+    assert outputs[0] == outputs[1]
+    score(tmp_path / "c", tmp_path / "pool", tiny_checkpoint, strategy="random", seed=8)
+    assert export_text(tmp_path / "c", top=6) != outputs[0]
+
+
+def test_duplicate_contents_are_embedded_and_ranked_once(
+    tmp_path: Path, store_path: Path, tiny_checkpoint: Path, make_images: MakeImages
+) -> None:
+    files = make_images(tmp_path / "pool", 3)
+    shutil.copy(files[0], tmp_path / "pool" / "copy_of_first.png")
+    result = score(store_path, tmp_path / "pool", tiny_checkpoint)
+    assert (result.embed.embedded, result.pool_size) == (3, 3)
+    paths = [r["path"] for r in export_rows(store_path)]
+    assert "copy_of_first.png" in paths and files[0].name not in paths  # first path in sort order
+
+
+def test_budget_limits_the_run(
+    tmp_path: Path, store_path: Path, tiny_checkpoint: Path, make_images: MakeImages
+) -> None:
+    make_images(tmp_path / "pool", 6)
+    assert score(store_path, tmp_path / "pool", tiny_checkpoint, budget=2).selected == 2
+    assert len(export_rows(store_path)) == 2
+
+
+def test_bad_files_are_recorded_skipped_and_not_retried(
+    tmp_path: Path, store_path: Path, tiny_checkpoint: Path, make_images: MakeImages
+) -> None:
+    pool = tmp_path / "pool"
+    good = make_images(pool, 3)
+    (pool / "empty.png").write_bytes(b"")
+    (pool / "text.jpg").write_text("definitely not an image")
+    data = good[0].read_bytes()
+    (pool / "truncated.png").write_bytes(data[: len(data) // 2])
+    first = score(store_path, pool, tiny_checkpoint)
+    assert first.selected == 3
+    reasons = {Path(path).name: reason for path, reason in first.embed.failures}
+    assert reasons["empty.png"] == "empty file"
+    assert reasons["text.jpg"].startswith("not an image")
+    assert reasons["truncated.png"].startswith("truncated or corrupt")
+    summary = first.embed.failure_summary()
+    assert summary is not None and summary.startswith("3 image(s) skipped") and "\n" not in summary
+    second = score(store_path, pool, tiny_checkpoint)
+    assert (second.embed.embedded, second.embed.failures) == (0, [])
+    # fixing a file makes it eligible again
+    shutil.copy(good[1], pool / "text.jpg")
+    os.utime(pool / "text.jpg", ns=(5, 5))
+    third = score(store_path, pool, tiny_checkpoint)
+    assert third.embed.sync.changed == 1 and third.pool_size == 3  # same content as good[1]
+
+
+HOSTILE_NAMES = [
+    "a,b.png",
+    'quote"d.png',
+    "new\nline.png",
+    "café ñ/日本.png",
+    " spaced .png",
+    "tab\there.png",
+]
+
+
+def test_hostile_filenames_round_trip_through_csv(
+    tmp_path: Path, store_path: Path, tiny_checkpoint: Path
+) -> None:
+    pool = tmp_path / "pool"
+    for seed, name in enumerate(HOSTILE_NAMES):
+        write_image(pool / name, seed=seed)
+    score(store_path, pool, tiny_checkpoint)
+    rows = export_rows(store_path, absolute=True, record=False)
+    assert sorted(r["path"] for r in rows) == sorted(str(pool.resolve() / n) for n in HOSTILE_NAMES)
+    assert all(Path(r["path"]).is_file() for r in rows)
+    relative = export_rows(store_path)
+    assert sorted(r["path"] for r in relative) == sorted(HOSTILE_NAMES)
+    batch = export_text(store_path, include_exported=True)
+    with Store.open(store_path, write=True) as store:
+        assert import_labels(store, batch, "x").newly_labeled == 6
+
+
+def test_symlink_loops_terminate_and_aliases_are_deduplicated(
+    tmp_path: Path, store_path: Path, tiny_checkpoint: Path, make_images: MakeImages
+) -> None:
+    pool = tmp_path / "pool"
+    make_images(pool / "sub", 2)
+    (pool / "sub" / "loop").symlink_to(pool, target_is_directory=True)
+    (pool / "alias").symlink_to(pool / "sub", target_is_directory=True)
+    result = score(store_path, pool, tiny_checkpoint)
+    assert result.embed.sync.found == 4  # sub/* and alias/*, never through the loop
+    assert result.pool_size == 2
+
+
+def test_preprocessing_override_is_a_separate_model(
+    tmp_path: Path, store_path: Path, tiny_checkpoint: Path, make_images: MakeImages
+) -> None:
+    make_images(tmp_path / "pool", 3)
+    default = score(store_path, tmp_path / "pool", tiny_checkpoint)
+    bigger = score(
+        store_path, tmp_path / "pool", tiny_checkpoint, spec=ModelSpec(tiny_checkpoint, image_size=24)
+    )
+    assert bigger.embed.embedded == 3 and bigger.embed.model_key != default.embed.model_key
+    assert "+pp" in export_rows(store_path)[0]["model"]
+    again = score(store_path, tmp_path / "pool", tiny_checkpoint)
+    assert again.embed.embedded == 0

@@ -1,0 +1,204 @@
+"""Store robustness: kill -9 mid-embed, concurrent writers, migrations, array tails."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from alselect.errors import StoreError
+from alselect.store import DB_FILE, Store
+from alselect.store.arrays import append_rows, read_rows
+
+MakeImages = Callable[..., list[Path]]
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "alselect", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def embed_args(store: Path, folder: Path, ckpt: Path) -> list[str]:
+    return [
+        "--store",
+        str(store),
+        "embed",
+        str(folder),
+        "--model",
+        str(ckpt),
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+    ]
+
+
+def segment_state(store: Path) -> list[tuple[str, int, int]]:
+    """(file, committed rows × width × 4, actual bytes) per segment."""
+    with sqlite3.connect(store / DB_FILE) as conn:
+        rows = conn.execute("SELECT file, rows, width FROM segments ORDER BY id").fetchall()
+    return [(file, n * width * 4, (store / file).stat().st_size) for file, n, width in rows]
+
+
+def embedding_count(store: Path) -> int:
+    with sqlite3.connect(store / DB_FILE) as conn:
+        return int(conn.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0])
+
+
+def test_kill_between_array_append_and_commit_loses_only_that_batch(
+    tmp_path: Path, store_path: Path, tiny_checkpoint: Path, make_images: MakeImages
+) -> None:
+    make_images(tmp_path / "pool", 10)
+    killed = run_cli(
+        *embed_args(store_path, tmp_path / "pool", tiny_checkpoint), env={"ALSELECT_FAULT": "after-append:3"}
+    )
+    assert killed.returncode == -signal.SIGKILL
+    assert embedding_count(store_path) == 4  # batches 1 and 2 committed, batch 3 in flight
+    assert all(actual > committed for _, committed, actual in segment_state(store_path))  # orphan tail
+
+    resumed = run_cli(*embed_args(store_path, tmp_path / "pool", tiny_checkpoint))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "embedded 6 " in resumed.stderr
+    assert embedding_count(store_path) == 10
+    assert all(actual == committed for _, committed, actual in segment_state(store_path))
+
+    clean = tmp_path / "clean"
+    assert run_cli(*embed_args(clean, tmp_path / "pool", tiny_checkpoint)).returncode == 0
+    root = str((tmp_path / "pool").resolve())
+    with Store.open(store_path) as resumed_store, Store.open(clean) as clean_store:
+        key = resumed_store.rows("SELECT key FROM models")[0][0]
+        a, b = resumed_store.pool(root, key), clean_store.pool(root, key)
+    assert a.relpaths == b.relpaths
+    np.testing.assert_array_equal(a.probs, b.probs)
+    np.testing.assert_array_equal(a.embeddings, b.embeddings)
+
+
+def test_kill_after_commit_resumes_with_the_rest(
+    tmp_path: Path, store_path: Path, tiny_checkpoint: Path, make_images: MakeImages
+) -> None:
+    make_images(tmp_path / "pool", 9)
+    killed = run_cli(
+        *embed_args(store_path, tmp_path / "pool", tiny_checkpoint), env={"ALSELECT_FAULT": "after-commit:2"}
+    )
+    assert killed.returncode == -signal.SIGKILL
+    assert embedding_count(store_path) == 4
+    resumed = run_cli(*embed_args(store_path, tmp_path / "pool", tiny_checkpoint))
+    assert resumed.returncode == 0 and "embedded 5 " in resumed.stderr
+    assert embedding_count(store_path) == 9
+
+
+def test_second_writer_gives_up_after_timeout_with_one_line(
+    tmp_path: Path, store_path: Path, tiny_checkpoint: Path, make_images: MakeImages
+) -> None:
+    make_images(tmp_path / "pool", 3)
+    with Store.open(store_path, write=True, create=True):
+        blocked = run_cli(
+            "--store",
+            str(store_path),
+            "score",
+            str(tmp_path / "pool"),
+            "--model",
+            str(tiny_checkpoint),
+            "--strategy",
+            "entropy",
+            env={"ALSELECT_LOCK_TIMEOUT": "0.5"},
+        )
+    assert blocked.returncode == 1
+    lines = blocked.stderr.strip().splitlines()
+    assert len(lines) == 1 and "busy" in lines[0] and f"pid {os.getpid()}" in lines[0]
+    assert "Traceback" not in blocked.stderr
+    assert embedding_count(store_path) == 0
+    after = run_cli(
+        "--store",
+        str(store_path),
+        "score",
+        str(tmp_path / "pool"),
+        "--model",
+        str(tiny_checkpoint),
+        "--strategy",
+        "entropy",
+    )
+    assert after.returncode == 0, after.stderr
+
+
+def test_concurrent_writers_serialise_without_corruption(
+    tmp_path: Path, store_path: Path, tiny_checkpoint: Path, make_images: MakeImages
+) -> None:
+    make_images(tmp_path / "pool", 12)
+    args = [
+        sys.executable,
+        "-m",
+        "alselect",
+        "--store",
+        str(store_path),
+        "score",
+        str(tmp_path / "pool"),
+        "--model",
+        str(tiny_checkpoint),
+        "--strategy",
+        "margin",
+        "--workers",
+        "0",
+        "--batch-size",
+        "2",
+    ]
+    procs = [
+        subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    results = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    embedded = sorted(int(err.split("embedded ")[1].split()[0]) for _, err in results)
+    assert embedded == [0, 12]  # the second waited, then found everything embedded
+    assert embedding_count(store_path) == 12
+    with sqlite3.connect(store_path / DB_FILE) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 2
+        assert conn.execute("SELECT COUNT(*) FROM run_items").fetchone()[0] == 24
+
+
+def test_migrations_are_recorded_and_newer_stores_refused(store_path: Path) -> None:
+    with Store.open(store_path, write=True, create=True) as store:
+        assert [r[0] for r in store.rows("SELECT name FROM migrations")] == ["m001_initial"]
+        assert store.scalar("PRAGMA journal_mode") == "wal"
+    with Store.open(store_path, write=True):  # reopening applies nothing twice
+        pass
+    with sqlite3.connect(store_path / DB_FILE) as conn:
+        conn.execute("INSERT INTO migrations VALUES ('m999_from_the_future', 'x')")
+    with pytest.raises(StoreError, match="newer alselect"):
+        Store.open(store_path, write=True)
+
+
+def test_reading_a_missing_store_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="no alselect store"):
+        Store.open(tmp_path / "nowhere")
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_append_rows_drops_uncommitted_tail_and_detects_truncation(tmp_path: Path) -> None:
+    path = tmp_path / "seg.f32"
+    first = np.arange(6, dtype=np.float32).reshape(3, 2)
+    append_rows(path, 0, first)
+    with open(path, "ab") as handle:
+        handle.write(b"\x00" * 12)  # a crashed writer's partial row
+    second = np.full((2, 2), 9.0, dtype=np.float32)
+    append_rows(path, 3, second)
+    assert path.stat().st_size == 5 * 2 * 4
+    np.testing.assert_array_equal(read_rows(path, "float32", 2, 5, np.arange(5)), np.vstack([first, second]))
+    with pytest.raises(StoreError, match="shorter"):
+        append_rows(path, 7, second)
