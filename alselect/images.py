@@ -56,7 +56,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         values = np.asarray(img, dtype=np.float64)
-        scale = 255.0 / 65535.0 if values.max(initial=0) > 255 else 1.0
+        # 16-bit modes always span 0..65535; 32-bit "I" is rescaled only when it exceeds 8 bits
+        sixteen_bit = img.mode.startswith("I;16") or values.max(initial=0) > 255
+        scale = 255.0 / 65535.0 if sixteen_bit else 1.0
         return Image.fromarray(np.clip(values * scale, 0, 255).astype(np.uint8)).convert("RGB")
     if img.mode == "F":
         values = np.asarray(img, dtype=np.float64)

@@ -41,7 +41,7 @@ class Preprocess:
             resize = int(meta.get("resize_size", size))
             mean = _triple(meta.get("mean", IMAGENET_MEAN), "mean")
             std = _triple(meta.get("std", IMAGENET_STD), "std")
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, UsageError) as exc:
             raise CheckpointError(f"invalid preprocessing metadata in checkpoint: {exc}") from exc
         return cls(image_size=size, resize_size=max(resize, size), mean=mean, std=std)
 

@@ -60,17 +60,6 @@ def load_weights(module: nn.Module, state: Mapping[str, Any], path: Path, num_cl
     """Strict load with messages that say what does not match (classes, arch)."""
     state = strip_prefixes(dict(state))
     expected = module.state_dict()
-    for key, tensor in state.items():
-        if key in expected and expected[key].shape != tensor.shape:
-            detail = (
-                f"{key} is {tuple(tensor.shape)} in the checkpoint, {tuple(expected[key].shape)} in the model"
-            )
-            if tensor.ndim >= 1 and expected[key].ndim >= 1 and expected[key].shape[0] == num_classes:
-                raise CheckpointError(
-                    f"{path}: checkpoint has {tensor.shape[0]} classes but --num-classes is "
-                    f"{num_classes} ({detail})"
-                )
-            raise CheckpointError(f"{path}: weights do not fit the architecture: {detail}")
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -78,6 +67,18 @@ def load_weights(module: nn.Module, state: Mapping[str, Any], path: Path, num_cl
             f"{path}: weights do not fit the architecture ({len(missing)} missing keys, e.g. "
             f"{missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]}); check --arch"
         )
+    for key, tensor in state.items():
+        want = expected[key].shape
+        if want == tensor.shape:
+            continue
+        detail = f"{key} is {tuple(tensor.shape)} in the checkpoint, {tuple(want)} in the model"
+        head_only = tensor.ndim == len(want) >= 1 and tensor.shape[1:] == want[1:] and want[0] == num_classes
+        if head_only:
+            raise CheckpointError(
+                f"{path}: checkpoint has {tensor.shape[0]} classes but --num-classes is "
+                f"{num_classes} ({detail})"
+            )
+        raise CheckpointError(f"{path}: weights do not fit the architecture: {detail}; check --arch")
     module.load_state_dict(state, strict=True)
 
 
