@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import pkgutil
 from pathlib import Path
 
 from alselect.checkpoints.base import (
@@ -13,23 +10,11 @@ from alselect.checkpoints.base import (
     LoadedModel,
     registered_loaders,
 )
+from alselect.discover import sha256_file
 from alselect.errors import CheckpointError
+from alselect.plugins import import_submodules
 
-__all__ = ["CheckpointOptions", "LoadedModel", "file_sha256", "load_checkpoint"]
-
-
-def _import_loader_modules() -> None:
-    for info in pkgutil.iter_modules(__path__):
-        if info.name != "base":
-            importlib.import_module(f"{__name__}.{info.name}")
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+__all__ = ["CheckpointOptions", "LoadedModel", "load_checkpoint"]
 
 
 def load_checkpoint(path: str | Path, options: CheckpointOptions | None = None) -> LoadedModel:
@@ -42,12 +27,12 @@ def load_checkpoint(path: str | Path, options: CheckpointOptions | None = None) 
         raise CheckpointError(f"checkpoint is not a file: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint is empty: {path}")
-    _import_loader_modules()
+    import_submodules(__name__, __path__)
     ckpt = CheckpointFile(path, trust=options.trust_checkpoint)
     for _order, _name, loader in registered_loaders():
         model = loader(ckpt, options)
         if model is not None:
-            model.sha256 = file_sha256(path)
+            model.sha256 = sha256_file(path)
             model.path = str(path)
             return model
     raise CheckpointError(

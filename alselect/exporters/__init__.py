@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
 from alselect.errors import UsageError
 from alselect.exporters.base import (
     CSV_COLUMNS,
@@ -14,6 +11,7 @@ from alselect.exporters.base import (
     exporter_registry,
     register_exporter,
 )
+from alselect.plugins import import_submodules
 
 __all__ = [
     "CSV_COLUMNS",
@@ -25,9 +23,7 @@ __all__ = [
     "register_exporter",
 ]
 
-for _info in pkgutil.iter_modules(__path__):
-    if _info.name != "base":
-        importlib.import_module(f"{__name__}.{_info.name}")
+import_submodules(__name__, __path__)
 
 
 def get_exporter(name: str) -> Exporter:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
+from alselect.plugins import import_submodules
 from alselect.strategies.base import (
     PoolInputs,
     Selection,
@@ -26,9 +24,7 @@ __all__ = [
     "top_k",
 ]
 
-for _info in pkgutil.iter_modules(__path__):
-    if _info.name != "base":
-        importlib.import_module(f"{__name__}.{_info.name}")
+import_submodules(__name__, __path__)
 
 
 def available() -> dict[str, type[Strategy]]:
