@@ -76,7 +76,8 @@ def test_light_commands_do_not_import_torch(tmp_path: Path) -> None:
 import sys
 from alselect.cli import main
 for argv in (["--help"], ["strategies"], ["--store", {str(tmp_path / "s")!r}, "status"],
-             ["--store", {str(tmp_path / "s")!r}, "export"]):
+             ["--store", {str(tmp_path / "s")!r}, "export"],
+             ["--store", {str(tmp_path / "s")!r}, "label", {str(tmp_path / "none.txt")!r}]):
     try:
         main(argv)
     except SystemExit:
