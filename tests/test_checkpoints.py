@@ -80,6 +80,18 @@ class ProbNet(TinyNet):
         return torch.softmax(self.fc(self.trunk(x)), dim=1)
 
 
+class ConvHeadNet(nn.Module):
+    """A classifier whose head is a 1×1 convolution (squeezenet-style): no Linear to read C from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Conv2d(3, 8, 3)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.trunk(x))).mean(dim=(2, 3))
+
+
 class OpaqueConfig:
     """An arbitrary user class: not allowed by ``torch.load(weights_only=True)``."""
 
@@ -592,3 +604,18 @@ def test_bad_metadata_triple_in_checkpoint_is_a_checkpoint_error(tmp_path: Path,
     path = jit_save(jit_script(seeded(TinyNet)), tmp_path / "bad_meta.pt", bad)
     with pytest.raises(CheckpointError):
         load(path)
+
+
+def test_pickled_conv_head_module_learns_classes_and_pools_features(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = ConvHeadNet().eval()
+    path = tmp_path / "convhead.pt"
+    torch.save(model, path)
+    loaded = load_checkpoint(path, CheckpointOptions(trust_checkpoint=True))
+    assert loaded.num_classes is None  # not inferable from a conv head: learnt from the output
+    x = torch.randn(3, 3, 12, 12)
+    probs, embedding = loaded.predict(x)
+    with torch.no_grad():
+        features = torch.relu(model.trunk(x))
+        torch.testing.assert_close(probs, torch.softmax(model.head(features).mean(dim=(2, 3)), dim=1))
+        torch.testing.assert_close(embedding, features.mean(dim=(2, 3)))

@@ -116,7 +116,7 @@ def wrap_classifier(
     *,
     kind: str,
     arch: str | None,
-    num_classes: int,
+    num_classes: int | None,
     classes: list[str] | None,
     preprocess: Preprocess,
 ) -> LoadedModel:
@@ -181,7 +181,7 @@ def load_pickled_module(ckpt: CheckpointFile, options: CheckpointOptions) -> Loa
         obj,
         kind="pickled-module",
         arch=type(obj).__name__,
-        num_classes=int(num_classes or 0),
+        num_classes=num_classes,  # None: learnt from the first batch
         classes=None,
         preprocess=Preprocess(),
     )
