@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from alselect.errors import DataError
 
+HASH_CHUNK = 1024
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 
@@ -119,5 +121,8 @@ def hash_files(
         except OSError as exc:
             return relpath, None, f"unreadable: {exc.strerror or exc}"
 
+    pending = iter(relpaths)
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        yield from pool.map(one, relpaths)
+        # bounded chunks: Executor.map would create a future per file up front (GBs at 1M files)
+        while chunk := list(itertools.islice(pending, HASH_CHUNK)):
+            yield from pool.map(one, chunk)

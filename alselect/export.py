@@ -9,7 +9,7 @@ from typing import TextIO
 
 from alselect.errors import NoRunError, UsageError
 from alselect.exporters import ExportRow, atomic_output, get_exporter
-from alselect.store import Store
+from alselect.store import Store, model_display_name
 
 
 @dataclass
@@ -24,9 +24,7 @@ class ExportResult:
 def model_display(store: Store, model_key: str) -> tuple[str, list[str] | None]:
     """Short model name (checkpoint sha256 prefix, ``+pp…`` for overridden preprocessing)."""
     info = store.model(model_key) or {}
-    ckpt = str(info.get("checkpoint_sha256") or model_key)
-    name = ckpt[:12] if model_key == ckpt else f"{ckpt[:12]}+pp{model_key[:6]}"
-    return name, info.get("classes")
+    return model_display_name(str(info.get("checkpoint_sha256") or model_key), model_key), info.get("classes")
 
 
 def export_latest(

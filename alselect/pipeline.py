@@ -18,7 +18,7 @@ from alselect.embed import EmbedOptions, resolve_device, run_model
 from alselect.errors import UsageError
 from alselect.preprocess import Preprocess
 from alselect.progress import NULL_REPORTER, Reporter
-from alselect.store import Store
+from alselect.store import Store, model_display_name
 from alselect.strategies import PoolInputs, make_strategy
 from alselect.sync import SyncResult, sync_folder
 
@@ -80,11 +80,11 @@ def prepare_model(spec: ModelSpec) -> PreparedModel:
         CheckpointOptions(spec.arch, spec.num_classes, spec.trust_checkpoint),
     )
     preprocess = model.preprocess.override(spec.image_size, spec.mean, spec.std)
-    key, display = model.sha256, model.sha256[:12]
+    key = model.sha256
     if preprocess != model.preprocess:
-        suffix = hashlib.sha256(json.dumps(preprocess.to_dict(), sort_keys=True).encode()).hexdigest()
-        key = hashlib.sha256(f"{model.sha256}:{suffix}".encode()).hexdigest()
-        display = f"{model.sha256[:12]}+pp{suffix[:6]}"
+        settings = json.dumps(preprocess.to_dict(), sort_keys=True)
+        key = hashlib.sha256(f"{model.sha256}:{settings}".encode()).hexdigest()
+    display = model_display_name(model.sha256, key)
     return PreparedModel(model=model, preprocess=preprocess, key=key, display=display)
 
 
@@ -140,6 +140,12 @@ def _embed(
         embeddings: np.ndarray,
         failures: list[tuple[int, str]],
     ) -> None:
+        finite = np.isfinite(probs).all(axis=1) & np.isfinite(embeddings).all(axis=1)
+        if not finite.all():
+            bad = "model output not finite (NaN or infinity)"
+            failures = failures + [(i, bad) for i, ok in zip(indices, finite, strict=True) if not ok]
+            indices = [i for i, ok in zip(indices, finite, strict=True) if ok]
+            probs, embeddings = probs[finite], embeddings[finite]
         store.add_embeddings(prepared.key, [shas[i] for i in indices], probs, embeddings)
         if failures:
             store.mark_failed(str(root), [(shas[i], reason) for i, reason in failures])
@@ -173,10 +179,13 @@ def score_folder(
     prepared = prepare_model(spec)
     embedded = _embed(store, root, prepared, options, reporter)
     pool = store.pool(str(root), prepared.key, with_embeddings="embeddings" in strategy.needs)
+    # With a budget the run holds only N images: leave out those already sent to annotators, so
+    # each nightly run's N are new. Without one everything is ranked and export skips them.
     inputs = PoolInputs(
         probs=pool.probs,
         labeled=pool.labeled,
         embeddings=pool.embeddings if "embeddings" in strategy.needs else None,
+        pending=pool.exported & ~pool.labeled if budget is not None else None,
     )
     reporter.progress("score", 0, pool.labeled.size)
     selection = strategy.select(budget, inputs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from alselect.store import Store
+from alselect.store import Store, model_display_name
 
 
 def store_status(store: Store, list_failed: bool = False) -> dict[str, Any]:
@@ -19,15 +19,15 @@ def store_status(store: Store, list_failed: bool = False) -> dict[str, Any]:
         reasons[(reason or "unknown").split(":")[0]] += 1
     models = [
         {
-            "model": key[:12],
+            "model": model_display_name(ckpt, key),
             "checkpoint": path,
             "kind": kind,
             "classes": num_classes,
             "dim": dim,
             "embedded": count,
         }
-        for key, path, kind, num_classes, dim, count in store.rows(
-            "SELECT m.key, m.path, m.kind, m.num_classes, m.dim, "
+        for key, ckpt, path, kind, num_classes, dim, count in store.rows(
+            "SELECT m.key, m.checkpoint_sha256, m.path, m.kind, m.num_classes, m.dim, "
             "(SELECT COUNT(*) FROM embeddings e WHERE e.model_key = m.key) "
             "FROM models m ORDER BY m.added_at"
         )

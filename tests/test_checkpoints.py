@@ -619,3 +619,21 @@ def test_pickled_conv_head_module_learns_classes_and_pools_features(tmp_path: Pa
         features = torch.relu(model.trunk(x))
         torch.testing.assert_close(probs, torch.softmax(model.head(features).mean(dim=(2, 3)), dim=1))
         torch.testing.assert_close(embedding, features.mean(dim=(2, 3)))
+
+
+class DictProbsNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = TinyNet()
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"probs": torch.softmax(self.inner(x), dim=1)}
+
+
+def test_dict_probs_output_is_not_softmaxed_twice(tmp_path: Path) -> None:
+    model = seeded(DictProbsNet).eval()
+    path = jit_save(jit_script(model), tmp_path / "dictprobs.pt", META)
+    x = torch.randn(4, 3, 8, 8)
+    probs, _ = load(path).predict(x)
+    with torch.no_grad():
+        torch.testing.assert_close(probs, model(x)["probs"])

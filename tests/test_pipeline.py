@@ -267,3 +267,65 @@ def test_preprocessing_override_is_a_separate_model(
     assert "+pp" in export_rows(store_path)[0]["model"]
     again = score(store_path, tmp_path / "pool", tiny_checkpoint)
     assert again.embed.embedded == 0
+
+
+def test_budget_runs_do_not_reselect_images_already_sent(
+    tmp_path: Path, store_path: Path, tiny_checkpoint: Path, make_images: MakeImages
+) -> None:
+    make_images(tmp_path / "pool", 9)
+    nights = []
+    for _ in range(3):
+        run = score(store_path, tmp_path / "pool", tiny_checkpoint, budget=3)
+        assert run.selected == 3
+        nights.append([r["path"] for r in export_rows(store_path, top=3)])
+    assert all(len(night) == 3 for night in nights)
+    assert len({p for night in nights for p in night}) == 9
+    assert score(store_path, tmp_path / "pool", tiny_checkpoint, budget=3).selected == 0
+
+
+class _NanForBrightImages(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.stack([x.mean(dim=(1, 2, 3)), -x.mean(dim=(1, 2, 3))], dim=1)
+        bright = (x.mean(dim=(1, 2, 3)) > 0).unsqueeze(1)
+        return torch.where(bright, torch.full_like(logits, float("nan")), logits)
+
+
+def test_non_finite_model_output_is_a_recorded_failure_not_a_crash(tmp_path: Path, store_path: Path) -> None:
+    import warnings
+
+    from PIL import Image
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for i, level in enumerate([10, 20, 240, 250, 30]):
+        Image.new("RGB", (8, 8), (level,) * 3).save(pool / f"img_{i}.png")
+    path = tmp_path / "nan.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(
+            torch.jit.script(_NanForBrightImages()),
+            str(path),
+            _extra_files={"alselect.json": '{"image_size": 8, "mean": [0.5], "std": [0.25]}'},
+        )
+    run = score(store_path, pool, path)
+    reasons = dict(run.embed.failures)
+    assert set(reasons) == {"img_2.png", "img_3.png"}
+    assert all(r.startswith("model output not finite") for r in reasons.values())
+    assert run.selected == 3
+    assert score(store_path, pool, path).embed.embedded == 0  # not retried every night
+
+
+def test_model_name_is_the_same_in_run_export_and_status(
+    tmp_path: Path, store_path: Path, tiny_checkpoint: Path, make_images: MakeImages
+) -> None:
+    from alselect.status import store_status
+
+    make_images(tmp_path / "pool", 2)
+    run = score(
+        store_path, tmp_path / "pool", tiny_checkpoint, spec=ModelSpec(tiny_checkpoint, image_size=20)
+    )
+    exported = export_rows(store_path)[0]["model"]
+    with Store.open(store_path) as store:
+        shown = store_status(store)["models"][0]["model"]
+    assert run.embed.model_display == exported == shown
+    assert exported.startswith(load_checkpoint(tiny_checkpoint).sha256[:12] + "+pp")

@@ -174,7 +174,10 @@ def test_concurrent_writers_serialise_without_corruption(
 
 def test_migrations_are_recorded_and_newer_stores_refused(store_path: Path) -> None:
     with Store.open(store_path, write=True, create=True) as store:
-        assert [r[0] for r in store.rows("SELECT name FROM migrations")] == ["m001_initial"]
+        from alselect.store.migrations import MIGRATIONS
+
+        applied = [r[0] for r in store.rows("SELECT name FROM migrations ORDER BY name")]
+        assert applied == [name for name, _ in MIGRATIONS] and applied[0] == "m001_initial"
         assert store.scalar("PRAGMA journal_mode") == "wal"
     with Store.open(store_path, write=True):  # reopening applies nothing twice
         pass
@@ -202,3 +205,45 @@ def test_append_rows_drops_uncommitted_tail_and_detects_truncation(tmp_path: Pat
     np.testing.assert_array_equal(read_rows(path, "float32", 2, 5, np.arange(5)), np.vstack([first, second]))
     with pytest.raises(StoreError, match="shorter"):
         append_rows(path, 7, second)
+
+
+def test_kill_with_decode_workers_releases_the_lock(
+    tmp_path: Path, store_path: Path, tiny_checkpoint: Path, make_images: MakeImages
+) -> None:
+    """Forked DataLoader workers must not keep the writer lock alive after the writer dies."""
+    make_images(tmp_path / "pool", 24)
+    args = embed_args(store_path, tmp_path / "pool", tiny_checkpoint)
+    args[args.index("--workers") + 1] = "2"
+    killed = run_cli(*args, env={"ALSELECT_FAULT": "after-append:2"})
+    assert killed.returncode == -signal.SIGKILL
+    resumed = run_cli(*args, env={"ALSELECT_LOCK_TIMEOUT": "5"})
+    assert resumed.returncode == 0, resumed.stderr
+    assert embedding_count(store_path) == 24
+
+
+def test_one_process_cannot_open_two_writers_on_a_store(store_path: Path) -> None:
+    from alselect.errors import StoreLockedError
+
+    with (
+        Store.open(store_path, write=True, create=True),
+        pytest.raises(StoreLockedError, match="already open for writing in this process"),
+    ):
+        Store.open(store_path, write=True)
+    with Store.open(store_path, write=True):  # released on close
+        pass
+
+
+def test_only_recent_run_rankings_are_kept(
+    tmp_path: Path, store_path: Path, tiny_checkpoint: Path, make_images: MakeImages
+) -> None:
+    from alselect.store import KEEP_RUN_RANKINGS
+    from tests.helpers import score
+
+    make_images(tmp_path / "pool", 3)
+    for _ in range(KEEP_RUN_RANKINGS + 2):
+        score(store_path, tmp_path / "pool", tiny_checkpoint)
+    with Store.open(store_path) as store:
+        kept = [r[0] for r in store.rows("SELECT DISTINCT run_id FROM run_items ORDER BY run_id")]
+        runs = store.scalar("SELECT COUNT(*) FROM runs")
+    assert runs == KEEP_RUN_RANKINGS + 2
+    assert kept == list(range(3, KEEP_RUN_RANKINGS + 3))

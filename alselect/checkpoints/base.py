@@ -56,30 +56,34 @@ class LoadedModel:
     @torch.inference_mode()
     def predict(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raw = self.module(batch)
-        scores, embedding = split_outputs(raw)
+        scores, embedding, are_probs = split_outputs(raw)
         if embedding is None and self.feature_hook is not None:
             embedding = self.feature_hook()
         if scores.ndim != 2:
             raise CheckpointError(f"model output has shape {tuple(scores.shape)}; expected [batch, classes]")
         scores = scores.float()
-        probs = scores if self.outputs == "probabilities" else torch.softmax(scores, dim=1)
+        already = are_probs or self.outputs == "probabilities"
+        probs = scores if already else torch.softmax(scores, dim=1)
         if embedding is None:
             embedding = scores
         return probs, embedding.float().flatten(1)
 
 
-def split_outputs(raw: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Accept logits, ``(logits, embedding)``, or a dict with ``logits``/``embedding``."""
+def split_outputs(raw: Any) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """Accept logits, ``(logits, embedding)``, or a dict with ``logits`` (or ``probs`` /
+    ``probabilities``, already normalised) and ``embedding``. Returns (scores, embedding, are_probs).
+    """
     if isinstance(raw, torch.Tensor):
-        return raw, None
+        return raw, None, False
     if isinstance(raw, (tuple, list)) and raw and isinstance(raw[0], torch.Tensor):
         emb = raw[1] if len(raw) > 1 and isinstance(raw[1], torch.Tensor) else None
-        return raw[0], emb
+        return raw[0], emb, False
     if isinstance(raw, dict):
-        scores = next((raw[k] for k in ("logits", "probs", "probabilities") if k in raw), None)
+        key = next((k for k in ("logits", "probs", "probabilities") if k in raw), None)
+        scores = raw.get(key) if key else None
         if isinstance(scores, torch.Tensor):
             emb = next((raw[k] for k in ("embedding", "embeddings", "features") if k in raw), None)
-            return scores, emb if isinstance(emb, torch.Tensor) else None
+            return scores, emb if isinstance(emb, torch.Tensor) else None, key != "logits"
     raise CheckpointError(
         f"model output is not logits, (logits, embedding), or a dict with 'logits': got {type(raw).__name__}"
     )

@@ -76,6 +76,7 @@ def embed(
     from alselect.store import Store
 
     spec = _spec(model, arch, num_classes, trust_checkpoint, image_size, mean, std)
+    _check_inputs(folder, model)
     with Store.open(globals_of(ctx).store, write=True, create=True) as store, reporter_for(ctx) as reporter:
         result = embed_folder(store, folder, spec, EmbedOptions(device, batch_size, workers), reporter)
         reporter.close()
@@ -109,6 +110,7 @@ def score(
     make_strategy(strategy)  # unknown names are a usage error before any work
     spec = _spec(model, arch, num_classes, trust_checkpoint, image_size, mean, std)
     command = shlex.join(["alselect", *sys.argv[1:]])
+    _check_inputs(folder, model)
     with Store.open(globals_of(ctx).store, write=True, create=True) as store, reporter_for(ctx) as reporter:
         result = score_folder(
             store,
@@ -128,6 +130,16 @@ def score(
             f"{result.pool_size} image(s) ({result.labeled} labeled); "
             "next: alselect export --top N"
         )
+
+
+def _check_inputs(folder: Path, model: Path) -> None:
+    """Fail on a missing folder or checkpoint before a store is created for nothing."""
+    from alselect.discover import resolve_root
+    from alselect.errors import CheckpointError
+
+    resolve_root(folder)
+    if not model.is_file():
+        raise CheckpointError(f"checkpoint not found: {model}")
 
 
 def _report_embed(reporter: Reporter, result: EmbedResult) -> None:

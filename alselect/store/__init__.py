@@ -23,6 +23,7 @@ from alselect.store.lock import WriterLock
 DB_FILE = "alselect.db"
 LOCK_FILE = "lock"
 ARRAY_DTYPE = "float32"
+KEEP_RUN_RANKINGS = 3  # runs whose per-image ranking is kept; older runs keep their metadata
 
 
 def default_store_path() -> Path:
@@ -32,6 +33,12 @@ def default_store_path() -> Path:
 
 def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def model_display_name(checkpoint_sha256: str, key: str) -> str:
+    """``<sha12>`` of the checkpoint, plus ``+pp<key6>`` when preprocessing was overridden."""
+    short = checkpoint_sha256[:12]
+    return short if key == checkpoint_sha256 else f"{short}+pp{key[:6]}"
 
 
 @dataclass(frozen=True)
@@ -49,7 +56,8 @@ class ImageRecord:
 class PoolArrays:
     """Embedded, present, decodable images of one folder for one model, ordered by path.
 
-    Arrays are aligned: ``probs [N, C]``, ``embeddings [N, D]``, ``labeled [N]``. One row per
+    Arrays are aligned: ``probs [N, C]``, ``embeddings [N, D]``, ``labeled [N]``, ``exported [N]``
+    (sent in any export). One row per
     distinct content hash (the first path in sort order represents duplicates).
     """
 
@@ -59,6 +67,7 @@ class PoolArrays:
     probs: np.ndarray
     embeddings: np.ndarray
     labeled: np.ndarray
+    exported: np.ndarray
 
 
 class Store:
@@ -339,7 +348,8 @@ class Store:
         rows = self.conn.execute(
             """SELECT i.id, i.relpath, i.sha256, e.probs_segment, e.probs_row,
                       e.embedding_segment, e.embedding_row,
-                      EXISTS (SELECT 1 FROM labels l WHERE l.sha256 = i.sha256)
+                      EXISTS (SELECT 1 FROM labels l WHERE l.sha256 = i.sha256),
+                      EXISTS (SELECT 1 FROM exported x WHERE x.sha256 = i.sha256)
                FROM images i JOIN embeddings e ON e.sha256 = i.sha256 AND e.model_key = ?
                WHERE i.root = ? AND i.status = 'present'
                ORDER BY i.relpath""",
@@ -366,6 +376,7 @@ class Store:
             probs=probs,
             embeddings=emb,
             labeled=np.array([bool(r[7]) for r in unique], dtype=bool),
+            exported=np.array([bool(r[8]) for r in unique], dtype=bool),
         )
 
     def _gather(self, segments: list[int], rows: list[int], width: int) -> np.ndarray:
@@ -398,7 +409,10 @@ class Store:
         version: str,
         command: str | None,
     ) -> int:
-        """Store a run and its ranked ``(image_id, relpath, sha256, score, predicted, confidence)``."""
+        """Store a run and its ranked ``(image_id, relpath, sha256, score, predicted, confidence)``.
+
+        Rankings of all but the latest ``KEEP_RUN_RANKINGS`` runs are deleted (1M images ≈ 130 MB each).
+        """
         with self.transaction() as conn:
             cursor = conn.execute(
                 """INSERT INTO runs (created_at, root, model_key, strategy, params, budget, pool_size,
@@ -423,6 +437,11 @@ class Store:
                 """INSERT INTO run_items (run_id, rank, image_id, relpath, sha256, score, predicted,
                                           confidence) VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
                 [(run_id, rank, *item) for rank, item in enumerate(items, start=1)],
+            )
+            # Rankings are large (one row per pool image); keep the last few, run metadata forever.
+            conn.execute(
+                "DELETE FROM run_items WHERE run_id NOT IN (SELECT id FROM runs ORDER BY id DESC LIMIT ?)",
+                (KEEP_RUN_RANKINGS,),
             )
         return run_id
 

@@ -20,6 +20,7 @@ def append_rows(path: Path, committed_rows: int, rows: np.ndarray) -> None:
     """Append ``rows`` after the first ``committed_rows`` rows, dropping any crash leftovers."""
     row_bytes = rows.shape[1] * rows.dtype.itemsize
     expected = committed_rows * row_bytes
+    created = not path.exists()
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         actual = os.fstat(fd).st_size
@@ -35,6 +36,21 @@ def append_rows(path: Path, committed_rows: int, rows: np.ndarray) -> None:
         while written < len(data):
             written += os.pwrite(fd, data[written:], expected + written)
         os.fsync(fd)
+    finally:
+        os.close(fd)
+    if created:
+        fsync_directory(path.parent)  # the new file's name must survive power loss too
+
+
+def fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 

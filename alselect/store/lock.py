@@ -1,4 +1,9 @@
-"""An exclusive writer lock on the store (``flock``): one writer at a time, bounded wait."""
+"""An exclusive writer lock on the store: one writer at a time, bounded wait.
+
+POSIX record locks (``lockf``) belong to the process, so DataLoader workers forked while the lock is
+held do not hold it, and the lock is released the moment the writer dies. (``flock`` locks belong to
+the open file and survive in any orphaned child that inherited the descriptor.)
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from types import TracebackType
 from alselect.errors import StoreLockedError
 
 DEFAULT_TIMEOUT_S = 60.0
+_HELD_IN_THIS_PROCESS: set[str] = set()
 
 
 def lock_timeout_from_env() -> float:
@@ -25,7 +31,12 @@ def lock_timeout_from_env() -> float:
 
 
 class WriterLock:
-    """Held for the whole of a writing command; released by the OS if the process dies."""
+    """Held for the whole of a writing command; released by the OS if the process dies.
+
+    Not re-entrant: a second ``WriterLock`` on the same file in the same process would succeed
+    (POSIX locks are per process) and closing it would drop the first one, so open one store
+    writer per process.
+    """
 
     def __init__(self, path: Path, timeout: float | None = None, poll: float = 0.1) -> None:
         self.path = path
@@ -38,13 +49,16 @@ class WriterLock:
         return self._fd is not None
 
     def acquire(self) -> None:
+        key = os.path.realpath(self.path)
+        if key in _HELD_IN_THIS_PROCESS:
+            raise StoreLockedError(f"store {self.path.parent} is already open for writing in this process")
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.monotonic() + self.timeout
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
-            except BlockingIOError:
+            except OSError:
                 if time.monotonic() >= deadline:
                     holder = _read_holder(fd)
                     os.close(fd)
@@ -58,12 +72,14 @@ class WriterLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}".encode(), 0)
         self._fd = fd
+        _HELD_IN_THIS_PROCESS.add(key)
 
     def release(self) -> None:
         if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+            _HELD_IN_THIS_PROCESS.discard(os.path.realpath(self.path))
 
     def __enter__(self) -> WriterLock:
         self.acquire()

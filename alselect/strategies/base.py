@@ -19,11 +19,19 @@ class PoolInputs:
     - ``probs``: ``[N, C]`` float32 class probabilities (rows sum to 1)
     - ``embeddings``: ``[N, D]`` float32 penultimate features, or ``None`` when not needed
     - ``labeled``: ``[N]`` bool, True for images already annotated (never selected)
+    - ``pending``: ``[N]`` bool or ``None``, True for images sent to annotators but not labeled yet:
+      not selected again, yet not labeled knowledge either
     """
 
     probs: np.ndarray
     labeled: np.ndarray
     embeddings: np.ndarray | None = None
+    pending: np.ndarray | None = None
+
+    @property
+    def excluded(self) -> np.ndarray:
+        """``[N]`` bool: rows that must not be selected (labeled or pending)."""
+        return self.labeled if self.pending is None else self.labeled | self.pending
 
     @property
     def size(self) -> int:
@@ -71,12 +79,12 @@ class Strategy:
         scores = np.asarray(self.score(inputs), dtype=np.float64)
         if scores.shape != (inputs.size,):
             raise ValueError(f"{self.name}: score shape {scores.shape}, expected ({inputs.size},)")
-        return top_k(scores, inputs.labeled, budget)
+        return top_k(scores, inputs.excluded, budget)
 
 
-def top_k(scores: np.ndarray, labeled: np.ndarray, budget: int | None) -> Selection:
-    """Stable descending order of unlabeled scores; NaN sorts last."""
-    candidates = np.flatnonzero(~labeled)
+def top_k(scores: np.ndarray, excluded: np.ndarray, budget: int | None) -> Selection:
+    """Stable descending order of the scores of rows not ``excluded``; NaN sorts last."""
+    candidates = np.flatnonzero(~excluded)
     values = scores[candidates]
     order = np.argsort(-values, kind="stable")  # numpy sorts NaN after everything else
     chosen = candidates[order[:budget] if budget is not None else order]
