@@ -247,3 +247,17 @@ def test_only_recent_run_rankings_are_kept(
         runs = store.scalar("SELECT COUNT(*) FROM runs")
     assert runs == KEEP_RUN_RANKINGS + 2
     assert kept == list(range(3, KEEP_RUN_RANKINGS + 3))
+
+
+def test_a_reader_applies_migrations_added_by_an_upgrade(store_path: Path) -> None:
+    from alselect.store.migrations import MIGRATIONS
+
+    Store.open(store_path, write=True, create=True).close()
+    with sqlite3.connect(store_path / DB_FILE) as conn:  # as if written by the previous release
+        conn.execute("DELETE FROM migrations WHERE name != 'm001_initial'")
+        conn.execute("DROP INDEX IF EXISTS images_relpath")
+    with Store.open(store_path) as store:  # e.g. 'alselect status' right after upgrading
+        applied = {r[0] for r in store.rows("SELECT name FROM migrations")}
+        indexes = {r[1] for r in store.rows("PRAGMA index_list(images)")}
+    assert applied == {name for name, _ in MIGRATIONS}
+    assert "images_relpath" in indexes

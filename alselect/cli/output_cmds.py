@@ -87,16 +87,30 @@ def label(
         text = sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape")
     else:
         try:
-            text = Path(source).read_text(encoding="utf-8")
+            text = Path(source).read_bytes().decode("utf-8")  # exact text: a CR inside a CSV field stays
         except (OSError, UnicodeDecodeError) as exc:
             raise DataError(f"cannot read label list {source}: {exc}") from exc
     with Store.open(globals_of(ctx).store, write=True) as store, reporter_for(ctx) as reporter:
         result = import_labels(store, text, source)
-        if result.unknown and result.newly_labeled + result.already_labeled == 0:
+        if result.newly_labeled + result.already_labeled == 0 and (result.unknown or result.ambiguous):
+            if not result.ambiguous:
+                raise DataError(
+                    f"none of the {result.requested} listed image(s) are in the store, "
+                    f"e.g. {result.unknown[0]!r}"
+                )
             raise DataError(
-                f"none of the {result.requested} listed image(s) are in the store, e.g. {result.unknown[0]!r}"
+                f"none of the {result.requested} listed image(s) could be labeled: "
+                f"{len(result.ambiguous)} match images in several folders, e.g. {result.ambiguous[0]!r} "
+                f"(give absolute paths, or run from inside the image folder)"
+                + (f"; {len(result.unknown)} are not in the store" if result.unknown else "")
             )
         reporter.info(f"labeled {result.newly_labeled} image(s) ({result.already_labeled} already labeled)")
         if result.unknown:
             sample = ", ".join(repr(p) for p in result.unknown[:3])
             reporter.warning(f"{len(result.unknown)} listed image(s) are not in the store: {sample}")
+        if result.ambiguous:
+            sample = ", ".join(repr(p) for p in result.ambiguous[:3])
+            reporter.warning(
+                f"{len(result.ambiguous)} listed path(s) match images in several folders and were not "
+                f"labeled (give absolute paths, or run from inside the image folder): {sample}"
+            )

@@ -70,6 +70,12 @@ class PoolArrays:
     exported: np.ndarray
 
 
+def _upgrade_briefly(path: Path, conn: sqlite3.Connection) -> None:
+    """A reader found pending migrations (alselect was upgraded): apply them under the lock."""
+    with WriterLock(path / LOCK_FILE, timeout=10.0):
+        migrations.apply(conn)
+
+
 class Store:
     """Open with ``Store.open``; writing methods require ``write=True`` (holds the lock)."""
 
@@ -113,8 +119,7 @@ class Store:
             if write:
                 migrations.apply(conn)
             elif migrations.pending(conn):
-                conn.close()
-                raise StoreError(f"store at {path} needs upgrading: run any writing command once")
+                _upgrade_briefly(path, conn)
         except sqlite3.DatabaseError as exc:
             if lock:
                 lock.release()
@@ -499,43 +504,20 @@ class Store:
             )
         return export_id
 
-    def shas_for_paths(self, paths: Iterable[str]) -> tuple[dict[str, str], list[str]]:
-        """Map user-given paths (relative to a pool root, or absolute) to content hashes."""
-        found: dict[str, str] = {}
-        unknown: list[str] = []
-        for raw in paths:
-            row = self.conn.execute(
-                "SELECT sha256 FROM images WHERE relpath = ? AND sha256 IS NOT NULL "
-                "ORDER BY status = 'present' DESC LIMIT 1",
-                (raw,),
-            ).fetchone()
-            if row is None:
-                row = self._by_absolute(os.path.abspath(raw))
-            if row is None:
-                unknown.append(raw)
-            else:
-                found[raw] = row[0]
-        return found, unknown
-
-    def _by_absolute(self, absolute: str) -> tuple[str] | None:
-        for (root,) in self.conn.execute("SELECT DISTINCT root FROM images").fetchall():
-            prefix = root.rstrip("/") + "/"
-            if absolute.startswith(prefix):
-                row = self.conn.execute(
-                    "SELECT sha256 FROM images WHERE root = ? AND relpath = ? AND sha256 IS NOT NULL",
-                    (root, absolute[len(prefix) :]),
-                ).fetchone()
-                if row is not None:
-                    return (str(row[0]),)
-        return None
-
     def known_shas(self, shas: Iterable[str]) -> set[str]:
-        wanted = set(shas)
-        present = set()
-        for sha in wanted:
-            if self.conn.execute("SELECT 1 FROM images WHERE sha256 = ? LIMIT 1", (sha,)).fetchone():
-                present.add(sha)
-        return present
+        """The subset of ``shas`` that some image in the store has."""
+        wanted = sorted(set(shas))
+        found: set[str] = set()
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            found.update(
+                r[0]
+                for r in self.conn.execute(
+                    f"SELECT DISTINCT sha256 FROM images WHERE sha256 IN ({marks})", chunk
+                )
+            )
+        return found
 
     def add_labels(self, shas: Iterable[str], source: str) -> int:
         """Mark contents as labeled; returns how many were newly labeled."""

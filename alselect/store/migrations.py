@@ -118,6 +118,12 @@ def m001_initial(conn: sqlite3.Connection) -> None:
     )
 
 
+@migration
+def m002_images_relpath_index(conn: sqlite3.Connection) -> None:
+    """``label`` looks images up by folder-relative path alone; UNIQUE (root, relpath) cannot serve that."""
+    run_script(conn, "CREATE INDEX images_relpath ON images (relpath)")
+
+
 def run_script(conn: sqlite3.Connection, script: str) -> None:
     """Execute ``;``-separated DDL inside the caller's transaction (``executescript`` commits)."""
     for statement in script.split(";"):
