@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import os
-from collections.abc import Callable, Sequence
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from alselect.checkpoints import LoadedModel
 from alselect.errors import AlselectError, UsageError
-from alselect.images import ImageDecodeError, load_image
+from alselect.images import OUT_OF_MEMORY, ImageDecodeError, load_image
 from alselect.preprocess import Preprocess
 from alselect.progress import NULL_REPORTER, Reporter
 
@@ -56,18 +64,24 @@ Decoded = tuple[int, "np.ndarray | None", "str | None"]
 
 
 class _ImageFiles(Dataset[Decoded]):
-    def __init__(self, paths: Sequence[Path], preprocess: Preprocess) -> None:
+    def __init__(
+        self, paths: Sequence[Path], preprocess: Preprocess, expected_sha256: Sequence[str] | None = None
+    ) -> None:
         self.paths = paths
         self.preprocess = preprocess
+        self.expected_sha256 = expected_sha256
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Decoded:
+        expected = None if self.expected_sha256 is None else self.expected_sha256[index]
         try:
-            return index, load_image(self.paths[index], self.preprocess), None
+            return index, load_image(self.paths[index], self.preprocess, expected), None
         except ImageDecodeError as exc:
             return index, None, str(exc)
+        except MemoryError:
+            return index, None, OUT_OF_MEMORY
 
 
 def _keep_as_list(batch: list[Decoded]) -> list[Decoded]:
@@ -75,6 +89,79 @@ def _keep_as_list(batch: list[Decoded]) -> list[Decoded]:
 
 
 BatchSink = Callable[[list[int], np.ndarray, np.ndarray, list[tuple[int, str]]], None]
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int, _worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: on Linux the kernel SIGKILLs the worker when its parent dies.
+
+    Without it a worker busy decoding outlives a killed main process until it finishes the file.
+    Elsewhere (or if ``prctl`` is unavailable) this does nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL)) != 0:
+            return
+    except (OSError, AttributeError, TypeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _is_worker_death(exc: RuntimeError) -> bool:
+    """The DataLoader's report of a worker that died (OOM killer, segfault), not an error it raised."""
+    return "DataLoader worker (pid" in str(exc)
+
+
+@contextlib.contextmanager
+def _worker_deaths_deferred(replay: bool = True) -> Iterator[None]:
+    """Hold off torch's SIGCHLD handler, which raises a worker's death wherever the main thread is.
+
+    Inside the block (the model, ``on_batch``, shutting the workers down) such an exception would
+    leave it unknown whether a batch was stored. After a clean exit a deferred SIGCHLD is replayed,
+    so a death surfaces between batches; the loader would also notice it on its next wait.
+    """
+    if not hasattr(signal, "SIGCHLD") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGCHLD)
+    pending: list[int] = []
+
+    def defer(signum: int, _frame: FrameType | None) -> None:
+        pending.append(signum)
+
+    signal.signal(signal.SIGCHLD, defer)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL if previous is None else previous)
+    if replay and pending and callable(previous):
+        previous(signal.SIGCHLD, None)
+
+
+def _shutdown(iterator: Any) -> None:
+    """Stop a multi-process loader's workers now rather than whenever the iterator is collected."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if callable(shutdown):
+        with _worker_deaths_deferred(replay=False), contextlib.suppress(Exception):
+            shutdown()
+
+
+def _loader(dataset: Dataset[Decoded], batch_size: int, workers: int, device: torch.device) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_keep_as_list,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=functools.partial(_die_with_parent, os.getpid()) if workers > 0 else None,
+    )
 
 
 def run_model(
@@ -84,32 +171,39 @@ def run_model(
     options: EmbedOptions,
     on_batch: BatchSink,
     reporter: Reporter = NULL_REPORTER,
+    *,
+    expected_sha256: Sequence[str] | None = None,
 ) -> None:
     """Decode ``paths`` and call ``on_batch(indices, probs [n, C], embeddings [n, D], failures)``.
 
     ``failures`` lists ``(index, reason)`` for files that could not be decoded; they never stop
-    the loop. Batches are handed over in input order, one per ``batch_size`` files.
+    the loop. Batches are handed over in input order, one per ``batch_size`` files, and every
+    index is reported exactly once.
+
+    ``expected_sha256`` (aligned with ``paths``): each file is read once and its bytes hashed;
+    a file whose content no longer matches fails with "changed while reading" instead of being
+    decoded, so an embedding is never stored under the hash of other content.
+
+    When a decoding worker process dies (OOM killer, a crash in a decoder), the files not yet
+    handed to ``on_batch`` are decoded in this process instead; a ``MemoryError`` there fails
+    that file with "out of memory while decoding".
     """
     if options.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {options.batch_size}")
+    if expected_sha256 is not None and len(expected_sha256) != len(paths):
+        raise ValueError(f"expected_sha256 has {len(expected_sha256)} entries for {len(paths)} paths")
     device = resolve_device(options.device)
     model.to(device)
     workers = options.worker_count()
-    loader = DataLoader(
-        _ImageFiles(paths, preprocess),
-        batch_size=options.batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=_keep_as_list,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-        prefetch_factor=4 if workers > 0 else None,
-    )
+    dataset = _ImageFiles(paths, preprocess, expected_sha256)
     mean = torch.tensor(preprocess.mean, device=device).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(preprocess.std, device=device).view(1, 3, 1, 1) * 255.0
-    done = 0
-    reporter.progress("embed", 0, len(paths))
-    for batch in loader:
+    total = len(paths)
+    handed = 0
+    reporter.progress("embed", 0, total)
+
+    def hand_over(batch: list[Decoded]) -> None:
+        nonlocal handed
         ok = [(i, arr) for i, arr, _ in batch if arr is not None]
         failures = [(i, reason) for i, arr, reason in batch if arr is None and reason is not None]
         if ok:
@@ -119,5 +213,28 @@ def run_model(
             on_batch([i for i, _ in ok], probs.cpu().numpy(), embedding.cpu().numpy(), failures)
         else:
             on_batch([], np.empty((0, 0), np.float32), np.empty((0, 0), np.float32), failures)
-        done += len(batch)
-        reporter.progress("embed", done, len(paths))
+        handed += len(batch)
+        reporter.progress("embed", handed, total)
+
+    if workers > 0:
+        iterator = None
+        try:
+            iterator = iter(_loader(dataset, options.batch_size, workers, device))
+            for batch in iterator:
+                with _worker_deaths_deferred():
+                    hand_over(batch)
+            return
+        except RuntimeError as exc:
+            if not _is_worker_death(exc):
+                raise
+            reason = str(exc).strip()
+        finally:
+            _shutdown(iterator)
+        if handed < total:
+            reporter.warning(
+                f"an image decoding worker died ({reason}); "
+                f"decoding the remaining {total - handed} image(s) in this process"
+            )
+    remaining: Dataset[Decoded] = Subset(dataset, range(handed, total)) if handed else dataset
+    for batch in _loader(remaining, options.batch_size, 0, device):
+        hand_over(batch)

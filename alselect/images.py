@@ -2,80 +2,195 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import warnings
 from pathlib import Path
+from typing import IO, cast
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from alselect.preprocess import Preprocess
 
+CHANGED_WHILE_READING = "changed while reading"
+OUT_OF_MEMORY = "out of memory while decoding"
+
+# Greyscale modes scaled to 8 bits in strips of rows (never a full-size float copy).
+_SCALED_GREY = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
+# Modes whose channels average linearly and carry no alpha: box-reduced before RGB conversion.
+# Others (palette, 1-bit, alpha) are converted first so alpha is dropped exactly as at full size.
+_REDUCE_BEFORE_CONVERT = frozenset({"L", "RGB", "RGBX", "CMYK", "YCbCr", "LAB"})
+_STRIP_PIXELS = 1 << 20
+
 
 class ImageDecodeError(Exception):
     """The file is not a usable image; ``str(exc)`` is the reason recorded in the store."""
 
 
-def load_image(path: Path, preprocess: Preprocess) -> np.ndarray:
+def load_image(path: Path, preprocess: Preprocess, expected_sha256: str | None = None) -> np.ndarray:
     """Decode, apply EXIF orientation, convert to RGB, resize + centre-crop.
 
     Returns ``uint8 [3, S, S]`` with ``S = preprocess.image_size``. JPEGs are decoded at a
     reduced DCT scale (``draft``) when that still leaves at least ``resize_size`` pixels.
     Raises ``ImageDecodeError`` for empty, truncated, corrupt, unreadable or bomb files.
+
+    With ``expected_sha256`` the file is read once, those bytes are hashed and, when they match,
+    decoded; otherwise ``ImageDecodeError("changed while reading")`` is raised, so a file edited
+    after it was hashed never has the new content stored under the old hash.
     """
     try:
-        if path.stat().st_size == 0:
-            raise ImageDecodeError("empty file")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if img.format == "JPEG":
-                    img.draft("RGB", (preprocess.resize_size, preprocess.resize_size))
-                oriented = ImageOps.exif_transpose(img)
-                rgb = to_rgb(oriented)
-                out = resize_and_crop(rgb, preprocess)
-        return np.ascontiguousarray(np.asarray(out, dtype=np.uint8).transpose(2, 0, 1))
+        if expected_sha256 is None:
+            if path.stat().st_size == 0:
+                raise ImageDecodeError("empty file")
+            return _decode(path, preprocess)
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != expected_sha256.lower():
+            raise ImageDecodeError(CHANGED_WHILE_READING)
     except ImageDecodeError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(f"decompression bomb: {exc}") from None
-    except UnidentifiedImageError:
-        raise ImageDecodeError("not an image (unrecognised format)") from None
-    except PermissionError as exc:
-        raise ImageDecodeError(f"unreadable: {exc.strerror}") from None
-    except FileNotFoundError:
-        raise ImageDecodeError("vanished while reading") from None
-    except OSError as exc:
-        raise ImageDecodeError(f"truncated or corrupt: {exc}") from None
-    except Exception as exc:  # decoder plugins raise ValueError, SyntaxError, struct.error...
-        raise ImageDecodeError(f"cannot decode: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:
+        raise decode_error(exc) from None
+    return decode_image(data, preprocess)
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB view of any mode: 16-bit and float greyscale are scaled, alpha is dropped."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        values = np.asarray(img, dtype=np.float64)
-        # 16-bit modes always span 0..65535; 32-bit "I" is rescaled only when it exceeds 8 bits
-        sixteen_bit = img.mode.startswith("I;16") or values.max(initial=0) > 255
-        scale = 255.0 / 65535.0 if sixteen_bit else 1.0
-        return Image.fromarray(np.clip(values * scale, 0, 255).astype(np.uint8)).convert("RGB")
-    if img.mode == "F":
-        values = np.asarray(img, dtype=np.float64)
-        values = values * 255.0 if values.max(initial=0) <= 1.0 else values
-        return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8)).convert("RGB")
+def decode_image(data: bytes, preprocess: Preprocess) -> np.ndarray:
+    """``load_image`` for the bytes of a file already in memory."""
+    try:
+        if not data:
+            raise ImageDecodeError("empty file")
+        return _decode(io.BytesIO(data), preprocess)
+    except ImageDecodeError:
+        raise
+    except Exception as exc:
+        raise decode_error(exc) from None
+
+
+def decode_error(exc: Exception) -> ImageDecodeError:
+    """The ``ImageDecodeError`` (with its recorded reason) for an exception raised while decoding."""
+    if isinstance(exc, ImageDecodeError):
+        return exc
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return ImageDecodeError(f"decompression bomb: {exc}")
+    if isinstance(exc, UnidentifiedImageError):
+        return ImageDecodeError("not an image (unrecognised format)")
+    if isinstance(exc, MemoryError):
+        return ImageDecodeError(OUT_OF_MEMORY)
+    if isinstance(exc, PermissionError):
+        return ImageDecodeError(f"unreadable: {exc.strerror}")
+    if isinstance(exc, FileNotFoundError):
+        return ImageDecodeError("vanished while reading")
+    if isinstance(exc, OSError):
+        return ImageDecodeError(f"truncated or corrupt: {exc}")
+    # decoder plugins raise ValueError, SyntaxError, struct.error...
+    return ImageDecodeError(f"cannot decode: {type(exc).__name__}: {exc}")
+
+
+def _decode(source: Path | IO[bytes], preprocess: Preprocess) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(source) as img:
+            if img.format == "JPEG":
+                img.draft("RGB", (preprocess.resize_size, preprocess.resize_size))
+            ImageOps.exif_transpose(img, in_place=True)  # in place: no full-size copy
+            # Large images are first box-reduced to no less than twice the target size, so they are
+            # converted and resampled at a fraction of their size; the bilinear resize that follows
+            # still shrinks by 2x or more, which keeps the result close to a direct resize.
+            source_size = img.size
+            factor = min(source_size) // (2 * max(preprocess.resize_size, preprocess.image_size, 1))
+            rgb = to_rgb(img, factor)
+            reduced_by = factor if rgb.size != source_size else 1  # 1 where the mode has no reduce
+            out = resize_and_crop(rgb, preprocess, source_size=source_size, reduced_by=reduced_by)
+    return np.ascontiguousarray(np.asarray(out, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def to_rgb(img: Image.Image, factor: int = 1) -> Image.Image:
+    """RGB view of any mode: 16-bit and float greyscale are scaled, alpha is dropped.
+
+    With ``factor >= 2`` the result is also box-reduced ``factor`` times (``Image.reduce``),
+    before the conversion where the mode allows it.
+    """
+    if img.mode in _SCALED_GREY:
+        return _scaled_grey(img, max(factor, 1)).convert("RGB")
+    if factor >= 2 and img.mode in _REDUCE_BEFORE_CONVERT:
+        reduced = _reduce(img, factor)
+        if reduced is not img:
+            img, factor = reduced, 1
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
-    return img.convert("RGB")
+    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    return _reduce(rgb, factor)
 
 
-def resize_and_crop(img: Image.Image, preprocess: Preprocess) -> Image.Image:
-    """Shorter side to ``resize_size`` then centre crop ``image_size``, as one resample."""
+def _reduce(img: Image.Image, factor: int) -> Image.Image:
+    """``img.reduce(factor)``, or ``img`` itself when ``factor < 2`` or the mode has no reduce."""
+    if factor < 2:
+        return img
+    try:
+        return img.reduce(factor)
+    except (ValueError, NotImplementedError):
+        return img
+
+
+def _scaled_grey(img: Image.Image, factor: int) -> Image.Image:
+    """``I;16*``, ``I`` or ``F`` greyscale as 8-bit ``L``, box-averaged over ``factor``² blocks.
+
+    16-bit modes always span 0..65535; 32-bit ``I`` is rescaled only when it exceeds 8 bits;
+    ``F`` is taken as 0..1 when its maximum is at most 1, else as 0..255. Integer modes use
+    integer arithmetic; the image is read in strips of rows, so memory stays near its own size.
+    """
     width, height = img.size
+    is_float = img.mode == "F"
+    gain, top = 1.0, 255
+    if is_float:
+        high = cast(tuple[float, float], img.getextrema())[1]
+        gain = 255.0 if high <= 1.0 else 1.0
+    elif img.mode.startswith("I;16") or cast(tuple[int, int], img.getextrema())[1] > 255:
+        top = 65535
+    columns = np.arange(0, width, factor)
+    column_counts = np.diff(np.append(columns, width))
+    strip_rows = factor * max(1, _STRIP_PIXELS // (factor * factor * max(width, 1)))
+    strips: list[np.ndarray] = []
+    for y0 in range(0, height, strip_rows):
+        y1 = min(y0 + strip_rows, height)
+        values = np.asarray(img.crop((0, y0, width, y1)))
+        rows = np.arange(0, y1 - y0, factor)
+        counts = np.outer(np.diff(np.append(rows, y1 - y0)), column_counts)
+        if is_float:
+            clipped = np.clip(np.nan_to_num(values.astype(np.float64) * gain), 0.0, 255.0)
+            sums = np.add.reduceat(np.add.reduceat(clipped, rows, axis=0), columns, axis=1)
+            strips.append(np.floor(sums / counts + 0.5).astype(np.uint8))
+        else:
+            if img.mode == "I":  # 32-bit: may hold values outside 0..top (16-bit modes cannot)
+                values = np.clip(values, 0, top)
+            sums = np.add.reduceat(np.add.reduceat(values, rows, axis=0, dtype=np.int64), columns, axis=1)
+            scaled = counts.astype(np.int64) * top
+            strips.append(((sums * 255 + scaled // 2) // scaled).astype(np.uint8))
+    if not strips:
+        return Image.new("L", img.size)
+    return Image.fromarray(np.concatenate(strips), "L")
+
+
+def resize_and_crop(
+    img: Image.Image,
+    preprocess: Preprocess,
+    *,
+    source_size: tuple[int, int] | None = None,
+    reduced_by: int = 1,
+) -> Image.Image:
+    """Shorter side to ``resize_size`` then centre crop ``image_size``, as one resample.
+
+    When ``img`` is an image of ``source_size`` box-reduced ``reduced_by`` times, the crop is placed
+    in source pixels and mapped onto ``img``: a partial block at the right or bottom edge (the
+    reduced size is rounded up) then neither stretches nor shifts the result.
+    """
+    width, height = source_size or img.size
     scale = preprocess.resize_size / min(width, height)
     crop = preprocess.image_size / scale  # crop side in source pixels
     left = (width - crop) / 2
     top = (height - crop) / 2
     box = (max(left, 0.0), max(top, 0.0), min(left + crop, width), min(top + crop, height))
+    if reduced_by > 1:
+        box = (box[0] / reduced_by, box[1] / reduced_by, box[2] / reduced_by, box[3] / reduced_by)
     size = preprocess.image_size
     return img.resize((size, size), Image.Resampling.BILINEAR, box=box)

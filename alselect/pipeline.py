@@ -16,6 +16,7 @@ from alselect.checkpoints import CheckpointOptions, LoadedModel, load_checkpoint
 from alselect.discover import resolve_root
 from alselect.embed import EmbedOptions, resolve_device, run_model
 from alselect.errors import UsageError
+from alselect.images import CHANGED_WHILE_READING
 from alselect.preprocess import Preprocess
 from alselect.progress import NULL_REPORTER, Reporter
 from alselect.store import Store, model_display_name
@@ -148,11 +149,13 @@ def _embed(
             probs, embeddings = probs[finite], embeddings[finite]
         store.add_embeddings(prepared.key, [shas[i] for i in indices], probs, embeddings)
         if failures:
-            store.mark_failed(str(root), [(shas[i], reason) for i, reason in failures])
+            # a file edited since hashing is not broken: the next sync hashes its new content
+            lasting = [(shas[i], reason) for i, reason in failures if reason != CHANGED_WHILE_READING]
+            store.mark_failed(str(root), lasting)
             result.failures.extend((todo[i][1], reason) for i, reason in failures)
         result.embedded += len(indices)
 
-    run_model(model, paths, prepared.preprocess, options, persist, reporter)
+    run_model(model, paths, prepared.preprocess, options, persist, reporter, expected_sha256=shas)
     return result
 
 

@@ -329,3 +329,31 @@ def test_model_name_is_the_same_in_run_export_and_status(
         shown = store_status(store)["models"][0]["model"]
     assert run.embed.model_display == exported == shown
     assert exported.startswith(load_checkpoint(tiny_checkpoint).sha256[:12] + "+pp")
+
+
+def test_file_rewritten_between_hashing_and_decoding_is_not_stored_under_the_old_hash(
+    tmp_path: Path,
+    store_path: Path,
+    tiny_checkpoint: Path,
+    make_images: MakeImages,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import alselect.pipeline as pipeline
+
+    pool = tmp_path / "pool"
+    files = make_images(pool, 3)
+    real_sync = pipeline.sync_folder
+
+    def sync_then_edit(*args: object, **kwargs: object) -> object:
+        synced = real_sync(*args, **kwargs)  # type: ignore[arg-type]
+        write_image(files[0], seed=999)  # edited after hashing, before decoding
+        os.utime(files[0], ns=(7, 7))
+        return synced
+
+    monkeypatch.setattr(pipeline, "sync_folder", sync_then_edit)
+    first = score(store_path, pool, tiny_checkpoint)
+    assert dict(first.embed.failures) == {files[0].name: "changed while reading"}
+    assert first.embed.embedded == 2
+    monkeypatch.setattr(pipeline, "sync_folder", real_sync)
+    second = score(store_path, pool, tiny_checkpoint)  # the new content is picked up, not 'failed'
+    assert (second.embed.sync.changed, second.embed.embedded, second.pool_size) == (1, 1, 3)

@@ -34,7 +34,8 @@ def export(
     top: Annotated[int | None, typer.Option(min=1, help="At most N images [default: all].")] = None,
     format: Annotated[str, typer.Option("--format", "-f", help="csv, tsv, jsonl or paths.")] = "csv",
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Write here atomically instead of stdout.")
+        Path | None,
+        typer.Option("--output", "-o", help="Write here atomically instead of stdout ('-': stdout)."),
     ] = None,
     include_exported: Annotated[bool, typer.Option(help="Also list images sent in earlier exports.")] = False,
     absolute: Annotated[bool, typer.Option(help="Absolute paths instead of folder-relative.")] = False,
@@ -46,6 +47,8 @@ def export(
     from alselect.store import Store
 
     get_exporter(format)  # an unknown format is a usage error, before the store is touched
+    if output is not None and str(output) == "-":
+        output = None  # the usual spelling of stdout, not a file named '-'
 
     with (
         Store.open(globals_of(ctx).store, write=True) as store,
