@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import ClassVar, TextIO
 
 from alselect.errors import AlselectError
+from alselect.fsutil import fsync_directory
 
 CSV_COLUMNS = (
     "rank",
@@ -102,20 +103,6 @@ def _descriptor_alias(path: Path) -> tuple[int | None, bool]:
     return None, False
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename in ``directory`` durable; a no-op where folders cannot be opened or synced."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _create_temp(directory: Path, name: str) -> tuple[int, Path]:
     """A new file beside the target, created ``0o666`` so the process umask applies as for any new file."""
     for _ in range(100):
@@ -170,7 +157,7 @@ def atomic_output(path: Path) -> Iterator[TextIO]:
         if isinstance(exc, OSError):  # a full disk, a quota, an I/O error
             raise AlselectError(f"cannot write {path}: {exc.strerror or exc}") from exc
         raise
-    _fsync_directory(directory)
+    fsync_directory(directory)
 
 
 def _look_like(tmp: Path, fd: int, info: os.stat_result) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from alselect.errors import StoreError
+from alselect.fsutil import fsync_directory
 
 SEGMENT_MAX_BYTES = 256 * 1024 * 1024
 
@@ -40,19 +41,6 @@ def append_rows(path: Path, committed_rows: int, rows: np.ndarray) -> None:
         os.close(fd)
     if created:
         fsync_directory(path.parent)  # the new file's name must survive power loss too
-
-
-def fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def read_rows(path: Path, dtype: str, width: int, rows: int, index: np.ndarray) -> np.ndarray:
