@@ -40,17 +40,11 @@ def load_image(path: Path, preprocess: Preprocess, expected_sha256: str | None =
     after it was hashed never has the new content stored under the old hash.
     """
     try:
-        if expected_sha256 is None:
-            if path.stat().st_size == 0:
-                raise ImageDecodeError("empty file")
-            return _decode(path, preprocess)
         data = path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != expected_sha256.lower():
-            raise ImageDecodeError(CHANGED_WHILE_READING)
-    except ImageDecodeError:
-        raise
     except Exception as exc:
         raise decode_error(exc) from None
+    if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256.lower():
+        raise ImageDecodeError(CHANGED_WHILE_READING)
     return decode_image(data, preprocess)
 
 
@@ -60,9 +54,7 @@ def decode_image(data: bytes, preprocess: Preprocess) -> np.ndarray:
         if not data:
             raise ImageDecodeError("empty file")
         return _decode(io.BytesIO(data), preprocess)
-    except ImageDecodeError:
-        raise
-    except Exception as exc:
+    except Exception as exc:  # decode_error passes ImageDecodeError through
         raise decode_error(exc) from None
 
 
@@ -86,7 +78,7 @@ def decode_error(exc: Exception) -> ImageDecodeError:
     return ImageDecodeError(f"cannot decode: {type(exc).__name__}: {exc}")
 
 
-def _decode(source: Path | IO[bytes], preprocess: Preprocess) -> np.ndarray:
+def _decode(source: IO[bytes], preprocess: Preprocess) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(source) as img:

@@ -91,13 +91,10 @@ def import_labels(store: Store, text: str, source: str, cwd: str | None = None) 
     if not paths and not shas:
         raise DataError(f"{source}: no paths found (one path per line, or a CSV with a path column)")
     found, unknown, ambiguous = resolve_paths(store, paths, cwd)
-    known = store.known_shas(shas)
+    known = hashes_in(store, "images", shas)
     unknown += [sha for sha in shas if sha not in known]
     wanted = set(found.values()) | known
-    already = sum(
-        len(store.rows(f"SELECT 1 FROM labels WHERE sha256 IN ({marks(chunk)})", chunk))
-        for chunk in chunks(sorted(wanted))
-    )
+    already = len(hashes_in(store, "labels", wanted))
     added = store.add_labels(wanted, source)
     return LabelResult(
         requested=len(paths) + len(shas),
@@ -262,6 +259,19 @@ def lookup_relpaths(store: Store, relpaths: Iterable[str]) -> dict[str, list[tup
             chunk,
         ):
             found.setdefault(relpath, []).append((root, sha, status))
+    return found
+
+
+def hashes_in(store: Store, table: str, shas: Iterable[str]) -> set[str]:
+    """Which of ``shas`` appear in ``table``'s ``sha256`` column (``images`` or ``labels``)."""
+    found: set[str] = set()
+    for chunk in chunks(sorted(set(shas))):
+        found.update(
+            r[0]
+            for r in store.rows(
+                f"SELECT DISTINCT sha256 FROM {table} WHERE sha256 IN ({marks(chunk)})", chunk
+            )
+        )
     return found
 
 

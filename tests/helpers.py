@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from alselect.embed import EmbedOptions
 from alselect.export import export_latest
 from alselect.pipeline import ModelSpec, ScoreResult, score_folder
 from alselect.store import Store
 
+MakeImages = Callable[..., list[Path]]
 FAST = EmbedOptions(device="cpu", batch_size=4, workers=0)
 
 
@@ -32,3 +36,13 @@ def export_text(store_path: Path, fmt: str = "csv", **kwargs: Any) -> str:
 
 def export_rows(store_path: Path, **kwargs: Any) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(export_text(store_path, "csv", **kwargs), newline="")))
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Run ``alselect`` in-process; returns (exit code, stdout, stderr)."""
+    from alselect.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return int(stop.value.code or 0), out, err

@@ -8,24 +8,13 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from alselect.cli import main
 from tests.conftest import SAMPLE_DATA
-
-MakeImages = Callable[..., list[Path]]
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """Run ``alselect`` in-process; returns (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as stop:
-        main(list(args))
-    out, err = capsys.readouterr()
-    return int(stop.value.code or 0), out, err
+from tests.helpers import MakeImages, cli
 
 
 def installed_alselect() -> str:

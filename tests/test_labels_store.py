@@ -7,20 +7,16 @@ import hashlib
 import io
 import json
 import sqlite3
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from alselect.cli import main
 from alselect.errors import DataError
 from alselect.export import export_latest
 from alselect.labels import LabelResult, import_labels, parse_label_input
 from alselect.store import Store, migrations
 from tests.conftest import write_image
-from tests.helpers import export_text, score
-
-MakeImages = Callable[..., list[Path]]
+from tests.helpers import cli, export_text, score
 
 
 def digest(path: Path) -> str:
@@ -35,13 +31,6 @@ def labeled(store_path: Path) -> set[str]:
 def label(store_path: Path, text: str) -> LabelResult:
     with Store.open(store_path, write=True) as store:
         return import_labels(store, text, "test")
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as stop:
-        main(list(args))
-    out, err = capsys.readouterr()
-    return int(stop.value.code or 0), out, err
 
 
 @pytest.fixture

@@ -9,25 +9,16 @@ import os
 import stat
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from alselect.cli import main
 from alselect.errors import AlselectError
 from alselect.exporters import atomic_output
-from tests.helpers import export_rows, score
+from tests.helpers import MakeImages, cli, export_rows, score
 
-MakeImages = Callable[..., list[Path]]
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX file types and modes")
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as stop:
-        main(list(args))
-    out, err = capsys.readouterr()
-    return int(stop.value.code or 0), out, err
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +17,7 @@ from alselect.labels import import_labels
 from alselect.pipeline import ModelSpec
 from alselect.store import Store
 from tests.conftest import TINY_CLASSES, write_image
-from tests.helpers import export_rows, export_text, score
-
-MakeImages = Callable[..., list[Path]]
+from tests.helpers import MakeImages, export_rows, export_text, score
 
 
 def test_first_run_embeds_all_and_second_run_embeds_none(

@@ -7,7 +7,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +15,7 @@ import pytest
 from alselect.errors import StoreError
 from alselect.store import DB_FILE, Store
 from alselect.store.arrays import append_rows, read_rows
-
-MakeImages = Callable[..., list[Path]]
+from tests.helpers import MakeImages
 
 
 def run_cli(

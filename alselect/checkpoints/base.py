@@ -6,7 +6,7 @@ import json
 import pickle
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,6 @@ class LoadedModel:
     feature_hook: Callable[[], torch.Tensor | None] | None = None
     sha256: str = ""
     path: str = ""
-    notes: list[str] = field(default_factory=list)
 
     def to(self, device: torch.device) -> LoadedModel:
         self.module.to(device)

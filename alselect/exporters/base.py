@@ -7,7 +7,7 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, TextIO
@@ -184,6 +184,3 @@ def _write_in_place(path: Path, fd_alias: int | None) -> Iterator[TextIO]:
             handle.flush()
     except OSError as exc:  # the reader went away (broken pipe), a full device
         raise AlselectError(f"cannot write {path}: {exc.strerror or exc}") from exc
-
-
-WriterFactory = Callable[[], Exporter]

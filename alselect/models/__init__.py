@@ -9,8 +9,6 @@ from alselect.errors import CheckpointError
 if TYPE_CHECKING:
     from torch import nn
 
-BUILTIN_ARCHS = ("small_cnn",)
-
 
 def torchvision_classifiers() -> list[str]:
     """Names of torchvision's classification architectures (detection, video etc. excluded)."""

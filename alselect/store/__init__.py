@@ -504,21 +504,6 @@ class Store:
             )
         return export_id
 
-    def known_shas(self, shas: Iterable[str]) -> set[str]:
-        """The subset of ``shas`` that some image in the store has."""
-        wanted = sorted(set(shas))
-        found: set[str] = set()
-        for start in range(0, len(wanted), 500):
-            chunk = wanted[start : start + 500]
-            marks = ", ".join("?" * len(chunk))
-            found.update(
-                r[0]
-                for r in self.conn.execute(
-                    f"SELECT DISTINCT sha256 FROM images WHERE sha256 IN ({marks})", chunk
-                )
-            )
-        return found
-
     def add_labels(self, shas: Iterable[str], source: str) -> int:
         """Mark contents as labeled; returns how many were newly labeled."""
         now = utcnow()

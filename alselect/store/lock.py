@@ -44,10 +44,6 @@ class WriterLock:
         self.poll = poll
         self._fd: int | None = None
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
     def acquire(self) -> None:
         key = os.path.realpath(self.path)
         if key in _HELD_IN_THIS_PROCESS:

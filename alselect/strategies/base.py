@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -91,7 +90,6 @@ def top_k(scores: np.ndarray, excluded: np.ndarray, budget: int | None) -> Selec
     return Selection(indices=chosen, scores=scores[chosen])
 
 
-StrategyFactory = Callable[..., Strategy]
 _REGISTRY: dict[str, type[Strategy]] = {}
 
 
