@@ -346,4 +346,4 @@ def test_registry_entries_are_well_formed() -> None:
         assert cls.name == name
         assert cls.name.strip()
         assert cls.summary.strip()
-        assert cls.needs <= {"probs", "embeddings"}
+        assert cls.needs <= {"probs", "embeddings", "mc_probs", "loss_pred"}

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -20,12 +21,21 @@ class PoolInputs:
     - ``labeled``: ``[N]`` bool, True for images already annotated (never selected)
     - ``pending``: ``[N]`` bool or ``None``, True for images sent to annotators but not labeled yet:
       not selected again, yet not labeled knowledge either
+    - ``mc_probs``: ``[N, T, C]`` float32 or ``None``: T stochastic predictions per image (MC dropout
+      passes with the same T masks for every image, or the T members of an ensemble)
+    - ``arrays``: any other named per-image arrays a strategy ``needs`` (e.g. ``loss_pred [N]``),
+      each aligned on axis 0
+
+    Rows may include labeled images from outside the scored folder (``--labeled-dir``); they are
+    always ``labeled`` and so never selected.
     """
 
     probs: np.ndarray
     labeled: np.ndarray
     embeddings: np.ndarray | None = None
     pending: np.ndarray | None = None
+    mc_probs: np.ndarray | None = None
+    arrays: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def excluded(self) -> np.ndarray:
@@ -50,12 +60,17 @@ class Strategy:
 
     Constructor rules follow scikit-learn: keyword-only parameters stored unmodified under the
     same name, no work in ``__init__``, randomness only from an explicit ``seed``.
+
+    ``needs`` names the ``PoolInputs`` the strategy reads (``probs``, ``embeddings``, ``mc_probs``,
+    or a key of ``arrays``), so the pipeline loads only those. A ``batch_aware`` strategy chooses
+    a batch jointly (its picks depend on each other) and needs a budget; others rank every image.
     """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset({"probs"})
     score_meaning: ClassVar[str] = ""
+    batch_aware: ClassVar[bool] = False
 
     def get_params(self) -> dict[str, Any]:
         signature = inspect.signature(type(self).__init__)
@@ -105,11 +120,81 @@ def registry() -> dict[str, type[Strategy]]:
     return dict(_REGISTRY)
 
 
-def make_strategy(name: str, **params: Any) -> Strategy:
-    """Instantiate a registered strategy, passing only the parameters it accepts."""
+def strategy_class(name: str) -> type[Strategy]:
+    """The registered class for ``name``; an unknown name is a usage error listing the known ones."""
     known = registry()
     if name not in known:
         raise UsageError(f"unknown strategy {name!r}; known strategies: {', '.join(sorted(known))}")
-    cls = known[name]
+    return known[name]
+
+
+def make_strategy(name: str, **params: Any) -> Strategy:
+    """Instantiate a registered strategy, passing only the parameters it accepts."""
+    cls = strategy_class(name)
     accepted = inspect.signature(cls.__init__).parameters
     return cls(**{k: v for k, v in params.items() if k in accepted and v is not None})
+
+
+def build_strategy(name: str, *, seed: int = 0, params: Mapping[str, Any] | None = None) -> Strategy:
+    """Instantiate ``name`` from user options (``--param key=value``), strictly.
+
+    ``seed`` goes to strategies that take one. Every key of ``params`` must be a constructor
+    parameter (else a usage error naming the accepted ones); text values are converted to the type
+    of the parameter's default (int, float, bool), so ``beta=10`` reaches the strategy as ``10``.
+    """
+    cls = strategy_class(name)
+    accepted = {
+        key: param
+        for key, param in inspect.signature(cls.__init__).parameters.items()
+        if param.kind == param.KEYWORD_ONLY
+    }
+    kwargs: dict[str, Any] = {"seed": seed} if "seed" in accepted else {}
+    for key, value in (params or {}).items():
+        if key not in accepted:
+            names = ", ".join(sorted(k for k in accepted if k != "seed")) or "none"
+            raise UsageError(f"strategy {name!r} has no parameter {key!r} (its parameters: {names})")
+        kwargs[key] = coerce_param(name, key, value, accepted[key].default)
+    return cls(**kwargs)
+
+
+def parse_params(items: list[str] | None) -> dict[str, str]:
+    """``["beta=10", "mode=fast"]`` → ``{"beta": "10", "mode": "fast"}``; bad items are usage errors."""
+    params: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key.isidentifier():
+            raise UsageError(f"--param expects KEY=VALUE, got {item!r}")
+        params[key] = value.strip()
+    return params
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def coerce_param(strategy: str, key: str, value: Any, default: Any) -> Any:
+    """Convert a command-line text ``value`` to the type of ``default``; non-text values pass."""
+    if not isinstance(value, str) or isinstance(default, str) or default is inspect.Parameter.empty:
+        return value
+    try:
+        if isinstance(default, bool):
+            lowered = value.lower()
+            if lowered not in _TRUE | _FALSE:
+                raise ValueError(f"expected true or false, got {value!r}")
+            return lowered in _TRUE
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if default is None and value.lower() in {"none", "null"}:
+            return None
+        if default is None:
+            for convert in (int, float):
+                try:
+                    return convert(value)
+                except ValueError:
+                    continue
+    except ValueError as exc:
+        raise UsageError(f"--param {key}={value} for strategy {strategy!r}: {exc}") from exc
+    return value
