@@ -6,7 +6,7 @@ import json
 import os
 import signal
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -504,17 +504,35 @@ class Store:
             )
         return export_id
 
-    def add_labels(self, shas: Iterable[str], source: str) -> int:
-        """Mark contents as labeled; returns how many were newly labeled."""
+    def add_labels(
+        self, shas: Iterable[str], source: str, classes: Mapping[str, str | None] | None = None
+    ) -> int:
+        """Mark contents as labeled, with their class label where ``classes`` gives one.
+
+        A known class is never erased by a source without one (a plain path list); a new class
+        replaces an older one (the image was re-annotated). Returns how many were newly labeled.
+        """
         now = utcnow()
+        classes = classes or {}
+        wanted = set(shas) | set(classes)
         with self.transaction() as conn:
             before = conn.execute("SELECT COUNT(*) FROM labels").fetchone()[0]
             conn.executemany(
-                "INSERT OR IGNORE INTO labels (sha256, source, labeled_at) VALUES (?, ?, ?)",
-                [(sha, source, now) for sha in set(shas)],
+                """INSERT INTO labels (sha256, source, labeled_at, label) VALUES (?, ?, ?, ?)
+                   ON CONFLICT (sha256) DO UPDATE SET
+                     label = COALESCE(excluded.label, labels.label),
+                     source = CASE WHEN excluded.label IS NOT NULL THEN excluded.source
+                                   ELSE labels.source END,
+                     labeled_at = CASE WHEN excluded.label IS NOT NULL THEN excluded.labeled_at
+                                       ELSE labels.labeled_at END""",
+                [(sha, source, now, classes.get(sha)) for sha in sorted(wanted)],
             )
             after = conn.execute("SELECT COUNT(*) FROM labels").fetchone()[0]
         return int(after - before)
+
+    def label_classes(self) -> dict[str, str]:
+        """``sha256 -> class label`` for labeled contents that have one."""
+        return dict(self.rows("SELECT sha256, label FROM labels WHERE label IS NOT NULL"))
 
     def scalar(self, sql: str, params: Sequence[Any] = ()) -> Any:
         row = self.conn.execute(sql, params).fetchone()

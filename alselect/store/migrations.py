@@ -124,6 +124,12 @@ def m002_images_relpath_index(conn: sqlite3.Connection) -> None:
     run_script(conn, "CREATE INDEX images_relpath ON images (relpath)")
 
 
+@migration
+def m003_label_classes(conn: sqlite3.Connection) -> None:
+    """Labels may carry the annotated class (from a ``path,label`` CSV or a platform's export)."""
+    run_script(conn, "ALTER TABLE labels ADD COLUMN label TEXT")
+
+
 def run_script(conn: sqlite3.Connection, script: str) -> None:
     """Execute ``;``-separated DDL inside the caller's transaction (``executescript`` commits)."""
     for statement in script.split(";"):
