@@ -8,12 +8,13 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
 
 from alselect.errors import StoreError
-from alselect.store import DB_FILE, Store
+from alselect.store import DB_FILE, Store, migrations
 from alselect.store.arrays import append_rows, read_rows
 from tests.helpers import MakeImages
 
@@ -250,10 +251,11 @@ def test_only_recent_run_rankings_are_kept(
 def test_a_reader_applies_migrations_added_by_an_upgrade(store_path: Path) -> None:
     from alselect.store.migrations import MIGRATIONS
 
-    Store.open(store_path, write=True, create=True).close()
-    with sqlite3.connect(store_path / DB_FILE) as conn:  # as if written by the previous release
-        conn.execute("DELETE FROM migrations WHERE name != 'm001_initial'")
-        conn.execute("DROP INDEX IF EXISTS images_relpath")
+    store_path.mkdir()
+    conn = sqlite3.connect(store_path / DB_FILE, isolation_level=None)
+    with mock.patch("alselect.store.migrations.MIGRATIONS", MIGRATIONS[:1]):  # the first release
+        migrations.apply(conn)
+    conn.close()
     with Store.open(store_path) as store:  # e.g. 'alselect status' right after upgrading
         applied = {r[0] for r in store.rows("SELECT name FROM migrations")}
         indexes = {r[1] for r in store.rows("PRAGMA index_list(images)")}
