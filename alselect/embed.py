@@ -88,7 +88,7 @@ def _keep_as_list(batch: list[Decoded]) -> list[Decoded]:
     return batch
 
 
-BatchSink = Callable[[list[int], np.ndarray, np.ndarray, list[tuple[int, str]]], None]
+BatchSink = Callable[[list[int], dict[str, np.ndarray], list[tuple[int, str]]], None]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -174,7 +174,10 @@ def run_model(
     *,
     expected_sha256: Sequence[str] | None = None,
 ) -> None:
-    """Decode ``paths`` and call ``on_batch(indices, probs [n, C], embeddings [n, D], failures)``.
+    """Decode ``paths`` and call ``on_batch(indices, outputs, failures)``.
+
+    ``outputs`` maps each of the model's named outputs to ``[n, ...]`` arrays
+    (``LoadedModel.forward_outputs``: ``probs [n, C]`` and ``embedding [n, D]`` for a classifier).
 
     ``failures`` lists ``(index, reason)`` for files that could not be decoded; they never stop
     the loop. Batches are handed over in input order, one per ``batch_size`` files, and every
@@ -209,10 +212,10 @@ def run_model(
         if ok:
             pixels = torch.from_numpy(np.stack([arr for _, arr in ok]))
             pixels = pixels.to(device, non_blocking=True).float().sub_(mean).div_(std)
-            probs, embedding = model.predict(pixels)
-            on_batch([i for i, _ in ok], probs.cpu().numpy(), embedding.cpu().numpy(), failures)
+            outputs = model.forward_outputs(pixels)
+            on_batch([i for i, _ in ok], {k: v.cpu().numpy() for k, v in outputs.items()}, failures)
         else:
-            on_batch([], np.empty((0, 0), np.float32), np.empty((0, 0), np.float32), failures)
+            on_batch([], {}, failures)
         handed += len(batch)
         reporter.progress("embed", handed, total)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,15 @@ from alselect import __version__
 from alselect.checkpoints import CheckpointOptions, LoadedModel, load_checkpoint
 from alselect.discover import resolve_root
 from alselect.embed import EmbedOptions, resolve_device, run_model
-from alselect.errors import UsageError
+from alselect.errors import NothingUsableError, UsageError
 from alselect.images import CHANGED_WHILE_READING
 from alselect.preprocess import Preprocess
 from alselect.progress import NULL_REPORTER, Reporter
-from alselect.store import Store, model_display_name
-from alselect.strategies import PoolInputs, make_strategy
+from alselect.store import PoolRows, Store, model_display_name
+from alselect.strategies import PoolInputs, Strategy, build_strategy
 from alselect.sync import SyncResult, sync_folder
+
+NOT_FINITE = "model output not finite (NaN or infinity)"
 
 
 @dataclass(frozen=True)
@@ -47,31 +50,54 @@ class PreparedModel:
 
 @dataclass
 class EmbedResult:
+    """What one model's pass over a folder did. ``failures`` lists ``(relpath, reason)`` of this run."""
+
     sync: SyncResult
     model_key: str
     model_display: str
     embedded: int = 0
     already_embedded: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
+    failed_before: int = 0  # contents skipped because they failed in an earlier run
 
     def failure_summary(self) -> str | None:
         """One line: how many images failed and why, or None when all decoded."""
         failed = self.failures + self.sync.unreadable
-        if not failed:
+        parts = []
+        if failed:
+            kinds = Counter(reason.split(":")[0] for _, reason in failed)
+            detail = ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
+            parts.append(f"{len(failed)} image(s) skipped ({detail})")
+        if self.failed_before:
+            parts.append(f"{self.failed_before} that failed before not retried (--retry-failed)")
+        if not parts:
             return None
-        kinds = Counter(reason.split(":")[0] for _, reason in failed)
-        detail = ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
-        return f"{len(failed)} image(s) skipped ({detail}); 'alselect status --failed' lists them"
+        return "; ".join(parts) + "; 'alselect status --failed' lists them"
 
 
 @dataclass
 class ScoreResult:
-    embed: EmbedResult
+    embed: EmbedResult  # the (first) task model's
     run_id: int
     strategy: str
     pool_size: int
     labeled: int
     selected: int
+    embeds: list[EmbedResult] = field(default_factory=list)  # every model's, task model first
+
+
+@dataclass(frozen=True)
+class Safeguards:
+    """Cron-grade checks that turn an unusable run into a documented failure (exit 3).
+
+    ``allow_empty``: accept a folder with no images where the store knew some (an unmounted disk
+    looks like that). ``max_failed``: the largest fraction (0–1) of the images a run tried that may
+    fail; None accepts any number, but a run where every new image failed is refused unless
+    ``allow_empty``.
+    """
+
+    allow_empty: bool = False
+    max_failed: float | None = None
 
 
 def prepare_model(spec: ModelSpec) -> PreparedModel:
@@ -95,18 +121,23 @@ def embed_folder(
     spec: ModelSpec,
     options: EmbedOptions | None = None,
     reporter: Reporter = NULL_REPORTER,
+    *,
+    retry_failed: bool = False,
+    safeguards: Safeguards = Safeguards(),
 ) -> EmbedResult:
     """Sync the folder and run the model over images not yet embedded with this model."""
     options = options or EmbedOptions()
     resolve_device(options.device)  # fail before any work when the device is missing
     root = resolve_root(folder)
     prepared = prepare_model(spec)
-    return _embed(store, root, prepared, options, reporter)
+    register(store, prepared)
+    sync = sync_folder(store, root, reporter, allow_empty=safeguards.allow_empty)
+    result = embed_synced(store, root, sync, prepared, options, reporter, retry_failed)
+    check_failures([result], safeguards)
+    return result
 
 
-def _embed(
-    store: Store, root: Path, prepared: PreparedModel, options: EmbedOptions, reporter: Reporter
-) -> EmbedResult:
+def register(store: Store, prepared: PreparedModel) -> None:
     model = prepared.model
     store.register_model(
         prepared.key,
@@ -118,14 +149,30 @@ def _embed(
         model.classes,
         prepared.preprocess.to_dict(),
     )
-    sync = sync_folder(store, root, reporter)
+
+
+def embed_synced(
+    store: Store,
+    root: Path,
+    sync: SyncResult,
+    prepared: PreparedModel,
+    options: EmbedOptions,
+    reporter: Reporter,
+    retry_failed: bool = False,
+) -> EmbedResult:
+    """Run the model over the synced folder's images it has no outputs for; store them per batch."""
+    key = str(root)
     result = EmbedResult(sync=sync, model_key=prepared.key, model_display=prepared.display)
-    todo = store.missing_embeddings(str(root), prepared.key)
+    if retry_failed:
+        store.retry_failures(key, prepared.key)
+    todo = store.missing_outputs(key, prepared.key)
+    result.failed_before = store.output_failure_count(key, prepared.key)
     result.already_embedded = int(
         store.scalar(
-            "SELECT COUNT(DISTINCT i.sha256) FROM images i JOIN embeddings e "
-            "ON e.sha256 = i.sha256 AND e.model_key = ? WHERE i.root = ? AND i.status = 'present'",
-            (prepared.key, str(root)),
+            "SELECT COUNT(DISTINCT i.sha256) FROM images i JOIN outputs o "
+            "ON o.sha256 = i.sha256 AND o.model = (SELECT id FROM models WHERE key = ?) "
+            "WHERE i.root = ? AND i.status = 'present'",
+            (prepared.key, key),
         )
         or 0
     )
@@ -136,65 +183,133 @@ def _embed(
     paths = [root / rel for _, rel in todo]
 
     def persist(
-        indices: list[int],
-        probs: np.ndarray,
-        embeddings: np.ndarray,
-        failures: list[tuple[int, str]],
+        indices: list[int], outputs: Mapping[str, np.ndarray], failures: list[tuple[int, str]]
     ) -> None:
-        finite = np.isfinite(probs).all(axis=1) & np.isfinite(embeddings).all(axis=1)
+        finite = np.ones(len(indices), dtype=bool)
+        for array in outputs.values():
+            if array.dtype.kind == "f":
+                finite &= np.isfinite(array.reshape(len(indices), -1)).all(axis=1)
         if not finite.all():
-            bad = "model output not finite (NaN or infinity)"
-            failures = failures + [(i, bad) for i, ok in zip(indices, finite, strict=True) if not ok]
+            bad = [(shas[i], NOT_FINITE) for i, ok in zip(indices, finite, strict=True) if not ok]
+            store.record_output_failures(prepared.key, bad)  # this model's failure, not the file's
+            result.failures.extend(
+                (todo[i][1], NOT_FINITE) for i, ok in zip(indices, finite, strict=True) if not ok
+            )
             indices = [i for i, ok in zip(indices, finite, strict=True) if ok]
-            probs, embeddings = probs[finite], embeddings[finite]
-        store.add_embeddings(prepared.key, [shas[i] for i in indices], probs, embeddings)
+            outputs = {name: array[finite] for name, array in outputs.items()}
+        store.add_outputs(prepared.key, [shas[i] for i in indices], outputs)
         if failures:
             # a file edited since hashing is not broken: the next sync hashes its new content
             lasting = [(shas[i], reason) for i, reason in failures if reason != CHANGED_WHILE_READING]
-            store.mark_failed(str(root), lasting)
+            store.mark_failed(key, lasting)
             result.failures.extend((todo[i][1], reason) for i, reason in failures)
         result.embedded += len(indices)
 
-    run_model(model, paths, prepared.preprocess, options, persist, reporter, expected_sha256=shas)
+    run_model(prepared.model, paths, prepared.preprocess, options, persist, reporter, expected_sha256=shas)
     return result
+
+
+def check_failures(results: Sequence[EmbedResult], safeguards: Safeguards) -> None:
+    """Refuse (exit 3) a run whose failures exceed ``max_failed``, or with nothing usable at all.
+
+    Nothing usable: images were tried, every one failed, and the model has no earlier outputs for
+    the folder either (the run would be empty).
+    """
+    for result in results:
+        failed = len(result.failures) + len(result.sync.unreadable)
+        tried = result.embedded + failed
+        if not tried or not failed:
+            continue
+        share = failed / tried
+        if safeguards.max_failed is not None and share > safeguards.max_failed:
+            raise NothingUsableError(
+                f"{failed} of {tried} image(s) failed with model {result.model_display} "
+                f"({share:.1%} > --max-failed {safeguards.max_failed:.1%}); no run recorded"
+            )
+        usable = result.embedded + result.already_embedded
+        if safeguards.max_failed is None and not usable and not safeguards.allow_empty:
+            raise NothingUsableError(
+                f"all {tried} image(s) failed with model {result.model_display} and none is usable "
+                "('alselect status --failed' says why); no run recorded "
+                "(--max-failed 100% or --allow-empty to accept)"
+            )
+
+
+@dataclass(frozen=True)
+class ScoreModels:
+    """The models one scoring run reads: task model(s) and an optional separate embedding model.
+
+    Several task models form an ensemble: ``probs`` is their mean and ``mc_probs [N, M, C]``
+    stacks the members. ``embedding`` is the ``embed`` model's when given, else the first task
+    model's.
+    """
+
+    task: Sequence[ModelSpec]
+    embed: ModelSpec | None = None
 
 
 def score_folder(
     store: Store,
     folder: str | Path,
-    spec: ModelSpec,
-    strategy_name: str,
+    spec: ModelSpec | ScoreModels,
+    strategy_name: str | Strategy,
     *,
     budget: int | None = None,
     seed: int = 0,
     options: EmbedOptions | None = None,
     reporter: Reporter = NULL_REPORTER,
     command: str | None = None,
-    strategy_params: dict[str, Any] | None = None,
+    strategy_params: Mapping[str, Any] | None = None,
+    labeled_dirs: Sequence[str | Path] = (),
+    retry_failed: bool = False,
+    safeguards: Safeguards = Safeguards(),
 ) -> ScoreResult:
-    """Embed what is missing, score every present unlabeled image, record a ranked run."""
-    strategy = make_strategy(strategy_name, seed=seed, **(strategy_params or {}))
+    """Embed what is missing, score every present unlabeled image, record a ranked run.
+
+    ``strategy_name`` is a registered name (built with ``seed`` and ``strategy_params``) or a
+    ready strategy (e.g. composed with a prefilter). ``labeled_dirs`` are folders of images
+    already labeled (kept outside ``folder``): they are embedded too and enter the strategy as
+    labeled rows (coreset covers them, DAL learns from them), never as candidates.
+    """
+    strategy = (
+        strategy_name
+        if isinstance(strategy_name, Strategy)
+        else build_strategy(strategy_name, seed=seed, params=strategy_params)
+    )
     if budget is not None and budget < 1:
         raise UsageError(f"--budget must be at least 1, got {budget}")
+    if strategy.batch_aware and budget is None:
+        raise UsageError(f"strategy {strategy.name!r} chooses a batch jointly: pass --budget N")
+    models = spec if isinstance(spec, ScoreModels) else ScoreModels(task=[spec])
+    if not models.task:
+        raise UsageError("scoring needs at least one --model")
     options = options or EmbedOptions()
     resolve_device(options.device)
     root = resolve_root(folder)
-    prepared = prepare_model(spec)
-    embedded = _embed(store, root, prepared, options, reporter)
-    pool = store.pool(str(root), prepared.key, with_embeddings="embeddings" in strategy.needs)
-    # With a budget the run holds only N images: leave out those already sent to annotators, so
-    # each nightly run's N are new. Without one everything is ranked and export skips them.
-    inputs = PoolInputs(
-        probs=pool.probs,
-        labeled=pool.labeled,
-        embeddings=pool.embeddings if "embeddings" in strategy.needs else None,
-        pending=pool.exported & ~pool.labeled if budget is not None else None,
-    )
-    reporter.progress("score", 0, pool.labeled.size)
+    extra_roots = [resolve_root(d) for d in labeled_dirs]
+    task = [prepare_model(s) for s in models.task]
+    embedder = prepare_model(models.embed) if models.embed is not None else None
+    check_ensemble(task)
+    everyone = list({p.key: p for p in [*task, *([embedder] if embedder else [])]}.values())
+    for prepared in everyone:
+        register(store, prepared)
+
+    sync = sync_folder(store, root, reporter, allow_empty=safeguards.allow_empty)
+    results = [embed_synced(store, root, sync, p, options, reporter, retry_failed) for p in everyone]
+    check_failures(results, safeguards)
+    for other in extra_roots:
+        other_sync = sync_folder(store, other, reporter)
+        for prepared in everyone:
+            embed_synced(store, other, other_sync, prepared, options, reporter, retry_failed)
+
+    pool = store.pool_rows(str(root), [p.key for p in everyone], [str(r) for r in extra_roots])
+    inputs = pool_inputs(store, pool, strategy, task, embedder, budgeted=budget is not None)
+    reporter.progress("score", 0, len(pool))
     selection = strategy.select(budget, inputs)
-    reporter.progress("score", pool.labeled.size, pool.labeled.size)
-    predicted = pool.probs.argmax(axis=1) if pool.probs.size else np.zeros(0, dtype=np.int64)
-    confidence = pool.probs.max(axis=1) if pool.probs.size else np.zeros(0)
+    reporter.progress("score", len(pool), len(pool))
+    probs = inputs.probs
+    predicted = probs.argmax(axis=1) if probs.size else np.zeros(len(pool), dtype=np.int64)
+    confidence = probs.max(axis=1) if probs.size else np.zeros(len(pool))
     items = [
         (
             int(pool.image_ids[i]),
@@ -207,25 +322,79 @@ def score_folder(
         for i, score in zip(selection.indices.tolist(), selection.scores.tolist(), strict=True)
     ]
     labeled = int(pool.labeled.sum())
+    roles = [{"key": p.key, "role": "task" if len(task) == 1 else "member"} for p in task]
+    if embedder is not None:
+        roles.append({"key": embedder.key, "role": "embedding"})
     run_id = store.record_run(
         root=str(root),
-        model_key=prepared.key,
+        model_key=task[0].key,
         strategy=strategy.name,
         params=strategy.get_params(),
         budget=budget,
-        pool_size=len(pool.relpaths),
+        pool_size=len(pool),
         labeled_count=labeled,
         items=items,
         version=__version__,
         command=command,
+        models=roles,
     )
     if not items:
         reporter.warning("no unlabeled images to score: the run is empty")
     return ScoreResult(
-        embed=embedded,
+        embed=results[0],
         run_id=run_id,
         strategy=strategy.name,
-        pool_size=len(pool.relpaths),
+        pool_size=len(pool),
         labeled=labeled,
         selected=len(items),
+        embeds=results,
+    )
+
+
+def check_ensemble(task: Sequence[PreparedModel]) -> None:
+    """Ensemble members must agree on their classes (count and, where named, names)."""
+    if len(task) < 2:
+        return
+    counts = {p.model.num_classes for p in task if p.model.num_classes is not None}
+    names = {tuple(p.model.classes) for p in task if p.model.classes is not None}
+    if len(counts) > 1 or len(names) > 1:
+        raise UsageError("ensemble members (--model given several times) must predict the same classes")
+
+
+def pool_inputs(
+    store: Store,
+    pool: PoolRows,
+    strategy: Strategy,
+    task: Sequence[PreparedModel],
+    embedder: PreparedModel | None,
+    *,
+    budgeted: bool,
+) -> PoolInputs:
+    """Load the arrays the strategy needs (and ``probs`` for the export), aligned with the pool.
+
+    With a budget the run holds only N images: images already sent to annotators are left out,
+    so each nightly run's N are new. Without one everything is ranked and export skips them.
+    """
+    members = [store.pool_array(pool, p.key, "probs") for p in task]
+    probs = members[0] if len(members) == 1 else np.mean(np.stack(members, axis=1), axis=1)
+    needs = strategy.needs
+    embeddings = None
+    if "embeddings" in needs:
+        source = embedder or task[0]
+        embeddings = store.pool_array(pool, source.key, "embedding")
+    mc_probs = np.stack(members, axis=1) if "mc_probs" in needs and len(members) > 1 else None
+    if "mc_probs" in needs and mc_probs is None:
+        raise UsageError(
+            f"strategy {strategy.name!r} needs several predictions per image: "
+            "give --model several times (an ensemble)"
+        )
+    standard = {"probs", "embeddings", "mc_probs"}
+    arrays = {name: store.pool_array(pool, task[0].key, name) for name in sorted(needs - standard)}
+    return PoolInputs(
+        probs=np.asarray(probs, dtype=np.float32),
+        labeled=pool.labeled,
+        embeddings=embeddings,
+        pending=pool.exported & ~pool.labeled if budgeted else None,
+        mc_probs=mc_probs,
+        arrays=arrays,
     )

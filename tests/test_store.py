@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -49,15 +50,18 @@ def embed_args(store: Path, folder: Path, ckpt: Path) -> list[str]:
 
 
 def segment_state(store: Path) -> list[tuple[str, int, int]]:
-    """(file, committed rows × width × 4, actual bytes) per segment."""
+    """(file, committed rows × row bytes, actual bytes) per array segment."""
     with sqlite3.connect(store / DB_FILE) as conn:
-        rows = conn.execute("SELECT file, rows, width FROM segments ORDER BY id").fetchall()
-    return [(file, n * width * 4, (store / file).stat().st_size) for file, n, width in rows]
+        rows = conn.execute("SELECT file, rows, shape, dtype FROM array_segments ORDER BY id").fetchall()
+    return [
+        (file, n * int(np.prod(json.loads(shape))) * np.dtype(dtype).itemsize, (store / file).stat().st_size)
+        for file, n, shape, dtype in rows
+    ]
 
 
 def embedding_count(store: Path) -> int:
     with sqlite3.connect(store / DB_FILE) as conn:
-        return int(conn.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0])
+        return int(conn.execute("SELECT COUNT(*) FROM outputs").fetchone()[0])
 
 
 def test_kill_between_array_append_and_commit_loses_only_that_batch(
