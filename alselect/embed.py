@@ -13,17 +13,24 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from alselect.checkpoints import LoadedModel
 from alselect.errors import AlselectError, UsageError
 from alselect.images import OUT_OF_MEMORY, ImageDecodeError, load_image
 from alselect.preprocess import Preprocess
 from alselect.progress import NULL_REPORTER, Reporter
+
+
+class OutputModel(Protocol):
+    """What ``run_model`` drives: a ``LoadedModel`` or a wrapper of one (e.g. MC-dropout passes)."""
+
+    def to(self, device: torch.device) -> Any: ...
+
+    def forward_outputs(self, batch: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -165,7 +172,7 @@ def _loader(dataset: Dataset[Decoded], batch_size: int, workers: int, device: to
 
 
 def run_model(
-    model: LoadedModel,
+    model: OutputModel,
     paths: Sequence[Path],
     preprocess: Preprocess,
     options: EmbedOptions,

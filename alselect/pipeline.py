@@ -15,9 +15,18 @@ import numpy as np
 from alselect import __version__
 from alselect.checkpoints import CheckpointOptions, LoadedModel, load_checkpoint
 from alselect.discover import resolve_root
-from alselect.embed import EmbedOptions, resolve_device, run_model
+from alselect.embed import EmbedOptions, OutputModel, resolve_device, run_model
 from alselect.errors import NothingUsableError, UsageError
 from alselect.images import CHANGED_WHILE_READING
+from alselect.mc_dropout import (
+    DEFAULT_HEAD_RATE,
+    DEFAULT_SAMPLES,
+    FullPassModel,
+    dropout_layers,
+    head_layer,
+    head_mc_probs,
+    mc_key,
+)
 from alselect.preprocess import Preprocess
 from alselect.progress import NULL_REPORTER, Reporter
 from alselect.store import PoolRows, Store, model_display_name
@@ -42,10 +51,13 @@ class ModelSpec:
 
 @dataclass
 class PreparedModel:
+    """A loaded checkpoint with its store key; ``runner`` (default: the model) computes its outputs."""
+
     model: LoadedModel
     preprocess: Preprocess
     key: str
     display: str
+    runner: OutputModel | None = None
 
 
 @dataclass
@@ -205,7 +217,8 @@ def embed_synced(
             result.failures.extend((todo[i][1], reason) for i, reason in failures)
         result.embedded += len(indices)
 
-    run_model(prepared.model, paths, prepared.preprocess, options, persist, reporter, expected_sha256=shas)
+    runner = prepared.runner or prepared.model
+    run_model(runner, paths, prepared.preprocess, options, persist, reporter, expected_sha256=shas)
     return result
 
 
@@ -236,16 +249,35 @@ def check_failures(results: Sequence[EmbedResult], safeguards: Safeguards) -> No
 
 
 @dataclass(frozen=True)
+class McDropout:
+    """How a single model gives ``mc_probs``: ``mode`` full / head / auto (full when the model has
+    reachable dropout layers, else head), ``samples`` T, head dropout ``rate``."""
+
+    samples: int = DEFAULT_SAMPLES
+    mode: str = "auto"
+    rate: float = DEFAULT_HEAD_RATE
+
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise UsageError(f"--mc-samples must be at least 1, got {self.samples}")
+        if self.mode not in ("auto", "full", "head"):
+            raise UsageError(f"--mc-mode must be auto, full or head, got {self.mode!r}")
+        if not 0.0 <= self.rate < 1.0:
+            raise UsageError(f"--mc-dropout must be in [0, 1), got {self.rate}")
+
+
+@dataclass(frozen=True)
 class ScoreModels:
     """The models one scoring run reads: task model(s) and an optional separate embedding model.
 
     Several task models form an ensemble: ``probs`` is their mean and ``mc_probs [N, M, C]``
-    stacks the members. ``embedding`` is the ``embed`` model's when given, else the first task
-    model's.
+    stacks the members. With one task model, strategies that need ``mc_probs`` get MC-dropout
+    samples (``mc``). ``embedding`` is the ``embed`` model's when given, else the task model's.
     """
 
     task: Sequence[ModelSpec]
     embed: ModelSpec | None = None
+    mc: McDropout = McDropout()
 
 
 def score_folder(
@@ -290,7 +322,10 @@ def score_folder(
     task = [prepare_model(s) for s in models.task]
     embedder = prepare_model(models.embed) if models.embed is not None else None
     check_ensemble(task)
-    everyone = list({p.key: p for p in [*task, *([embedder] if embedder else [])]}.values())
+    mc_mode = mc_source(strategy, task, models.mc)
+    mc_pass = full_pass_model(task[0], models.mc.samples) if mc_mode == "full" else None
+    extras = [m for m in (embedder, mc_pass) if m is not None]
+    everyone = list({p.key: p for p in [*task, *extras]}.values())
     for prepared in everyone:
         register(store, prepared)
 
@@ -303,7 +338,16 @@ def score_folder(
             embed_synced(store, other, other_sync, prepared, options, reporter, retry_failed)
 
     pool = store.pool_rows(str(root), [p.key for p in everyone], [str(r) for r in extra_roots])
-    inputs = pool_inputs(store, pool, strategy, task, embedder, budgeted=budget is not None)
+    inputs = pool_inputs(
+        store,
+        pool,
+        strategy,
+        task,
+        embedder,
+        mc_pass,
+        models.mc if mc_mode == "head" else None,
+        budgeted=budget is not None,
+    )
     reporter.progress("score", 0, len(pool))
     selection = strategy.select(budget, inputs)
     reporter.progress("score", len(pool), len(pool))
@@ -322,9 +366,15 @@ def score_folder(
         for i, score in zip(selection.indices.tolist(), selection.scores.tolist(), strict=True)
     ]
     labeled = int(pool.labeled.sum())
-    roles = [{"key": p.key, "role": "task" if len(task) == 1 else "member"} for p in task]
+    roles: list[dict[str, Any]] = [
+        {"key": p.key, "role": "task" if len(task) == 1 else "member"} for p in task
+    ]
     if embedder is not None:
         roles.append({"key": embedder.key, "role": "embedding"})
+    if mc_mode is not None:
+        source = mc_pass.key if mc_pass is not None else task[0].key
+        mc = models.mc
+        roles.append({"key": source, "role": f"mc-dropout-{mc_mode}", "samples": mc.samples, "rate": mc.rate})
     run_id = store.record_run(
         root=str(root),
         model_key=task[0].key,
@@ -361,12 +411,39 @@ def check_ensemble(task: Sequence[PreparedModel]) -> None:
         raise UsageError("ensemble members (--model given several times) must predict the same classes")
 
 
+def mc_source(strategy: Strategy, task: Sequence[PreparedModel], mc: McDropout) -> str | None:
+    """How ``mc_probs`` are made for this run: None (not needed, or an ensemble), full or head."""
+    if "mc_probs" not in strategy.needs or len(task) > 1:
+        return None
+    if mc.mode != "auto":
+        if mc.mode == "full" and not dropout_layers(task[0].model.module):
+            raise UsageError(
+                "--mc-mode full needs a model with dropout layers (nn.Dropout, nn.Dropout1d/2d/3d) "
+                "reachable in an alselect, state_dict or pickled checkpoint; use --mc-mode head"
+            )
+        return mc.mode
+    return "full" if dropout_layers(task[0].model.module) else "head"
+
+
+def full_pass_model(task: PreparedModel, samples: int) -> PreparedModel:
+    """The task model's T consistent-mask dropout passes, stored under their own key."""
+    return PreparedModel(
+        model=task.model,
+        preprocess=task.preprocess,
+        key=mc_key(task.key, samples),
+        display=f"{task.display}+mc{samples}",
+        runner=FullPassModel(task.model, samples),
+    )
+
+
 def pool_inputs(
     store: Store,
     pool: PoolRows,
     strategy: Strategy,
     task: Sequence[PreparedModel],
     embedder: PreparedModel | None,
+    mc_pass: PreparedModel | None = None,
+    mc_head: McDropout | None = None,
     *,
     budgeted: bool,
 ) -> PoolInputs:
@@ -382,12 +459,18 @@ def pool_inputs(
     if "embeddings" in needs:
         source = embedder or task[0]
         embeddings = store.pool_array(pool, source.key, "embedding")
-    mc_probs = np.stack(members, axis=1) if "mc_probs" in needs and len(members) > 1 else None
-    if "mc_probs" in needs and mc_probs is None:
-        raise UsageError(
-            f"strategy {strategy.name!r} needs several predictions per image: "
-            "give --model several times (an ensemble)"
-        )
+    mc_probs = None
+    if "mc_probs" in needs:
+        if len(members) > 1:
+            mc_probs = np.stack(members, axis=1)
+        elif mc_pass is not None:
+            mc_probs = store.pool_array(pool, mc_pass.key, "mc_probs").astype(np.float32)
+        elif mc_head is not None:
+            stored = store.pool_array(pool, task[0].key, "embedding")
+            weight, bias = head_layer(task[0].model, probs, stored)
+            mc_probs = head_mc_probs(stored, weight, bias, mc_head.samples, mc_head.rate)
+        else:
+            raise UsageError(f"strategy {strategy.name!r} needs several predictions per image")
     standard = {"probs", "embeddings", "mc_probs"}
     arrays = {name: store.pool_array(pool, task[0].key, name) for name in sorted(needs - standard)}
     return PoolInputs(

@@ -148,6 +148,14 @@ def score(
         list[Path] | None,
         typer.Option(help="Folder of already-labeled images (repeatable): context for coreset, DAL."),
     ] = None,
+    mc_samples: Annotated[
+        int, typer.Option(min=1, help="MC-dropout passes T for strategies that need several predictions.")
+    ] = 20,
+    mc_mode: Annotated[
+        str,
+        typer.Option(help="auto, full (T passes with the model's dropout) or head (on cached embeddings)."),
+    ] = "auto",
+    mc_dropout: Annotated[float, typer.Option(help="Dropout rate of head-only MC dropout.")] = 0.5,
     device: Device = "auto",
     batch_size: BatchSize = 64,
     workers: Workers = None,
@@ -163,7 +171,7 @@ def score(
 ) -> None:
     """Embed what is missing, then rank every unlabeled image and record the run."""
     from alselect.embed import EmbedOptions
-    from alselect.pipeline import ModelSpec, ScoreModels, score_folder
+    from alselect.pipeline import McDropout, ModelSpec, ScoreModels, score_folder
     from alselect.store import Store
     from alselect.strategies import parse_params, strategy_from_options
 
@@ -175,6 +183,7 @@ def score(
         embed=ModelSpec(embed_model, embed_arch, embed_num_classes, trust_checkpoint)
         if embed_model is not None
         else None,
+        mc=McDropout(samples=mc_samples, mode=mc_mode, rate=mc_dropout),
     )
     safeguards = _safeguards(allow_empty, max_failed)
     command = shlex.join(["alselect", *sys.argv[1:]])

@@ -586,7 +586,7 @@ class Store:
         items: Sequence[tuple[int, str, str, float, int | None, float | None]],
         version: str,
         command: str | None,
-        models: Sequence[Mapping[str, str]] = (),
+        models: Sequence[Mapping[str, Any]] = (),
     ) -> int:
         """Store a run and its ranked ``(image_id, relpath, sha256, score, predicted, confidence)``.
 
