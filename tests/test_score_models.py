@@ -194,8 +194,9 @@ def test_ensemble_probs_are_the_members_mean_and_members_are_stacked(
     np.testing.assert_array_equal(seen.mc_probs[:, 0], a)
     np.testing.assert_array_equal(seen.mc_probs[:, 1], b)
     np.testing.assert_allclose(seen.probs, (a + b) / 2, rtol=1e-6)
-    with pytest.raises(UsageError, match="several predictions"):
-        score(store_path, tmp_path / "pool", tiny_checkpoint, strategy=Members())
+    single = Members()  # one model: MC-dropout samples instead of members (tests/test_mc_dropout.py)
+    score(store_path, tmp_path / "pool", tiny_checkpoint, strategy=single)
+    assert single.seen[0].mc_probs is not None and single.seen[0].mc_probs.shape == (5, 20, 3)
 
 
 def test_labeled_folder_rows_are_labeled_context_never_candidates(

@@ -18,6 +18,7 @@ import numpy as np
 from alselect.errors import StoreError
 from alselect.store import migrations
 from alselect.store.arrays import append_rows, read_rows, rows_fit
+from alselect.store.keys import content_keys, first_occurrences, full_order, lookup, member
 from alselect.store.lock import WriterLock
 
 DB_FILE = "alselect.db"
@@ -84,6 +85,7 @@ class PoolRows:
     slots: dict[str, np.ndarray]
     labeled: np.ndarray
     exported: np.ndarray
+    keys: np.ndarray | None = None  # [N, 4] uint64 content keys (alselect.store.keys)
 
     def __len__(self) -> int:
         return len(self.relpaths)
@@ -443,15 +445,19 @@ class Store:
         dtype = np.dtype(segments[0][1])
         width = int(np.prod(shape, dtype=np.int64))
         out = np.empty((len(slots), width), dtype=dtype)
-        firsts = np.array([seg[3] for seg in segments], dtype=np.int64)
-        which = np.searchsorted(firsts, slots, side="right") - 1
-        for k in np.unique(which):
-            file, seg_dtype, seg_shape, first, rows = segments[int(k)]
-            mask = which == k
-            local = slots[mask] - first
-            if k < 0 or local.max(initial=0) >= rows or tuple(json.loads(seg_shape)) != shape:
-                raise StoreError(f"array file {file} does not hold the rows the store records")
-            out[mask] = read_rows(self.path / file, seg_dtype, width, rows, local)
+        order = np.argsort(slots, kind="stable")  # sorted reads: sequential pages, ranges per segment
+        ordered = slots[order]
+        covered = 0
+        for file, seg_dtype, seg_shape, first, rows in segments:
+            lo, hi = np.searchsorted(ordered, [first, first + rows], side="left")
+            if lo == hi:
+                continue
+            if tuple(json.loads(seg_shape)) != shape:
+                raise StoreError(f"array file {file} has shape {seg_shape}, expected {list(shape)}")
+            out[order[lo:hi]] = read_rows(self.path / file, seg_dtype, width, rows, ordered[lo:hi] - first)
+            covered += int(hi - lo)
+        if covered != len(slots):
+            raise StoreError(f"model {model_key[:12]}: {len(slots) - covered} {name!r} rows are missing")
         return out.reshape(len(slots), *shape)
 
     def record_output_failures(self, model_key: str, failures: Sequence[tuple[str, str]]) -> None:
@@ -504,48 +510,53 @@ class Store:
         One row per content (the first path in sort order represents duplicates), path order. Then
         the images of ``labeled_roots`` not already in the pool, all taken as labeled (a labeled
         set kept in another folder), also one per content. ``slots[key]`` locates each row in a
-        model's arrays.
+        model's arrays. Aligned by sorting content hashes as numbers: no per-image queries.
         """
         if not model_keys:
             raise ValueError("a pool needs at least one model")
-        ids = [self._model_row(key)[0] for key in dict.fromkeys(model_keys)]
-        joins = " ".join(
-            f"JOIN outputs o{k} ON o{k}.model = {model_id} AND o{k}.sha256 = i.sha256"
-            for k, model_id in enumerate(ids)
-        )
-        columns = ", ".join(f"o{k}.slot" for k in range(len(ids)))
-        query = f"""SELECT i.id, i.root, i.relpath, i.sha256, {columns},
-                           EXISTS (SELECT 1 FROM labels l WHERE l.sha256 = i.sha256),
-                           EXISTS (SELECT 1 FROM exported x WHERE x.sha256 = i.sha256)
-                    FROM images i {joins}
-                    WHERE i.root = ? AND i.status = 'present'
-                    ORDER BY i.relpath"""
-        rows = self.rows(query, (root,))
-        in_pool = len(rows)
-        for other in dict.fromkeys(labeled_roots):
-            if other != root:
-                rows += self.rows(query, (other,))
-        seen: set[str] = set()
-        unique = []
-        outside = []
-        for n, row in enumerate(rows):
-            if row[3] not in seen:
-                seen.add(row[3])
-                unique.append(row)
-                outside.append(n >= in_pool)
-        width = len(ids)
+        keys_in_order = list(dict.fromkeys(model_keys))
+        model_ids = [self._model_row(key)[0] for key in keys_in_order]
+        image_ids: list[int] = []
+        roots: list[str] = []
+        relpaths: list[str] = []
+        shas: list[str] = []
+        outside: list[bool] = []
+        for part in [root, *(r for r in dict.fromkeys(labeled_roots) if r != root)]:
+            rows = self.rows(
+                "SELECT id, relpath, sha256 FROM images WHERE root = ? AND status = 'present' "
+                "AND sha256 IS NOT NULL ORDER BY relpath",
+                (part,),
+            )
+            image_ids += [r[0] for r in rows]
+            relpaths += [r[1] for r in rows]
+            shas += [r[2] for r in rows]
+            roots += [part] * len(rows)
+            outside += [part != root] * len(rows)
+        keys = content_keys(shas)
+        keep = first_occurrences(keys)
+        slots: dict[str, np.ndarray] = {}
+        usable = np.ones(len(keep), dtype=bool)
+        for key, model_id in zip(keys_in_order, model_ids, strict=True):
+            rows = self.rows("SELECT sha256, slot FROM outputs WHERE model = ? ORDER BY sha256", (model_id,))
+            table = content_keys([r[0] for r in rows])
+            order = full_order(table)
+            pos, found = lookup(table[order], keys[keep])
+            usable &= found
+            slots[key] = np.array([r[1] for r in rows], dtype=np.int64)[order][pos] if rows else pos
+        keep = keep[usable]
+        kept = keys[keep]
+        labels = [r[0] for r in self.rows("SELECT sha256 FROM labels")]
+        sent = [r[0] for r in self.rows("SELECT DISTINCT sha256 FROM exported")]
+        chosen = keep.tolist()
         return PoolRows(
-            image_ids=np.array([r[0] for r in unique], dtype=np.int64),
-            roots=[r[1] for r in unique],
-            relpaths=[r[2] for r in unique],
-            sha256=[r[3] for r in unique],
-            slots={
-                key: np.array([r[4 + k] for r in unique], dtype=np.int64)
-                for k, key in enumerate(dict.fromkeys(model_keys))
-            },
-            labeled=np.array([bool(r[4 + width]) for r in unique], dtype=bool)
-            | np.array(outside, dtype=bool),
-            exported=np.array([bool(r[5 + width]) for r in unique], dtype=bool),
+            image_ids=np.array(image_ids, dtype=np.int64)[keep],
+            roots=[roots[i] for i in chosen],
+            relpaths=[relpaths[i] for i in chosen],
+            sha256=[shas[i] for i in chosen],
+            slots={key: value[usable] for key, value in slots.items()},
+            labeled=member(labels, kept) | np.array(outside, dtype=bool)[keep],
+            exported=member(sent, kept),
+            keys=kept,
         )
 
     def pool_array(self, pool: PoolRows, model_key: str, name: str) -> np.ndarray:
