@@ -49,7 +49,8 @@ class GcResult:
 def store_bytes(store: Store) -> int:
     """Bytes of the database (with its WAL) and every array file."""
     total = 0
-    for path in [store.path / "alselect.db", store.path / "alselect.db-wal", *store.path.glob("arrays/**/*")]:
+    files = [*store.path.glob("arrays/**/*"), *store.path.glob("rankings/*")]
+    for path in [store.path / "alselect.db", store.path / "alselect.db-wal", *files]:
         if path.is_file():
             total += path.stat().st_size
     return total
@@ -244,14 +245,16 @@ def files_needed(dtype: str, shape: Sequence[int], rows: int) -> int:
 
 
 def remove_orphan_files(store: Store) -> int:
-    """Delete files under ``arrays/`` that no segment row names (a killed run's leftovers)."""
+    """Delete files under ``arrays/`` and ``rankings/`` that no row names (a killed run's leftovers)."""
     known = {Path(row[0]) for row in store.rows("SELECT file FROM array_segments")}
+    known |= {Path(row[0]) for row in store.rows("SELECT ranking FROM runs WHERE ranking IS NOT NULL")}
     removed = 0
-    root = store.path / "arrays"
-    for path in sorted(root.glob("**/*")) if root.exists() else []:
-        if path.is_file() and path.relative_to(store.path) not in known:
-            path.unlink()
-            removed += 1
+    for folder in ("arrays", "rankings"):
+        root = store.path / folder
+        for path in sorted(root.glob("**/*")) if root.exists() else []:
+            if path.is_file() and path.relative_to(store.path) not in known:
+                path.unlink()
+                removed += 1
     return removed
 
 

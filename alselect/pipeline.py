@@ -30,6 +30,8 @@ from alselect.mc_dropout import (
 from alselect.preprocess import Preprocess
 from alselect.progress import NULL_REPORTER, Reporter
 from alselect.store import PoolRows, Store, model_display_name
+from alselect.store.keys import content_keys
+from alselect.store.rankings import Ranking
 from alselect.strategies import PoolInputs, Strategy, build_strategy
 from alselect.sync import SyncResult, sync_folder
 
@@ -351,20 +353,7 @@ def score_folder(
     reporter.progress("score", 0, len(pool))
     selection = strategy.select(budget, inputs)
     reporter.progress("score", len(pool), len(pool))
-    probs = inputs.probs
-    predicted = probs.argmax(axis=1) if probs.size else np.zeros(len(pool), dtype=np.int64)
-    confidence = probs.max(axis=1) if probs.size else np.zeros(len(pool))
-    items = [
-        (
-            int(pool.image_ids[i]),
-            pool.relpaths[i],
-            pool.sha256[i],
-            float(score),
-            int(predicted[i]),
-            float(confidence[i]),
-        )
-        for i, score in zip(selection.indices.tolist(), selection.scores.tolist(), strict=True)
-    ]
+    ranking = ranking_of(pool, inputs.probs, selection.indices, selection.scores)
     labeled = int(pool.labeled.sum())
     roles: list[dict[str, Any]] = [
         {"key": p.key, "role": "task" if len(task) == 1 else "member"} for p in task
@@ -383,12 +372,12 @@ def score_folder(
         budget=budget,
         pool_size=len(pool),
         labeled_count=labeled,
-        items=items,
+        ranking=ranking,
         version=__version__,
         command=command,
         models=roles,
     )
-    if not items:
+    if not len(ranking):
         reporter.warning("no unlabeled images to score: the run is empty")
     return ScoreResult(
         embed=results[0],
@@ -396,8 +385,27 @@ def score_folder(
         strategy=strategy.name,
         pool_size=len(pool),
         labeled=labeled,
-        selected=len(items),
+        selected=len(ranking),
         embeds=results,
+    )
+
+
+def ranking_of(pool: PoolRows, probs: np.ndarray, indices: np.ndarray, scores: np.ndarray) -> Ranking:
+    """The run's ranking: pool rows ``indices`` in annotate-first order, with the model's top class."""
+    indices = np.asarray(indices, dtype=np.int64)
+    if probs.size:
+        predicted = probs[indices].argmax(axis=1).astype(np.int32)
+        confidence = probs[indices].max(axis=1).astype(np.float32)
+    else:
+        predicted = np.full(len(indices), -1, dtype=np.int32)
+        confidence = np.full(len(indices), np.nan, dtype=np.float32)
+    keys = pool.keys if pool.keys is not None else content_keys(pool.sha256)
+    return Ranking(
+        image_ids=pool.image_ids[indices],
+        keys=keys[indices],
+        scores=np.asarray(scores, dtype=np.float64),
+        predicted=predicted,
+        confidence=confidence,
     )
 
 

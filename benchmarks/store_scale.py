@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from alselect.export import export_latest
 from alselect.labels import import_labels
+from alselect.pipeline import ranking_of
 from alselect.status import store_status
 from alselect.store import Store
 
@@ -91,6 +92,37 @@ def build(path: Path, n: int, classes: int, dim: int, batch: int, dtype: str) ->
     return results
 
 
+def measure_nightly(store: Store, results: dict[str, Any], work: Path, n: int) -> None:
+    """Time the pool load, a full ranking's record, status, export and label on the built store."""
+    start = time.perf_counter()
+    pool = store.pool_rows("/pool", [KEY])
+    results["pool_rows_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    probs = store.pool_array(pool, KEY, "probs")
+    results["pool_probs_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    store.pool_array(pool, KEY, "embedding")
+    results["pool_embedding_s"] = time.perf_counter() - start
+    results["pool_total_s"] = results["pool_rows_s"] + results["pool_probs_s"] + results["pool_embedding_s"]
+    scores = -(probs * np.log(np.maximum(probs, 1e-12))).sum(1)
+    order = np.argsort(-scores, kind="stable")
+    ranking = ranking_of(pool, probs, order, scores[order])
+    run = {"root": "/pool", "model_key": KEY, "strategy": "entropy", "params": {}, "budget": None}
+    run |= {"pool_size": len(pool), "labeled_count": 0, "version": "bench", "command": None}
+    for _ in range(3):  # fill the kept rankings, so the timed record also prunes one
+        store.record_run(**run, ranking=ranking)
+    start = time.perf_counter()
+    store.record_run(**run, ranking=ranking)
+    results["record_run_s"] = time.perf_counter() - start
+    del pool, probs, ranking
+    results["status_s"], _ = timed(lambda: store_status(store))
+    out = work / "export.csv"
+    results["export_top1000_s"], _ = timed(lambda: export_latest(store, "csv", top=1000, output=out))
+    step = max(1, n // 10_000)
+    paths = "\n".join(f"dir{i // 1000:04d}/img_{i:07d}.jpg" for i in range(1, n, step))
+    results["label_10k_s"], _ = timed(lambda: import_labels(store, paths, "bench", cwd="/"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=1_000_000)
@@ -108,65 +140,12 @@ def main() -> None:
         results: dict[str, Any] = {"n": args.n, "dim": args.dim, "classes": args.classes, "batch": args.batch}
         results.update(build(path, args.n, args.classes, args.dim, args.batch, args.dtype))
         with Store.open(path, write=True) as store:
-            t, pool = timed(lambda: store.pool_rows("/pool", [KEY]))
-            t2, probs = timed(lambda: store.pool_array(pool, KEY, "probs"))
-            t3, emb = timed(lambda: store.pool_array(pool, KEY, "embedding"))
-            results["pool_rows_s"], results["pool_probs_s"], results["pool_embedding_s"] = t, t2, t3
-            results["pool_total_s"] = t + t2 + t3
-            scores = -(probs * np.log(np.maximum(probs, 1e-12))).sum(1)
-            order = np.argsort(-scores, kind="stable")
-            items = [
-                (
-                    int(pool.image_ids[i]),
-                    pool.relpaths[i],
-                    pool.sha256[i],
-                    float(scores[i]),
-                    int(probs[i].argmax()),
-                    float(probs[i].max()),
-                )
-                for i in order.tolist()
-            ]
-            for _ in range(3):  # fill the kept rankings so the timed run also deletes one
-                store.record_run(
-                    root="/pool",
-                    model_key=KEY,
-                    strategy="entropy",
-                    params={},
-                    budget=None,
-                    pool_size=len(pool),
-                    labeled_count=0,
-                    items=items[:10],
-                    version="bench",
-                    command=None,
-                )
-            results["record_run_s"], _ = timed(
-                lambda: store.record_run(
-                    root="/pool",
-                    model_key=KEY,
-                    strategy="entropy",
-                    params={},
-                    budget=None,
-                    pool_size=len(pool),
-                    labeled_count=0,
-                    items=items,
-                    version="bench",
-                    command=None,
-                )
-            )
-            del pool, probs, emb, items
-            results["status_s"], _ = timed(lambda: store_status(store))
-            out = work / "export.csv"
-            results["export_top1000_s"], _ = timed(lambda: export_latest(store, "csv", top=1000, output=out))
-            paths = "\n".join(
-                f"dir{i // 1000:04d}/img_{i:07d}.jpg" for i in range(1, args.n, max(1, args.n // 10_000))
-            )
-            results["label_10k_s"], _ = timed(lambda: import_labels(store, paths, "bench", cwd="/"))
+            measure_nightly(store, results, work, args.n)
         results["store_bytes"] = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         results["bytes_per_image"] = results["store_bytes"] / args.n
         results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        results["machine"] = (
-            f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}"
-        )
+        cpu = platform.processor() or platform.machine()
+        results["machine"] = f"{cpu}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}"
         for key, value in results.items():
             print(f"{key:24s} {value:.3f}" if isinstance(value, float) else f"{key:24s} {value}")
         if args.json:

@@ -128,9 +128,23 @@ def test_upgrade_of_a_first_release_store_keeps_every_array(store_path: Path, tm
         "VALUES ('/pool', ?, ?, 1, 1, ?, ?, 'now', 'now')",
         rows,
     )
+    conn.execute(
+        "INSERT INTO runs (id, created_at, root, model_key, strategy, params, pool_size, labeled_count, "
+        "selected, alselect_version) VALUES (1, 'now', '/pool', ?, 'entropy', '{}', 7, 0, 2, '0.1.0')",
+        (KEY,),
+    )
+    conn.executemany(
+        "INSERT INTO run_items VALUES (1, ?, (SELECT id FROM images WHERE relpath = ?), ?, ?, ?, 1, 0.5)",
+        [(1, "img_4.png", "img_4.png", sha(4), 0.9), (2, "img_2.png", "img_2.png", sha(2), 0.8)],
+    )
     conn.close()
 
     with Store.open(store_path, write=True) as store:
+        # a run ranked before ranking files exists still exports from its rows
+        assert [row[:4] for row in store.exportable_items(1, include_exported=False)] == [
+            (1, "img_4.png", sha(4), 0.9),
+            (2, "img_2.png", sha(2), 0.8),
+        ]
         pool = store.pool("/pool", KEY)
         np.testing.assert_array_equal(pool.probs, probs)
         np.testing.assert_array_equal(pool.embeddings, emb)

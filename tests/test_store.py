@@ -172,7 +172,9 @@ def test_concurrent_writers_serialise_without_corruption(
     with sqlite3.connect(store_path / DB_FILE) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 2
-        assert conn.execute("SELECT COUNT(*) FROM run_items").fetchone()[0] == 24
+    with Store.open(store_path) as store:
+        rankings = [store.ranking_records(run) for run in (1, 2)]
+        assert [len(r) for r in rankings if r is not None] == [12, 12]
 
 
 def test_migrations_are_recorded_and_newer_stores_refused(store_path: Path) -> None:
@@ -246,10 +248,12 @@ def test_only_recent_run_rankings_are_kept(
     for _ in range(KEEP_RUN_RANKINGS + 2):
         score(store_path, tmp_path / "pool", tiny_checkpoint)
     with Store.open(store_path) as store:
-        kept = [r[0] for r in store.rows("SELECT DISTINCT run_id FROM run_items ORDER BY run_id")]
         runs = store.scalar("SELECT COUNT(*) FROM runs")
+        kept = [run for run in range(1, runs + 1) if store.ranking_records(run) is not None]
+        files = sorted(p.name for p in (store_path / "rankings").iterdir())
     assert runs == KEEP_RUN_RANKINGS + 2
     assert kept == list(range(3, KEEP_RUN_RANKINGS + 3))
+    assert files == [f"run-{run:08d}.npy" for run in kept]  # pruned rankings leave no file behind
 
 
 def test_a_reader_applies_migrations_added_by_an_upgrade(store_path: Path) -> None:

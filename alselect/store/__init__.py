@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,12 +19,14 @@ import numpy as np
 from alselect.errors import StoreError
 from alselect.store import migrations
 from alselect.store.arrays import append_rows, read_rows, rows_fit
-from alselect.store.keys import content_keys, first_occurrences, full_order, lookup, member
+from alselect.store.keys import content_keys, first_occurrences, full_order, key_hex, lookup, member
 from alselect.store.lock import WriterLock
+from alselect.store.rankings import Ranking, read_ranking, write_ranking
 
 DB_FILE = "alselect.db"
 LOCK_FILE = "lock"
 KEEP_RUN_RANKINGS = 3  # runs whose per-image ranking is kept; older runs keep their metadata
+EXPORT_CHUNK = 500  # ranked images looked up per query while exporting (bound parameters stay < 999)
 
 
 def default_store_path() -> Path:
@@ -594,24 +597,28 @@ class Store:
         budget: int | None,
         pool_size: int,
         labeled_count: int,
-        items: Sequence[tuple[int, str, str, float, int | None, float | None]],
+        ranking: Ranking,
         version: str,
         command: str | None,
         models: Sequence[Mapping[str, Any]] = (),
     ) -> int:
-        """Store a run and its ranked ``(image_id, relpath, sha256, score, predicted, confidence)``.
+        """Store a run and its ranking (a file under ``rankings/``, written before the commit).
 
         ``models`` names every model the run read, with its role (``{"key", "role"}``: the task
-        model, ensemble members, the embedding model).
-
-        Rankings of all but the latest ``KEEP_RUN_RANKINGS`` runs are deleted (1M images ≈ 130 MB each).
+        model, ensemble members, the embedding model). Rankings of all but the latest
+        ``KEEP_RUN_RANKINGS`` runs are deleted (56 bytes per image); run metadata is kept forever.
         """
+        run_id = int(self.scalar("SELECT COALESCE(MAX(id), 0) + 1 FROM runs"))
+        file = f"rankings/run-{run_id:08d}.npy"
+        write_ranking(self.path / file, ranking)
+        self._fault("after-ranking")
         with self.transaction() as conn:
-            cursor = conn.execute(
-                """INSERT INTO runs (created_at, root, model_key, strategy, params, budget, pool_size,
-                                     labeled_count, selected, alselect_version, command, models)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            conn.execute(
+                """INSERT INTO runs (id, created_at, root, model_key, strategy, params, budget, pool_size,
+                                     labeled_count, selected, alselect_version, command, models, ranking)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (
+                    run_id,
                     utcnow(),
                     root,
                     model_key,
@@ -620,24 +627,47 @@ class Store:
                     budget,
                     pool_size,
                     labeled_count,
-                    len(items),
+                    len(ranking),
                     version,
                     command,
                     json.dumps([dict(m) for m in models]) if models else None,
+                    file,
                 ),
             )
-            run_id = int(cursor.lastrowid or 0)
-            conn.executemany(
-                """INSERT INTO run_items (run_id, rank, image_id, relpath, sha256, score, predicted,
-                                          confidence) VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
-                [(run_id, rank, *item) for rank, item in enumerate(items, start=1)],
-            )
-            # Rankings are large (one row per pool image); keep the last few, run metadata forever.
-            conn.execute(
-                "DELETE FROM run_items WHERE run_id NOT IN (SELECT id FROM runs ORDER BY id DESC LIMIT ?)",
+            kept = "SELECT id FROM runs ORDER BY id DESC LIMIT ?"
+            old = conn.execute(
+                f"SELECT ranking FROM runs WHERE ranking IS NOT NULL AND id NOT IN ({kept})",
                 (KEEP_RUN_RANKINGS,),
-            )
+            ).fetchall()
+            conn.execute(f"UPDATE runs SET ranking = NULL WHERE id NOT IN ({kept})", (KEEP_RUN_RANKINGS,))
+            conn.execute(f"DELETE FROM run_items WHERE run_id NOT IN ({kept})", (KEEP_RUN_RANKINGS,))
+        for (stale,) in old:
+            with contextlib.suppress(FileNotFoundError):
+                (self.path / stale).unlink()
         return run_id
+
+    def ranking_records(self, run_id: int) -> np.ndarray | None:
+        """The run's ranking (``RANKING_DTYPE`` records, rank order), or None once it was pruned.
+
+        Runs recorded before ranking files existed are read from their ``run_items`` rows.
+        """
+        file = self.scalar("SELECT ranking FROM runs WHERE id = ?", (run_id,))
+        if file:
+            return read_ranking(self.path / file)
+        rows = self.rows(
+            "SELECT image_id, sha256, score, predicted, confidence FROM run_items "
+            "WHERE run_id = ? ORDER BY rank",
+            (run_id,),
+        )
+        if not rows:
+            return None
+        return Ranking(
+            image_ids=np.array([r[0] for r in rows], dtype=np.int64),
+            keys=content_keys([r[1] for r in rows]),
+            scores=np.array([r[2] for r in rows], dtype=np.float64),
+            predicted=np.array([-1 if r[3] is None else r[3] for r in rows], dtype=np.int32),
+            confidence=np.array([np.nan if r[4] is None else r[4] for r in rows], dtype=np.float32),
+        ).records()
 
     def latest_run(self) -> dict[str, Any] | None:
         row = self.conn.execute(
@@ -666,21 +696,53 @@ class Store:
         return run
 
     def exportable_items(self, run_id: int, include_exported: bool) -> Iterator[tuple[Any, ...]]:
-        """Run items in rank order that are still present, unlabeled and (optionally) unexported."""
-        exported_clause = (
-            ""
-            if include_exported
-            else ("AND NOT EXISTS (SELECT 1 FROM exported x WHERE x.sha256 = r.sha256)")
-        )
-        yield from self.conn.execute(
-            f"""SELECT r.rank, i.relpath, r.sha256, r.score, r.predicted, r.confidence
-                FROM run_items r JOIN images i ON i.id = r.image_id
-                WHERE r.run_id = ? AND i.status = 'present' AND i.sha256 = r.sha256
-                  AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.sha256 = r.sha256)
-                  {exported_clause}
-                ORDER BY r.rank""",
-            (run_id,),
-        )
+        """``(rank, relpath, sha256, score, predicted, confidence)`` of the run in rank order, for images
+        still present with the same content, unlabeled and (optionally) not exported before.
+
+        Reads the ranking in chunks, so the top N of a million-image run costs a few queries.
+        """
+        records = self.ranking_records(run_id)
+        if records is None:
+            return
+        for start in range(0, len(records), EXPORT_CHUNK):
+            chunk = records[start : start + EXPORT_CHUNK]
+            ids = chunk["image_id"].tolist()
+            shas = [key_hex(raw) for raw in chunk["sha256"].tolist()]
+            marks = ", ".join("?" * len(ids))
+            images = {
+                row[0]: (row[1], row[2])
+                for row in self.rows(
+                    f"SELECT id, relpath, sha256 FROM images WHERE id IN ({marks}) AND status = 'present'",
+                    ids,
+                )
+            }
+            wanted = sorted(set(shas))
+            hash_marks = ", ".join("?" * len(wanted))
+            skip = {
+                r[0] for r in self.rows(f"SELECT sha256 FROM labels WHERE sha256 IN ({hash_marks})", wanted)
+            }
+            if not include_exported:
+                skip |= {
+                    r[0]
+                    for r in self.rows(f"SELECT sha256 FROM exported WHERE sha256 IN ({hash_marks})", wanted)
+                }
+            scores = chunk["score"].tolist()
+            predicted = chunk["predicted"].tolist()
+            confidence = chunk["confidence"].tolist()
+            for offset, (image_id, sha) in enumerate(zip(ids, shas, strict=True)):
+                image = images.get(image_id)
+                if image is None or image[1] != sha or sha in skip:
+                    continue
+                label = predicted[offset]
+                conf = confidence[offset]
+                yield (
+                    start + offset + 1,
+                    image[0],
+                    sha,
+                    scores[offset],
+                    None if label < 0 else label,
+                    None if conf != conf else conf,
+                )
 
     def record_export(self, run_id: int, fmt: str, destination: str, items: Sequence[tuple[str, int]]) -> int:
         """Record ``(sha256, rank)`` rows as exported so later exports skip them."""

@@ -206,6 +206,12 @@ def m004_named_outputs(conn: sqlite3.Connection) -> None:
     )
 
 
+@migration
+def m005_ranking_files(conn: sqlite3.Connection) -> None:
+    """A run's ranking is an array file (``rankings/run-<id>.npy``); older runs keep ``run_items``."""
+    run_script(conn, "ALTER TABLE runs ADD COLUMN ranking TEXT")
+
+
 def run_script(conn: sqlite3.Connection, script: str) -> None:
     """Execute ``;``-separated DDL inside the caller's transaction (``executescript`` commits)."""
     for statement in script.split(";"):
