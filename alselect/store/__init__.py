@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -44,8 +44,9 @@ def model_display_name(checkpoint_sha256: str, key: str) -> str:
     return short if key == checkpoint_sha256 else f"{short}+pp{key[:6]}"
 
 
-@dataclass(frozen=True)
-class ImageRecord:
+class ImageRecord(NamedTuple):
+    """One stored image file (a named tuple: a million of them load in a fraction of a second)."""
+
     id: int
     relpath: str
     sha256: str | None
@@ -216,7 +217,7 @@ class Store:
             "SELECT id, relpath, sha256, size, mtime_ns, status, reason FROM images WHERE root = ?",
             (root,),
         )
-        return {r[1]: ImageRecord(*r) for r in rows}
+        return {r[1]: ImageRecord._make(r) for r in rows}
 
     def upsert_images(
         self, root: str, rows: Sequence[tuple[str, str | None, int, int, str, str | None]]
