@@ -33,3 +33,7 @@ class StoreLockedError(StoreError):
 
 class NoRunError(AlselectError):
     """An export or query needs a scoring run and the store has none."""
+
+
+class OutputClosedError(AlselectError):
+    """The reader of stdout went away mid-write (broken pipe): nothing was recorded."""

@@ -453,7 +453,7 @@ class Store:
     def latest_run(self) -> dict[str, Any] | None:
         row = self.conn.execute(
             "SELECT id, created_at, root, model_key, strategy, params, budget, pool_size, "
-            "labeled_count, selected FROM runs ORDER BY id DESC LIMIT 1"
+            "labeled_count, selected, command, alselect_version FROM runs ORDER BY id DESC LIMIT 1"
         ).fetchone()
         if row is None:
             return None
@@ -468,6 +468,8 @@ class Store:
             "pool_size",
             "labeled_count",
             "selected",
+            "command",
+            "alselect_version",
         )
         run = dict(zip(names, row, strict=True))
         run["params"] = json.loads(run["params"])
@@ -489,6 +491,30 @@ class Store:
                 ORDER BY r.rank""",
             (run_id,),
         )
+
+    def run_item_states(self, run_id: int) -> dict[str, int]:
+        """How a run's ranked images stand now, in disjoint groups: ``gone`` (absent or changed since
+        the run), ``labeled``, ``exported`` (sent, not labeled yet), ``open`` (still to send)."""
+        row = self.conn.execute(
+            """SELECT COUNT(*),
+                      COALESCE(SUM(gone), 0),
+                      COALESCE(SUM(NOT gone AND labeled), 0),
+                      COALESCE(SUM(NOT gone AND NOT labeled AND exported), 0)
+               FROM (SELECT (i.id IS NULL OR i.status != 'present' OR i.sha256 IS NOT r.sha256) AS gone,
+                            EXISTS (SELECT 1 FROM labels l WHERE l.sha256 = r.sha256) AS labeled,
+                            EXISTS (SELECT 1 FROM exported x WHERE x.sha256 = r.sha256) AS exported
+                     FROM run_items r LEFT JOIN images i ON i.id = r.image_id
+                     WHERE r.run_id = ?)""",
+            (run_id,),
+        ).fetchone()
+        ranked, gone, labeled, exported = (int(v) for v in row)
+        return {
+            "ranked": ranked,
+            "gone": gone,
+            "labeled": labeled,
+            "exported": exported,
+            "open": ranked - gone - labeled - exported,
+        }
 
     def record_export(self, run_id: int, fmt: str, destination: str, items: Sequence[tuple[str, int]]) -> int:
         """Record ``(sha256, rank)`` rows as exported so later exports skip them."""
