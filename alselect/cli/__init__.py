@@ -34,7 +34,7 @@ def _discard_stdout() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from alselect.cli import info_cmds, model_cmds, output_cmds  # noqa: F401  (register commands)
+    from alselect.cli import info_cmds, model_cmds, output_cmds, preview_cmds  # noqa: F401  (register commands)
     from alselect.cli.app import app, err, set_invocation
 
     args = list(sys.argv[1:] if argv is None else argv)
