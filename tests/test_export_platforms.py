@@ -416,6 +416,7 @@ def test_fiftyone_csv_dataset(hostile: tuple[Path, Path], tmp_path: Path) -> Non
     _, result = export(store, "fiftyone", output=tmp_path / "dataset")
     labels = tmp_path / "dataset" / "labels.csv"
     assert result.files == [str(labels)] and result.sidecar == str(tmp_path / "dataset" / "run.json")
+    assert (tmp_path / "dataset" / "data").is_dir()  # FiftyOne's importer refuses a dataset without it
     with open(labels, encoding="utf-8") as handle:  # as FiftyOne reads it: universal newlines
         records = list(csv.DictReader(handle))
     rows = ranked_csv(store)

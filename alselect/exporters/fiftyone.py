@@ -1,7 +1,8 @@
 """FiftyOne: a ``CSVDataset`` folder, i.e. ``labels.csv`` with a ``filepath`` column.
 
-``filepath`` holds absolute paths (FiftyOne then ignores its ``data/`` folder), and the ``al_*``
-columns carry the ranking. FiftyOne reads every column as text unless told a parser per field,
+``filepath`` holds absolute paths, and the ``al_*`` columns carry the ranking. FiftyOne's importer
+insists on a ``data/`` folder beside ``labels.csv`` even when every path is absolute, so an empty
+one is made. FiftyOne reads every column as text unless told a parser per field,
 and imports samples sorted by path, so load with types and sort by rank::
 
     fo.Dataset.from_dir(dataset_dir=DIR, dataset_type=fo.types.CSVDataset,
@@ -18,6 +19,7 @@ from __future__ import annotations
 import csv
 from collections.abc import Sequence
 
+from alselect.errors import AlselectError
 from alselect.exporters.base import (
     ExportContext,
     Exporter,
@@ -38,6 +40,7 @@ COLUMNS = (
     "al_confidence",
 )
 LABELS_FILE = "labels.csv"
+DATA_FOLDER = "data"
 
 
 @register_exporter
@@ -51,6 +54,10 @@ class FiftyOneExporter(Exporter):
         self, rows: Sequence[ExportRow], files: FileSet, context: ExportContext
     ) -> list[ExportRow]:
         written = []
+        try:
+            (files.target / DATA_FOLDER).mkdir(exist_ok=True)
+        except OSError as exc:
+            raise AlselectError(f"cannot create {files.target / DATA_FOLDER}: {exc.strerror}") from exc
         with files.open(LABELS_FILE) as handle:
             writer = csv.writer(handle, lineterminator="\n")
             writer.writerow(COLUMNS)
