@@ -91,6 +91,7 @@ def run_info(store: Store) -> RunInfo:
         checkpoint_sha256=checkpoint,
         checkpoint_path=str(model.get("path") or ""),
         classes=tuple(classes) if classes else None,
+        num_classes=int(model.get("num_classes") or 0),
     )
 
 

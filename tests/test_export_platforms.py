@@ -27,7 +27,15 @@ from PIL import Image
 
 from alselect.errors import DataError, UsageError
 from alselect.export import export_latest
-from alselect.exporters import ExportContext, ExportOptions, ExportRow, FileSet, get_exporter, join_uri
+from alselect.exporters import (
+    ExportContext,
+    ExportOptions,
+    ExportRow,
+    FileSet,
+    RunInfo,
+    get_exporter,
+    join_uri,
+)
 from alselect.exporters.cvat import HINT_FILE_LIST_LIMIT
 from alselect.exporters.label_studio import classification_config, local_files_url
 from alselect.exporters.superannotate import MAX_NAME, item_name, priorities, unique_names
@@ -185,6 +193,11 @@ def test_ls_config_without_the_sdk_names_the_extra(
         export(hostile[0], "label-studio", options={"predictions": True, "ls_config": config})
     with pytest.raises(UsageError, match="--predictions"):
         export(hostile[0], "label-studio", options={"ls_config": config})
+
+
+def test_models_without_class_names_use_class_indices() -> None:
+    assert RunInfo(num_classes=3).class_names == ("0", "1", "2")
+    assert RunInfo(classes=("a", "b"), num_classes=2).class_names == ("a", "b")
 
 
 def test_classification_config_lists_the_classes() -> None:

@@ -109,7 +109,7 @@ def export(
     ] = False,
 ) -> None:
     """Write the latest run's ranking (rank 1 = annotate first) and remember what was sent."""
-    from alselect.export import export_latest
+    from alselect.export import export_latest, run_info
     from alselect.exporters import ExportOptions, get_exporter
     from alselect.store import Store
 
@@ -134,11 +134,9 @@ def export(
     if ls_print_config:
         from alselect.exporters.label_studio import classification_config
 
-        with Store.open(globals_of(ctx).store) as store:
-            from alselect.export import run_info
-
+        with Store.open(globals_of(ctx).store) as store:  # read only
             run = run_info(store)
-        sys.stdout.write(classification_config(run.classes or (), ls_from_name, ls_to_name))
+        sys.stdout.write(classification_config(run.class_names, ls_from_name, ls_to_name))
         return
 
     with (

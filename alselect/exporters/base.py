@@ -152,6 +152,12 @@ class RunInfo:
     checkpoint_sha256: str = ""
     checkpoint_path: str = ""
     classes: tuple[str, ...] | None = None
+    num_classes: int = 0
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The labels exports write: the checkpoint's class names, else ``"0"``..``"C-1"``."""
+        return self.classes or tuple(str(i) for i in range(self.num_classes))
 
 
 @dataclass(frozen=True)

@@ -98,8 +98,9 @@ class CvatExporter(Exporter):
         manifest = written[0].name if written and written[0].suffix == ".jsonl" else "manifest.jsonl"
         root = (context.options.document_root or Path(rows[0].folder)).resolve()
         files = [self.relpath(row, context) for row in rows]
-        labels = json.dumps([{"name": name} for name in context.run.classes or ()], ensure_ascii=False)
-        labels_arg = shlex.quote(labels) if context.run.classes else "LABELS.json"
+        names = context.run.class_names
+        labels = json.dumps([{"name": name} for name in names], ensure_ascii=False)
+        labels_arg = shlex.quote(labels) if names else "LABELS.json"
         create = (
             f"cvat-cli --server-host HOST --auth USER task create alselect-run-{context.run.id} share "
             f"{shlex.quote(manifest)} "
