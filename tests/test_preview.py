@@ -47,6 +47,13 @@ def coloured_store(tmp_path: Path, tiny_checkpoint: Path) -> tuple[Path, dict[st
     return tmp_path / "store", colours
 
 
+def rank_order(store: Path, capsys: pytest.CaptureFixture[str]) -> list[str]:
+    """The paths ``export`` would send next, in rank order (not recorded)."""
+    code, out, err = cli(capsys, "--store", str(store), "export", "--dry-run")
+    assert code == 0, err
+    return [row["path"] for row in csv.DictReader(io.StringIO(out, newline=""))]
+
+
 def test_preview_draws_the_next_images_in_rank_order(
     coloured_store: tuple[Path, dict[str, tuple[int, int, int]]],
     tmp_path: Path,
@@ -59,26 +66,20 @@ def test_preview_draws_the_next_images_in_rank_order(
         "--thumb-size", "64",
     )  # fmt: skip
     assert (code, out) == (0, ""), err
-    order = [r["path"] for r in csv.DictReader(io.StringIO(cli(capsys, "--store", str(store), "export",
-                                                                "--dry-run")[1], newline=""))]  # fmt: skip
+    order = rank_order(store, capsys)
     with Image.open(sheet_path) as sheet:
         pixels = np.asarray(sheet.convert("RGB")).astype(int)
     width, height = cell_size(64)
     assert (width, height) == (64 + 2 * PAD, 64 + 2 * PAD + CAPTION)
     assert pixels.shape == (2 * height, 3 * width, 3)  # 5 thumbnails: two rows of three columns
-    for index, name in enumerate(order[:5]):
-        x, y = thumb_origin(index, 3, 64)
-        centre = pixels[y + 32, x + 32]
-        assert np.abs(centre - colours[name]).max() <= 3, (index, name, centre)
-    # The sixth cell is empty: white, no thumbnail.
-    x, y = thumb_origin(5, 3, 64)
-    assert (pixels[y : y + 64, x : x + 64] == 255).all()
-    # Each thumbnail's colour appears in exactly one cell: count cells whose centre matches a colour.
+    # Cell by cell, the image whose colour sits at the thumbnail's centre: the first five in rank order.
     found = []
     for index in range(6):
         x, y = thumb_origin(index, 3, 64)
         found += [n for n, c in colours.items() if np.abs(pixels[y + 32, x + 32] - c).max() <= 3]
     assert found == order[:5]
+    x, y = thumb_origin(5, 3, 64)  # the sixth cell is empty: white, no thumbnail
+    assert (pixels[y : y + 64, x : x + 64] == 255).all()
     assert exported_count(store) == 0 and exports(store) == []  # nothing recorded
     assert "nothing recorded" in err
 
@@ -92,8 +93,7 @@ def test_preview_keeps_aspect_and_exif_orientation(
     code, _, err = cli(capsys, "--store", str(store), "preview", "--top", "7", "-o", str(tmp_path / "s.png"),
                        "--columns", "7", "--thumb-size", "100")  # fmt: skip
     assert code == 0, err
-    order = [r["path"] for r in csv.DictReader(io.StringIO(cli(capsys, "--store", str(store), "export",
-                                                                "--dry-run")[1], newline=""))]  # fmt: skip
+    order = rank_order(store, capsys)
     pixels = np.asarray(Image.open(tmp_path / "s.png").convert("RGB")).astype(int)
     index = order.index("c3.jpg")  # stored 70x30 with orientation 6: displayed 30 wide, 70 high
     x, y = thumb_origin(index, 7, 100)
