@@ -34,7 +34,7 @@ PLATFORM = "Platform formats (see README: Labeling platforms)"
 @app.command()
 def export(
     ctx: typer.Context,
-    top: Annotated[int | None, typer.Option(min=1, help="At most N images [default: all].")] = None,
+    top: Annotated[int | None, typer.Option(min=1, help="At most N images \\[default: all].")] = None,
     format: Annotated[
         str,
         typer.Option(
@@ -74,7 +74,7 @@ def export(
             "--ls-document-root",
             "--document-root",
             help="label-studio local-files URLs and cvat names are relative to this folder "
-            "[default: the scored folder].",
+            "\\[default: the scored folder].",
             rich_help_panel=PLATFORM,
         ),
     ] = None,
@@ -95,7 +95,7 @@ def export(
         Path | None,
         typer.Option(
             help="label-studio: check predictions against this labeling config (XML) before writing; "
-            "needs label-studio-sdk (pip install 'alselect[label-studio]').",
+            "needs label-studio-sdk (pip install 'alselect\\[label-studio]').",
             rich_help_panel=PLATFORM,
         ),
     ] = None,
