@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,19 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+_ARGV: list[str] = []
+
+
+def set_invocation(argv: list[str]) -> None:
+    """Remember the arguments ``main`` was called with (for run records and sidecars)."""
+    _ARGV[:] = argv
+
+
+def command_line() -> str:
+    """This invocation as a shell command line: ``alselect export --top 20 ...``."""
+    return shlex.join(["alselect", *_ARGV])
 
 
 @dataclass
