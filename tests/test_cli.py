@@ -61,12 +61,14 @@ def test_installed_executable_runs_the_readme_flow_on_sample_data(tmp_path: Path
 
 
 def test_light_commands_do_not_import_torch(tmp_path: Path) -> None:
+    (tmp_path / "tasks.json").write_text('[{"data": {"image": "a.png"}, "annotations": [{}]}]')
     code = f"""
 import sys
 from alselect.cli import main
 for argv in (["--help"], ["strategies"], ["--store", {str(tmp_path / "s")!r}, "status"],
              ["--store", {str(tmp_path / "s")!r}, "export"],
-             ["--store", {str(tmp_path / "s")!r}, "label", {str(tmp_path / "none.txt")!r}]):
+             ["--store", {str(tmp_path / "s")!r}, "label", {str(tmp_path / "none.txt")!r}],
+             ["--store", {str(tmp_path / "s")!r}, "label", {str(tmp_path / "tasks.json")!r}, "-f", "cvat"]):
     try:
         main(argv)
     except SystemExit:
