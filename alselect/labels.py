@@ -118,20 +118,20 @@ def resolve_records(
 
 
 def merge_classes(records: Sequence[LabelRecord], found: dict[int, str]) -> tuple[dict[str, str], list[str]]:
-    """``(classes, conflicting)``: content hash -> the class its records agree on; the refs of
-    records giving one image different classes (that image is labeled without a class)."""
+    """``(classes, conflicting)``: content hash -> the class its records agree on; the refs (each
+    once) of records giving one image different classes (that image is labeled without a class)."""
     by_sha: dict[str, list[LabelRecord]] = {}
     for index, sha in found.items():
         by_sha.setdefault(sha, []).append(records[index])
     classes: dict[str, str] = {}
-    conflicting: list[str] = []
+    conflicting: dict[str, None] = {}
     for sha, group in by_sha.items():
         label, mixed = single_class([record.label for record in group])
         if label is not None:
             classes[sha] = label
         elif mixed:
-            conflicting += [record.ref for record in group if record.label is not None]
-    return classes, conflicting
+            conflicting.update((record.ref, None) for record in group if record.label is not None)
+    return classes, list(conflicting)
 
 
 def check_folder(store: Store, folder: str, cwd: str) -> None:

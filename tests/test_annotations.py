@@ -205,7 +205,7 @@ def test_path_label_csv_stores_classes_and_reports_conflicts(lab: Path, store_pa
         result = import_labels(store, text, "done.csv")
     expected = {"img_0001.png": "cat", "img_0002.png": "dog", "plain.png": None, "gt.png": None}
     assert labels(store_path) == expected
-    assert (result.complete, result.conflicting) == (False, ["plain.png", "plain.png"])
+    assert (result.complete, result.conflicting) == (False, ["plain.png"])
     # a class-less list never erases a class
     with Store.open(store_path, write=True) as store:
         import_labels(store, "img_0001.png\n", "list.txt")

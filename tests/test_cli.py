@@ -236,7 +236,8 @@ def test_label_of_unknown_paths_only_is_an_error(
     listing = tmp_path / "done.txt"
     listing.write_text("nope.png\nalso/nope.png\n")
     code, _, err = cli(capsys, "--store", str(scored_store), "label", str(listing))
-    assert code == 1 and "none of the 2 listed image(s) are in the store" in err
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "none of the 2 listed image(s) could be labeled: 2 are not in the store (e.g. 'nope.png')" in err
 
 
 def test_strategies_lists_every_registered_strategy(capsys: pytest.CaptureFixture[str]) -> None:

@@ -384,7 +384,10 @@ def test_label_exit_statuses(
     listing.write_text("img_0001.png\nimg_0002.png\nnope.png\n")
     code, _, err = cli(capsys, *store, str(listing))
     assert code == 1 and len(err.strip().splitlines()) == 1, err
-    assert "none of the 3 listed image(s) could be labeled: 1 are not in the store; 2 match" in err
+    assert (
+        "none of the 3 listed image(s) could be labeled: 1 are not in the store (e.g. 'nope.png'); "
+        "2 match images in several folders (e.g. 'img_0001.png'; pass --folder DIR" in err
+    )
 
     code, _, err = cli(capsys, *store, str(listing), "--folder", str(pool_a))
     assert code == 3, err

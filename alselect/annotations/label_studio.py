@@ -31,6 +31,7 @@ from alselect.annotations.base import (
 from alselect.errors import DataError
 
 LOCAL_FILES = "/data/local-files"
+MAX_SHOWN = 200  # characters of an image reference in reports (it may be a data: URI)
 UPLOADS = "/data/upload/"  # files uploaded into Label Studio, renamed by it: only al_sha256 can match
 
 
@@ -93,7 +94,8 @@ class LabelStudioReader(AnnotationReader):
                 raise DataError(f"item {number} of the Label Studio export is not a task (no 'data' object)")
             data = task["data"]
             image = image_reference(data)
-            ref = f"task {task.get('id', number)}" + (f" ({image})" if image else "")
+            shown = image if image is None or len(image) <= MAX_SHOWN else image[: MAX_SHOWN - 3] + "..."
+            ref = f"task {task.get('id', number)}" + (f" ({shown})" if shown else "")
             annotations = [a for a in task.get("annotations") or [] if isinstance(a, dict)]
             done = [a for a in annotations if not a.get("was_cancelled")]
             if not done:

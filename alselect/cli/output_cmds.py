@@ -148,18 +148,16 @@ AMBIGUOUS_HINT = "pass --folder DIR, give absolute paths, or run from inside the
 def report_labels(result: LabelResult, reporter: Reporter) -> None:
     """One info line, then one line per kind of problem; nothing matched at all is an error."""
     if result.newly_labeled + result.already_labeled == 0 and not result.complete:
-        problems = [
-            f"{len(result.unknown)} are not in the store" if result.unknown else "",
-            f"{len(result.ambiguous)} match images in several folders ({AMBIGUOUS_HINT})"
-            if result.ambiguous
-            else "",
-        ]
-        first = (result.unknown or result.ambiguous)[0]
-        raise DataError(
-            f"none of the {result.requested} listed image(s) could be labeled: "
-            + "; ".join(problem for problem in problems if problem)
-            + f"; e.g. {first!r}"
-        )
+        problems = []
+        if result.unknown:
+            problems.append(f"{len(result.unknown)} are not in the store (e.g. {result.unknown[0]!r})")
+        if result.ambiguous:
+            problems.append(
+                f"{len(result.ambiguous)} match images in several folders "
+                f"(e.g. {result.ambiguous[0]!r}; {AMBIGUOUS_HINT})"
+            )
+        listed = f"none of the {result.requested} listed image(s) could be labeled"
+        raise DataError(f"{listed}: {'; '.join(problems)}")
     summary = f"labeled {result.newly_labeled} image(s) ({result.already_labeled} already labeled)"
     if result.with_class:
         summary += f"; {result.with_class} with a class"
@@ -185,6 +183,6 @@ def report_labels(result: LabelResult, reporter: Reporter) -> None:
         )
     if result.conflicting:
         reporter.warning(
-            f"{len(result.conflicting)} item(s) give the same image different classes; those images "
-            f"were labeled without a class: {sample(result.conflicting)}"
+            f"{len(result.conflicting)} listed image(s) were given different classes and are labeled "
+            f"without a class: {sample(result.conflicting)}"
         )
