@@ -122,7 +122,8 @@ def merge_classes(records: Sequence[LabelRecord], found: dict[int, str]) -> tupl
     once) of records giving one image different classes (that image is labeled without a class)."""
     by_sha: dict[str, list[LabelRecord]] = {}
     for index, sha in found.items():
-        by_sha.setdefault(sha, []).append(records[index])
+        if records[index].label is not None:  # class-less records neither set nor contradict a class
+            by_sha.setdefault(sha, []).append(records[index])
     classes: dict[str, str] = {}
     conflicting: dict[str, None] = {}
     for sha, group in by_sha.items():

@@ -33,10 +33,13 @@ KEY_COLUMNS = ("path", "sha256")
 def record_from(fields: Mapping[str, object], fallback_ref: str) -> LabelRecord:
     """A record from one row or object; blank fields count as absent."""
     sha = valid_sha256(fields.get("sha256"))
-    path, folder = (fields.get(key) for key in ("path", "folder"))
+    path = fields.get("path")
     path = path if isinstance(path, str) and path else None
+    folder = fields.get("folder")
     folder = folder if isinstance(folder, str) and folder else None
-    return LabelRecord(path or sha or fallback_ref, sha, path, folder, class_name(fields.get("label")))
+    label = fields.get("label")
+    label = None if label is None else class_name(label)
+    return LabelRecord(path or sha or fallback_ref, sha, path, folder, label)
 
 
 def records_from(rows: Iterable[Mapping[str, object]], unit: str) -> list[LabelRecord]:
@@ -90,13 +93,11 @@ class JsonLinesReader(AnnotationReader):
     priority = 40
 
     def detect(self, doc: Document) -> bool:
-        for line in doc.text.split("\n"):
-            if line.strip():
-                try:
-                    return isinstance(json.loads(line), dict)
-                except ValueError:
-                    return False
-        return False
+        first = doc.text.lstrip().split("\n", 1)[0]
+        try:
+            return isinstance(json.loads(first), dict)
+        except ValueError:
+            return False
 
     def read(self, doc: Document, options: ReadOptions) -> Annotations:
         objects = []
