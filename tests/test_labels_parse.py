@@ -187,6 +187,14 @@ def test_jsonl_with_a_broken_later_line_is_an_error() -> None:
         read_annotations('{"path": "a.png"}\n\n{"path": "b.png"\n')
 
 
+def test_jsonl_needs_a_path_or_sha256_key_to_be_recognised() -> None:
+    assert read_annotations('{"path": "a.png"}\n').format == "jsonl"
+    assert read_annotations('{"rank": 1, "sha256": ""}\n').format == "jsonl"
+    with pytest.raises(DataError, match="--format"):
+        read_annotations('{"source-ref": "s3://b/a.png"}\n')
+    assert read_annotations('{"source-ref": "s3://b/a.png"}\n', "jsonl").records == [LabelRecord("object 1")]
+
+
 def test_unrecognised_json_is_an_error_not_a_path_list() -> None:
     with pytest.raises(DataError, match="--format"):
         read_annotations('[\n  {"image": "a.png", "choice": "cat"}\n]\n')

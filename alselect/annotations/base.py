@@ -89,7 +89,6 @@ class AnnotationReader:
     """
 
     name: ClassVar[str] = ""
-    summary: ClassVar[str] = ""
     priority: ClassVar[int] = 50
 
     def detect(self, doc: Document) -> bool:

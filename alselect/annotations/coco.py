@@ -26,7 +26,6 @@ from alselect.errors import DataError
 @register_reader
 class CocoReader(AnnotationReader):
     name = "coco"
-    summary = "COCO JSON: an image's class is the category all its annotations share"
     priority = 20
 
     def detect(self, doc: Document) -> bool:

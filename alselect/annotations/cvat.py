@@ -25,7 +25,6 @@ from alselect.errors import DataError
 @register_reader
 class CvatReader(AnnotationReader):
     name = "cvat"
-    summary = "CVAT for images 1.1 XML: an image's tag (else the label its shapes share) is its class"
     priority = 30
 
     def detect(self, doc: Document) -> bool:

@@ -72,15 +72,13 @@ def first_choice(annotation: dict[str, Any]) -> tuple[str | None, bool]:
 @register_reader
 class LabelStudioReader(AnnotationReader):
     name = "label-studio"
-    summary = "Label Studio JSON export: tasks with annotations; a choices result gives the class"
     priority = 10
 
     def detect(self, doc: Document) -> bool:
+        # an empty list is what Label Studio exports when no task is annotated yet
         tasks = doc.json
-        return (
-            isinstance(tasks, list)
-            and bool(tasks)
-            and all(isinstance(task, dict) and isinstance(task.get("data"), dict) for task in tasks)
+        return isinstance(tasks, list) and all(
+            isinstance(task, dict) and isinstance(task.get("data"), dict) for task in tasks
         )
 
     def read(self, doc: Document, options: ReadOptions) -> Annotations:

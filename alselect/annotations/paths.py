@@ -18,7 +18,6 @@ class PathListReader(AnnotationReader):
     image named ``#1.png`` is labeled like any other (a blank line cannot name an image)."""
 
     name = "paths"
-    summary = "one path per line; every non-blank line is a path"
     priority = 100  # accepts nearly any text, so it is asked last
 
     def detect(self, doc: Document) -> bool:

@@ -75,29 +75,29 @@ class DelimitedReader(AnnotationReader):
 @register_reader
 class CsvReader(DelimitedReader):
     name = "csv"
-    summary = "CSV with a path and/or sha256 column; optional folder and label columns"
 
 
 @register_reader
 class TsvReader(DelimitedReader):
     name = "tsv"
-    summary = "the same as csv, tab-separated"
     dialect = "excel-tab"
     priority = 42
 
 
 @register_reader
 class JsonLinesReader(AnnotationReader):
+    """One JSON object per line; recognised when the first one has a ``path`` or ``sha256`` key."""
+
     name = "jsonl"
-    summary = "one JSON object per line with path/sha256/folder/label keys"
     priority = 40
 
     def detect(self, doc: Document) -> bool:
         first = doc.text.lstrip().split("\n", 1)[0]
         try:
-            return isinstance(json.loads(first), dict)
+            value = json.loads(first)
         except ValueError:
             return False
+        return isinstance(value, dict) and any(key in value for key in KEY_COLUMNS)
 
     def read(self, doc: Document, options: ReadOptions) -> Annotations:
         objects = []
