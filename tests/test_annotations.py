@@ -247,7 +247,7 @@ def test_label_cli_reads_a_label_studio_export(
     prefix = URI_PREFIX.removesuffix("pool/")
     options = ("--folder", str(lab), "--uri-prefix", prefix)
     code, out, err = cli(capsys, "--store", str(store_path), "label", str(LS_EXPORT), *options)
-    assert (code, out) == (3, "")  # task 10 names no stored image
+    assert (code, out) == (4, "")  # task 10 names no stored image
     lines = err.splitlines()
     assert lines[0] == "labeled 7 image(s) (0 already labeled); 5 with a class from label-studio input"
     assert lines[1] == (

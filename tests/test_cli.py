@@ -236,7 +236,7 @@ def test_label_of_unknown_paths_only_is_an_error(
     listing = tmp_path / "done.txt"
     listing.write_text("nope.png\nalso/nope.png\n")
     code, _, err = cli(capsys, "--store", str(scored_store), "label", str(listing))
-    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert code == 3 and len(err.strip().splitlines()) == 1
     assert "none of the 2 listed image(s) could be labeled: 2 are not in the store (e.g. 'nope.png')" in err
 
 

@@ -142,7 +142,7 @@ def test_ambiguous_and_unknown_paths_are_reported_and_the_rest_labeled(
     listing = tmp_path / "list.txt"
     listing.write_text("img_0002.png\nimg_0000.png\n")
     code, out, err = cli(capsys, "--store", str(store_path), "label", str(listing))
-    assert (code, out) == (3, "")  # partial: what matched was applied, the rest reported
+    assert (code, out) == (4, "")  # partial: what matched was applied, the rest reported
     assert "labeled 0 image(s) (1 already labeled)" in err
     warnings = [line for line in err.splitlines() if "several folders" in line]
     assert len(warnings) == 1 and warnings[0].endswith(
@@ -152,7 +152,7 @@ def test_ambiguous_and_unknown_paths_are_reported_and_the_rest_labeled(
 
     listing.write_text("img_0002.png\n")
     code, _, err = cli(capsys, "--store", str(store_path), "label", str(listing))
-    assert code == 1 and "match images in several folders" in err and len(err.strip().splitlines()) == 1
+    assert code == 3 and "match images in several folders" in err and len(err.strip().splitlines()) == 1
     assert labeled(store_path) == {digest(tmp_path / "poolA" / "img_0000.png")}
 
 
@@ -371,7 +371,7 @@ def test_label_exit_statuses(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """0 all matched; 3 some matched, the rest reported; 1 none matched; 2 unknown format."""
+    """0 all matched; 4 some matched, the rest reported; 3 none matched; 1 bad --folder; 2 unknown format."""
     pool_a, _ = pools
     monkeypatch.chdir(tmp_path / "elsewhere")
     listing = tmp_path / "list.txt"
@@ -383,16 +383,19 @@ def test_label_exit_statuses(
 
     listing.write_text("img_0001.png\nimg_0002.png\nnope.png\n")
     code, _, err = cli(capsys, *store, str(listing))
-    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert code == 3 and len(err.strip().splitlines()) == 1, err
     assert (
         "none of the 3 listed image(s) could be labeled: 1 are not in the store (e.g. 'nope.png'); "
         "2 match images in several folders (e.g. 'img_0001.png'; pass --folder DIR" in err
     )
 
     code, _, err = cli(capsys, *store, str(listing), "--folder", str(pool_a))
-    assert code == 3, err
+    assert code == 4, err
     assert "labeled 1 image(s) (1 already labeled)" in err
     assert "warning: 1 listed image(s) are not in the store: 'nope.png'" in err
+
+    code, _, err = cli(capsys, *store, str(listing), "--folder", str(tmp_path / "elsewhere"))
+    assert code == 1 and "no scored folder is at, inside or above" in err
 
     code, _, err = cli(capsys, *store, str(listing), "--format", "xml")
     assert code == 2 and "unknown label format 'xml'" in err

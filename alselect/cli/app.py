@@ -12,7 +12,7 @@ import typer
 from alselect import __version__
 from alselect.progress import Reporter
 
-EXIT_PARTIAL = 3  # label: what could be matched was applied; some items matched no image or several
+EXIT_PARTIAL = 4  # label: what could be matched was applied; some items matched no image or several
 
 app = typer.Typer(
     name="alselect",

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, TextIO
 import typer
 
 from alselect.cli.app import EXIT_PARTIAL, app, globals_of, reporter_for
-from alselect.errors import DataError
+from alselect.errors import DataError, NothingUsableError
 from alselect.progress import Reporter
 
 if TYPE_CHECKING:
@@ -110,7 +110,7 @@ def label(
     ] = None,
 ) -> None:
     """Mark images as annotated (with their class, where the input has one) so they are never
-    selected again. Exit 3: some items matched no image, several, or conflicting classes."""
+    selected again. Exit 3: no item matched an image; 4: some did, the others are reported."""
     from alselect.annotations import get_reader
     from alselect.labels import import_labels
     from alselect.store import Store
@@ -146,7 +146,7 @@ AMBIGUOUS_HINT = "pass --folder DIR, give absolute paths, or run from inside the
 
 
 def report_labels(result: LabelResult, reporter: Reporter) -> None:
-    """One info line, then one line per kind of problem; nothing matched at all is an error."""
+    """One info line, then one line per kind of problem; nothing matched at all is an error (exit 3)."""
     if result.newly_labeled + result.already_labeled == 0 and not result.complete:
         problems = []
         if result.unknown:
@@ -157,7 +157,7 @@ def report_labels(result: LabelResult, reporter: Reporter) -> None:
                 f"(e.g. {result.ambiguous[0]!r}; {AMBIGUOUS_HINT})"
             )
         listed = f"none of the {result.requested} listed image(s) could be labeled"
-        raise DataError(f"{listed}: {'; '.join(problems)}")
+        raise NothingUsableError(f"{listed}: {'; '.join(problems)}")
     summary = f"labeled {result.newly_labeled} image(s) ({result.already_labeled} already labeled)"
     if result.with_class:
         summary += f"; {result.with_class} with a class"
