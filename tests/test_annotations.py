@@ -257,6 +257,24 @@ def test_label_cli_reads_a_label_studio_export(
     assert lines[-1] == f"warning: 1 listed image(s) are not in the store: {ls_task(10)!r}"
 
 
+def test_label_cli_shows_why_nothing_matched(
+    lab: Path, store_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tasks = json.loads(LS_EXPORT.read_text(encoding="utf-8"))
+    only_url = tmp_path / "url-only.json"
+    only_url.write_text(json.dumps([task for task in tasks if task["id"] == 4]), encoding="utf-8")
+    code, _, err = cli(capsys, "--store", str(store_path), "label", str(only_url))
+    assert code == 3
+    assert err.splitlines() == [
+        "warning: 1 task(s) have no al_sha256 and an image URL that maps to no path "
+        "(pass the --uri-prefix given at export)",
+        f"alselect: error: none of the 1 listed image(s) could be labeled: 1 are not in the store "
+        f"(e.g. {ls_task(4)!r})",
+    ]
+    code, _, err = cli(capsys, "--store", str(store_path), "label", str(only_url), "--uri-prefix", URI_PREFIX)
+    assert code == 0 and "labeled 1 image(s)" in err
+
+
 def test_label_cli_format_forces_a_reader(
     lab: Path, store_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -146,8 +146,11 @@ AMBIGUOUS_HINT = "pass --folder DIR, give absolute paths, or run from inside the
 
 
 def report_labels(result: LabelResult, reporter: Reporter) -> None:
-    """One info line, then one line per kind of problem; nothing matched at all is an error (exit 3)."""
+    """One info line, then one line per kind of problem; nothing matched at all is an error (exit 3),
+    after the reader's notes (they often say why)."""
     if result.newly_labeled + result.already_labeled == 0 and not result.complete:
+        for note in result.notes:
+            reporter.warning(note)
         problems = []
         if result.unknown:
             problems.append(f"{len(result.unknown)} are not in the store (e.g. {result.unknown[0]!r})")
