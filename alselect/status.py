@@ -9,7 +9,7 @@ from alselect.store import Store, model_display_name
 
 
 def store_status(store: Store, list_failed: bool = False) -> dict[str, Any]:
-    """Counts of images by status (failed by reason), models, runs, labels and exports."""
+    """Counts of images by status (failed by reason), models, runs, labels (per class) and exports."""
     by_status = dict(store.rows("SELECT status, COUNT(*) FROM images GROUP BY status"))
     reasons = Counter[str]()
     failed = store.rows(
@@ -47,6 +47,12 @@ def store_status(store: Store, list_failed: bool = False) -> dict[str, Any]:
         "models": models,
         "runs": store.scalar("SELECT COUNT(*) FROM runs") or 0,
         "labeled": store.scalar("SELECT COUNT(*) FROM labels") or 0,
+        "label_classes": dict(
+            store.rows(
+                "SELECT label, COUNT(*) FROM labels WHERE label IS NOT NULL "
+                "GROUP BY label ORDER BY COUNT(*) DESC, label"
+            )
+        ),
         "exported": store.scalar("SELECT COUNT(DISTINCT sha256) FROM exported") or 0,
         "exports": store.scalar("SELECT COUNT(*) FROM exports") or 0,
         "latest_run": None
