@@ -55,11 +55,12 @@ def mc_dropout_pool(n: int, passes: int, classes: int, seed: int, dtype: type) -
     for start in range(0, n, ROWS_PER_CHUNK):
         rows = min(ROWS_PER_CHUNK, n - start)
         embedding = np.random.default_rng([seed, start]).standard_normal((rows, EMBED_DIMS), dtype=np.float32)
-        logits = np.einsum("nd,td,dc->ntc", embedding, masks, head)
-        logits -= logits.max(axis=2, keepdims=True)
-        probs = np.exp(logits)
-        probs /= probs.sum(axis=2, keepdims=True)
-        out[start : start + rows] = probs
+        for t in range(passes):
+            logits = (embedding * masks[t]) @ head
+            logits -= logits.max(axis=1, keepdims=True)
+            probs = np.exp(logits)
+            probs /= probs.sum(axis=1, keepdims=True)
+            out[start : start + rows, t] = probs
     return out
 
 

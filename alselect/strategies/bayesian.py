@@ -59,12 +59,18 @@ def xlogx(p: np.ndarray) -> np.ndarray:
     return p * np.log(np.maximum(p, TINY))
 
 
+def pass_mean(chunk: np.ndarray) -> np.ndarray:
+    """``[n, T, C]`` → ``[n, C]`` mean over passes (a batched product with ones: several times faster
+    than ``mean(axis=1)``; exact for T equal float32/float16 values, as any order of summing is)."""
+    return (np.ones(chunk.shape[1]) @ chunk) / chunk.shape[1]
+
+
 def _mean_entropy(chunk: np.ndarray) -> np.ndarray:
-    return -xlogx(chunk.mean(axis=1)).sum(axis=1)
+    return -xlogx(pass_mean(chunk)).sum(axis=1)
 
 
 def _expected_entropy(chunk: np.ndarray) -> np.ndarray:
-    return -xlogx(chunk).sum(axis=2).mean(axis=1)
+    return -xlogx(chunk).sum(axis=(1, 2)) / chunk.shape[1]
 
 
 def _mean_kl_to_mean(chunk: np.ndarray) -> np.ndarray:
@@ -72,12 +78,12 @@ def _mean_kl_to_mean(chunk: np.ndarray) -> np.ndarray:
     # exactly 0 when a pass equals the mean, so rows whose passes agree score exactly 0 (for
     # float32/float16 input the float64 mean of T equal values is exact), and small values do not
     # suffer the cancellation of subtracting two entropies of similar size.
-    log_mean = np.log(np.maximum(chunk.mean(axis=1), TINY))
+    log_mean = np.log(np.maximum(pass_mean(chunk), TINY))
     terms = np.maximum(chunk, TINY)
     np.log(terms, out=terms)
     terms -= log_mean[:, None, :]
     terms *= chunk
-    return np.maximum(terms.sum(axis=2).mean(axis=1), 0.0)  # clip float error below 0
+    return np.maximum(terms.sum(axis=(1, 2)) / chunk.shape[1], 0.0)  # clip float error below 0
 
 
 def _mean_std(chunk: np.ndarray) -> np.ndarray:
