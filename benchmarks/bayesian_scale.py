@@ -29,7 +29,7 @@ from embed_throughput import machine_facts, summary, synchronize
 
 from alselect.embed import resolve_device
 from alselect.strategies import PoolInputs, make_strategy
-from alselect.strategies.batchbald import GAIN_FLOOR, batchbald
+from alselect.strategies.batchbald import GAIN_FLOOR, batchbald, joint_gains
 from alselect.strategies.bayesian import bald
 
 EMBED_DIMS = 64
@@ -208,7 +208,11 @@ def measure_batchbald(
     compared = ours.indices[: len(reference)].tolist()
     informative = int(np.count_nonzero(ours.gains[: len(reference)] >= GAIN_FLOOR))
     differ = [i for i, (a, b) in enumerate(zip(compared, reference, strict=True)) if a != b]
+    check = {}
+    if args.exact_check and differ:
+        check = exact_check(args, mc, scores, ours.indices.tolist(), reference, differ[0], device)
     return {
+        "exact_check": check,
         "ours_s": seconds,
         "ours_short_s": short_seconds,
         "reference_s": reference_seconds,
@@ -228,11 +232,54 @@ def measure_batchbald(
     }
 
 
+def exact_check(
+    args: argparse.Namespace,
+    mc: np.ndarray,
+    scores: np.ndarray,
+    ours: list[int],
+    reference: list[int],
+    step: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """At the first pick where ours and the reference differ: the exact greedy pick, and the exact
+    gains of all three, by enumerating every label configuration of the common prefix."""
+    configurations = args.classes**step
+    if configurations > args.exact_samples:
+        log(f"exact check skipped: {configurations:,} configurations > --exact-samples")
+        return {}
+    log(f"exact check at pick {step + 1}: {configurations:,} configurations")
+    excluded = np.zeros(mc.shape[0], dtype=bool)
+    exact = batchbald(
+        mc,
+        excluded,
+        step + 1,
+        num_samples=args.exact_samples,
+        prefilter=args.prefilter,
+        device=str(device),
+        bald_scores=scores,
+    )
+    if exact.indices[:step].tolist() != ours[:step]:
+        return {"step": step, "note": "the exact greedy differs before this step"}
+    rows = [ours[step], reference[step], int(exact.indices[step])]
+    gains = joint_gains(mc[ours[:step]], mc[rows], num_samples=args.exact_samples, device=str(device))
+    return {"step": step, "ours": gains[0], "reference": gains[1], "exact_greedy": gains[2], "rows": rows}
+
+
 def fmt(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
     stats = summary(values)
     return f"{stats['median']:.2f} ({stats['min']:.2f}–{stats['max']:.2f})"
+
+
+def exact_lines(check: dict[str, Any]) -> list[str]:
+    if "ours" not in check:
+        return []
+    return [
+        f"At pick {check['step'] + 1}, the first where they differ, exact gains (every configuration of "
+        f"the first {check['step']} picks enumerated): the exact greedy's pick {check['exact_greedy']:.6f} "
+        f"nats, ours {check['ours']:.6f}, the reference's {check['reference']:.6f}."
+    ]
 
 
 def redux_row(redux: dict[str, Any], device: str) -> list[str]:
@@ -291,6 +338,7 @@ def markdown(
         f"Picks compared with the reference: {compared}; identical prefix {bb['same_prefix']}; same set "
         f"{bb['overlap']}/{compared}; among the {informative} informative ones "
         f"{bb['informative_overlap']}/{informative}.",
+        *exact_lines(bb["exact_check"]),
     ]
     return "\n".join(lines) + "\n"
 
@@ -311,6 +359,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="BALD timings (BatchBALD runs once)")
     parser.add_argument(
         "--redux-bald-rows", type=int, default=100_000, help="rows given to batchbald_redux's BALD (0: skip)"
+    )
+    parser.add_argument(
+        "--exact-check",
+        action="store_true",
+        help="where the picks first differ, compute the exact gains (needs C^step ≤ --exact-samples)",
+    )
+    parser.add_argument(
+        "--exact-samples", type=int, default=1_000_000, help="configurations for --exact-check"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write raw numbers here")

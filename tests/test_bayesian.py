@@ -11,7 +11,7 @@ import pytest
 import alselect.strategies.bayesian as bayesian
 from alselect.errors import UsageError
 from alselect.strategies import PoolInputs, available, build_strategy, make_strategy, top_k
-from alselect.strategies.batchbald import GAIN_FLOOR, batchbald
+from alselect.strategies.batchbald import GAIN_FLOOR, batchbald, joint_gains
 from alselect.strategies.power import perturbed_scores, power_order
 
 LN = math.log
@@ -477,6 +477,15 @@ def test_batchbald_matches_brute_force_greedy(seed: int, n: int, t: int, c: int,
     assert result.indices.tolist() == picks
     np.testing.assert_allclose(result.gains, gains, atol=1e-10)
     assert result.exact_steps == b
+
+
+def test_joint_gains_match_brute_force() -> None:
+    mc = dirichlet_pool(42, 7, 6, 3, alpha=0.6)
+    for picked in ([], [2], [2, 5], [0, 3, 6]):
+        got = joint_gains(mc[picked].reshape(len(picked), 6, 3), mc)
+        base = joint_mi(mc, picked) if picked else 0.0
+        expected = [joint_mi(mc, [*picked, i]) - base for i in range(7)]
+        np.testing.assert_allclose(got, expected, atol=1e-12)
 
 
 def test_brute_force_cases_exercise_the_greedy() -> None:

@@ -157,6 +157,31 @@ def batchbald(
     )
 
 
+def joint_gains(
+    picked: np.ndarray,
+    candidates: np.ndarray,
+    *,
+    num_samples: int = 10_000,
+    seed: int = 0,
+    device: str = "cpu",
+) -> np.ndarray:
+    """Gain in joint mutual information of each candidate given a batch already picked.
+
+    ``picked [n, T, C]`` and ``candidates [K, T, C]`` (the same T passes) → ``[K]`` nats:
+    ``I[y_picked, y_i; ω] − I[y_picked; ω]``, computed as in :func:`batchbald` (exact while the
+    picks have at most ``num_samples`` label configurations, sampled after, with ``seed``).
+    """
+    picked = np.asarray(picked, dtype=np.float64)
+    candidates = np.asarray(candidates, dtype=np.float64)
+    _check_options(0, num_samples, None)
+    state = _Configurations(candidates.shape[1], num_samples)
+    rng = np.random.default_rng(seed)
+    for probs in picked:
+        state.add(probs, rng)
+    evaluator = _GainEvaluator(candidates, device)
+    return evaluator(state.weights, state.mass, state.vertex, np.arange(candidates.shape[0]))
+
+
 def _check_options(budget: int, num_samples: int, prefilter: int | None) -> None:
     if budget < 0:
         raise UsageError(f"batchbald: budget must be at least 0, got {budget}")
