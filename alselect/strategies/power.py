@@ -17,6 +17,7 @@ on which other rows are excluded.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -73,21 +74,19 @@ class PowerStrategy(Strategy):
     """Power sampling of a per-image score of ``mc_probs``; subclasses set ``base_score``."""
 
     needs = frozenset({"mc_probs"})
+    base_score: Callable[[np.ndarray], np.ndarray]
 
     def __init__(self, *, temperature: float = 1.0, seed: int = 0) -> None:
         self.temperature = temperature
         self.seed = seed
 
-    def base_score(self, mc_probs: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
-
     def score(self, inputs: PoolInputs) -> np.ndarray:
         """The perturbed score ``s_i · E_i^(−τ)`` of every row; sorting it gives the draw order."""
-        base = self.base_score(require_mc_probs(inputs, self.name))
+        base = type(self).base_score(require_mc_probs(inputs, self.name))
         return perturbed_scores(base, temperature=self.temperature, seed=self.seed)
 
     def select(self, budget: int | None, inputs: PoolInputs) -> Selection:
-        base = self.base_score(require_mc_probs(inputs, self.name))
+        base = type(self).base_score(require_mc_probs(inputs, self.name))
         return power_order(base, inputs.excluded, budget, temperature=self.temperature, seed=self.seed)
 
 
@@ -99,9 +98,7 @@ class PowerBALD(PowerStrategy):
         "BALD × E^(-temperature), E ~ Exponential(1) per image from --seed: the sampling key in "
         "nats; tends to BALD as temperature → 0"
     )
-
-    def base_score(self, mc_probs: np.ndarray) -> np.ndarray:
-        return bald(mc_probs)
+    base_score = staticmethod(bald)
 
 
 @register
@@ -112,6 +109,4 @@ class PowerEntropy(PowerStrategy):
         "H[mean_t p_t] × E^(-temperature), E ~ Exponential(1) per image from --seed: the sampling "
         "key in nats; tends to the entropy as temperature → 0"
     )
-
-    def base_score(self, mc_probs: np.ndarray) -> np.ndarray:
-        return mc_entropy(mc_probs)
+    base_score = staticmethod(mc_entropy)
