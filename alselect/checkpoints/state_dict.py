@@ -111,6 +111,51 @@ def final_classifier_layer(module: nn.Module) -> nn.Module | None:
     return last
 
 
+def wrap_model(
+    module: nn.Module,
+    *,
+    kind: str,
+    arch: str,
+    num_classes: int,
+    classes: list[str] | None,
+    meta: Mapping[str, Any] | None,
+) -> LoadedModel:
+    """A classifier with its feature hook, or a torchvision detector / segmenter (by ``arch``),
+    whose preprocessing is a letterbox (``alselect.tasks.default_preprocess``) unless ``meta``
+    names one."""
+    from alselect.models import task_of_arch
+    from alselect.tasks import CLASSIFICATION, default_preprocess
+
+    task = task_of_arch(arch) or CLASSIFICATION
+    if task == CLASSIFICATION:
+        return wrap_classifier(
+            module,
+            kind=kind,
+            arch=arch,
+            num_classes=num_classes,
+            classes=classes,
+            preprocess=Preprocess.from_metadata(meta),
+        )
+    module.eval()
+    if classes is not None and len(classes) != num_classes:
+        raise CheckpointError(f"checkpoint lists {len(classes)} class names for {num_classes} classes")
+    meta = dict(meta or {})
+    preprocess = (
+        Preprocess.from_metadata(meta)
+        if meta.get("resize") == "letterbox"
+        else default_preprocess(task, None, module)
+    )
+    return LoadedModel(
+        module=module,
+        kind=kind,
+        arch=arch,
+        num_classes=num_classes,
+        classes=[str(c) for c in classes] if classes is not None else None,
+        preprocess=preprocess,
+        task=task,
+    )
+
+
 def wrap_classifier(
     module: nn.Module,
     *,
@@ -149,17 +194,17 @@ def load_state_dict(ckpt: CheckpointFile, options: CheckpointOptions) -> LoadedM
             f"{ckpt.path} is a plain state_dict: pass --arch NAME (e.g. resnet18) and "
             "--num-classes C so alselect can rebuild the model"
         )
-    module = build_model(options.arch, options.num_classes)
+    module = build_model(options.arch, options.num_classes, state)
     load_weights(module, state, ckpt.path, options.num_classes)
     meta = ckpt.obj.get("alselect", {}) if isinstance(ckpt.obj, Mapping) else {}
-    classes = meta.get("classes") if isinstance(meta, Mapping) else None
-    return wrap_classifier(
+    meta = meta if isinstance(meta, Mapping) else {}
+    return wrap_model(
         module,
         kind="state_dict",
         arch=options.arch,
         num_classes=options.num_classes,
-        classes=classes,
-        preprocess=Preprocess.from_metadata(meta if isinstance(meta, Mapping) else None),
+        classes=meta.get("classes"),
+        meta=meta,
     )
 
 
