@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from alselect.errors import NoRunError, UsageError
 from alselect.exporters import ExportRow, atomic_output, get_exporter
@@ -25,6 +25,20 @@ def model_display(store: Store, model_key: str) -> tuple[str, list[str] | None]:
     """Short model name (checkpoint sha256 prefix, ``+pp…`` for overridden preprocessing)."""
     info = store.model(model_key) or {}
     return model_display_name(str(info.get("checkpoint_sha256") or model_key), model_key), info.get("classes")
+
+
+def with_detection_counts(store: Store, run: dict[str, Any], rows: list[ExportRow]) -> list[ExportRow]:
+    """Detection runs (issue #10): each row gains its image's detection count, read from the stored
+    boxes of the run's model; other runs' rows are returned unchanged."""
+    from alselect.tasks.export import detection_counts
+
+    counts = detection_counts(store, run, [r.sha256 for r in rows])
+    if counts is None:
+        return rows
+    return [
+        replace(row, detections=count if count is not None else 0)
+        for row, count in zip(rows, counts, strict=True)
+    ]
 
 
 def export_latest(
@@ -74,6 +88,7 @@ def export_latest(
                 sha256=sha,
             )
         )
+    rows = with_detection_counts(store, run, rows)
     if output is not None:
         with atomic_output(output) as handle:
             written = exporter.write(rows, handle)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from alselect.errors import CheckpointError
+from alselect.errors import CheckpointError, UsageError
 from alselect.preprocess import Preprocess
 
 METADATA_FILE = "alselect.json"
@@ -190,7 +190,10 @@ def model_from_archive(
         raise CheckpointError(
             f"checkpoint metadata says {num_classes} classes but --num-classes is {options.num_classes}"
         )
-    task = options.task or meta.get("task") or CLASSIFICATION
+    declared = meta.get("task")
+    if options.task is not None and declared is not None and options.task != declared:
+        raise UsageError(f"--task {options.task}: the checkpoint is a {declared} model (its {METADATA_FILE})")
+    task = options.task or declared or CLASSIFICATION
     return LoadedModel(
         module=module,
         kind=kind,

@@ -7,7 +7,7 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, TextIO
@@ -25,6 +25,8 @@ CSV_COLUMNS = (
     "confidence",
     "sha256",
 )
+# Appended for detection runs only (issue #10): stored boxes at or above the run's detection threshold.
+DETECTION_COLUMNS = ("detections",)
 
 
 @dataclass(frozen=True)
@@ -39,10 +41,12 @@ class ExportRow:
     predicted_label: str
     confidence: float | None
     sha256: str
+    detections: int | None = None  # detection runs: the image's detection count
 
     def values(self) -> dict[str, str]:
-        """Column → text, numbers formatted deterministically."""
-        return {
+        """Column → text, numbers formatted deterministically (``detections`` only when known)."""
+        extra = {} if self.detections is None else {"detections": str(self.detections)}
+        return extra | {
             "rank": str(self.rank),
             "path": self.path,
             "score": format_number(self.score),
@@ -52,6 +56,11 @@ class ExportRow:
             "confidence": format_number(self.confidence),
             "sha256": self.sha256,
         }
+
+
+def columns_for(rows: Sequence[ExportRow]) -> tuple[str, ...]:
+    """The csv columns: ``CSV_COLUMNS``, plus ``DETECTION_COLUMNS`` for a detection run's rows."""
+    return CSV_COLUMNS + (DETECTION_COLUMNS if any(r.detections is not None for r in rows) else ())
 
 
 def format_number(value: float | None) -> str:

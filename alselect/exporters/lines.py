@@ -29,6 +29,8 @@ class JsonlExporter(Exporter):
                 "confidence": json_number(text["confidence"]),
                 "sha256": row.sha256,
             }
+            if row.detections is not None:  # detection runs
+                record["detections"] = row.detections
             stream.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
             written.append(row)
         return written
