@@ -162,38 +162,40 @@ def test_faster_rcnn_boxes_carry_their_class_distribution(tmp_path: Path) -> Non
     torch.testing.assert_close(alone["embedding"][0], out["embedding"][0], rtol=1e-4, atol=1e-5)
 
 
-def test_retinanet_without_distribution_scores_boxes_by_score(tmp_path: Path) -> None:
-    prepared = prepare_model(ModelSpec(tv_checkpoint(tmp_path, "retinanet_resnet50_fpn")))
-    module = prepared.model.module
-    module.score_thresh = 0.0  # random weights: keep every candidate
-    out = prepared.runner.forward_outputs(torch.rand(1, 3, 64, 64), torch.tensor([[64, 64, 64, 64]]))
-    count = int(out["det_count"][0])
-    assert count > 0 and out["det_classes"].tolist() == [0]
-    s = out["det_scores"][0, :count]
-    torch.testing.assert_close(out["det_top1"][0, :count], s)
-    torch.testing.assert_close(out["det_top2"][0, :count], 1 - s)
-
-
-def test_state_dict_with_arch_loads_a_detector(tmp_path: Path, make_images) -> None:
+def test_state_dict_detector_without_distribution_scores_boxes_by_score(tmp_path: Path, make_images) -> None:
     import torchvision.models as tvm
 
     torch.manual_seed(0)
-    model = tvm.get_model("ssdlite320_mobilenet_v3_large", weights=None, weights_backbone=None, num_classes=3)
-    path = tmp_path / "ssd_state.pt"
+    model = tvm.get_model("retinanet_resnet50_fpn", weights=None, weights_backbone=None, num_classes=3)
+    path = tmp_path / "retina_state.pt"
     torch.save({"state_dict": model.state_dict()}, path)
-    make_images(tmp_path / "pool", 3)
-    spec = ModelSpec(
-        path, arch="ssdlite320_mobilenet_v3_large", num_classes=3, image_size=64, task="detection"
-    )
+    spec = ModelSpec(path, arch="retinanet_resnet50_fpn", num_classes=3, image_size=64, task="detection")
+    prepared = prepare_model(spec)
+    prepared.model.module.score_thresh = 0.0  # random weights: keep every candidate
+    out = prepared.runner.forward_outputs(torch.rand(1, 3, 64, 64), torch.tensor([[64, 64, 64, 64]]))
+    count = int(out["det_count"][0])
+    assert count == 100 and out["det_classes"].tolist() == [0]  # K = 100 of the many candidates
+    s = out["det_scores"][0, :count]
+    torch.testing.assert_close(out["det_top1"][0, :count], s)
+    torch.testing.assert_close(out["det_top2"][0, :count], 1 - s)
+    assert out["embedding"].shape == (1, 5 * 256)  # every FPN level, pooled and concatenated
+    make_images(tmp_path / "pool", 2)
     result = score(tmp_path / "store", tmp_path / "pool", path, spec=spec)
-    assert result.selected == 3
+    assert result.selected == 2
     with Store.open(tmp_path / "store") as store:
         layout = store.model(result.embed.model_key)["outputs"]
     assert set(layout) == {*DETECTION_ARRAYS, "embedding"} and layout["det_boxes"]["shape"] == [100, 4]
     with pytest.raises(UsageError, match="is a detection model"):
-        prepare_model(
-            ModelSpec(path, arch="ssdlite320_mobilenet_v3_large", num_classes=3, task="segmentation")
-        )
+        prepare_model(ModelSpec(path, arch="retinanet_resnet50_fpn", num_classes=3, task="segmentation"))
+
+
+@pytest.mark.slow
+def test_ssd_boxes_carry_their_class_distribution(tmp_path: Path) -> None:
+    prepared = prepare_model(ModelSpec(tv_checkpoint(tmp_path, "ssdlite320_mobilenet_v3_large")))
+    out = prepared.runner.forward_outputs(torch.rand(1, 3, 64, 64), torch.tensor([[64, 64, 64, 64]]))
+    count = int(out["det_count"][0])
+    assert count > 0 and out["det_classes"].tolist() == [3]
+    assert bool((out["det_scores"][0, :count] <= out["det_top1"][0, :count] + 1e-6).all())
 
 
 # --- the pipeline with a TorchScript fake ---------------------------------------------------------
