@@ -231,6 +231,12 @@ def test_ambiguous_box_outranks_confident_and_empty_rule(tmp_path: Path) -> None
     assert role is not None and role["reduce"] == "max" and role["detection_threshold"] == 1.0
 
 
+def score_cli(
+    capsys: pytest.CaptureFixture[str], store: str, pool: Path, ckpt: Path, *extra: str
+) -> tuple[int, str, str]:
+    return cli(capsys, "--store", store, "score", str(pool), "--model", str(ckpt), "--workers", "0", *extra)
+
+
 def test_cli_detection_run_and_classification_csv_unchanged(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_checkpoint: Path, make_images
 ) -> None:
@@ -239,74 +245,20 @@ def test_cli_detection_run_and_classification_csv_unchanged(
     solid(pool / "a.png", (200, 100, 0))
     solid(pool / "b.png", (255, 0, 0))
     store = str(tmp_path / "store")
-    code, _, err = cli(
-        capsys,
-        "--store",
-        store,
-        "score",
-        str(pool),
-        "--model",
-        str(ckpt),
-        "--strategy",
-        "margin",
-        "--task",
-        "detection",
-        "--reduce",
-        "sum",
-        "--workers",
-        "0",
+    code, _, err = score_cli(
+        capsys, store, pool, ckpt, "-s", "margin", "--task", "detection", "--reduce", "sum"
     )
     assert code == 0, err
     code, out, _ = cli(capsys, "--store", store, "export", "--format", "csv")
     header = out.splitlines()[0].split(",")
     assert header[-1] == "detections" and header[:-1][-1] == "sha256"
-    code, _, err = cli(
-        capsys,
-        "--store",
-        store,
-        "score",
-        str(pool),
-        "--model",
-        str(ckpt),
-        "--strategy",
-        "entropy",
-        "--reduce",
-        "topq",
-        "--workers",
-        "0",
-    )
+    code, _, err = score_cli(capsys, store, pool, ckpt, "-s", "entropy", "--reduce", "topq")
     assert code == 2 and "does not apply to detection" in err
-    code, _, err = cli(
-        capsys,
-        "--store",
-        store,
-        "score",
-        str(pool),
-        "--model",
-        str(ckpt),
-        "--strategy",
-        "entropy",
-        "--task",
-        "segmentation",
-        "--workers",
-        "0",
-    )
+    code, _, err = score_cli(capsys, store, pool, ckpt, "-s", "entropy", "--task", "segmentation")
     assert code == 2 and "is a detection model" in err, err
     other = tmp_path / "cls"
     make_images(other, 2)
-    cli(
-        capsys,
-        "--store",
-        str(tmp_path / "s2"),
-        "score",
-        str(other),
-        "--model",
-        str(tiny_checkpoint),
-        "-s",
-        "entropy",
-        "--workers",
-        "0",
-    )
+    score_cli(capsys, str(tmp_path / "s2"), other, tiny_checkpoint, "-s", "entropy")
     code, out, _ = cli(capsys, "--store", str(tmp_path / "s2"), "export", "--format", "csv")
     assert out.splitlines()[0].split(",")[-1] == "sha256"  # classification runs keep their columns
 

@@ -127,32 +127,19 @@ def wrap_model(
     from alselect.tasks import CLASSIFICATION, default_preprocess
 
     task = task_of_arch(arch) or CLASSIFICATION
-    if task == CLASSIFICATION:
-        return wrap_classifier(
-            module,
-            kind=kind,
-            arch=arch,
-            num_classes=num_classes,
-            classes=classes,
-            preprocess=Preprocess.from_metadata(meta),
-        )
-    module.eval()
-    if classes is not None and len(classes) != num_classes:
-        raise CheckpointError(f"checkpoint lists {len(classes)} class names for {num_classes} classes")
     meta = dict(meta or {})
-    preprocess = (
-        Preprocess.from_metadata(meta)
-        if meta.get("resize") == "letterbox"
-        else default_preprocess(task, None, module)
-    )
-    return LoadedModel(
-        module=module,
+    if task == CLASSIFICATION or meta.get("resize") == "letterbox":
+        preprocess = Preprocess.from_metadata(meta)
+    else:
+        preprocess = default_preprocess(task, None, module)
+    return wrap_classifier(
+        module,
         kind=kind,
         arch=arch,
         num_classes=num_classes,
-        classes=[str(c) for c in classes] if classes is not None else None,
+        classes=classes,
         preprocess=preprocess,
-        task=task,
+        task=None if task == CLASSIFICATION else task,
     )
 
 
@@ -164,10 +151,12 @@ def wrap_classifier(
     num_classes: int | None,
     classes: list[str] | None,
     preprocess: Preprocess,
+    task: str | None = None,
 ) -> LoadedModel:
-    """Eval mode plus a feature hook on the final layer."""
+    """Eval mode plus, for a classifier (``task`` None), a feature hook on the final layer;
+    detectors and segmenters are run by ``alselect.tasks`` runners with hooks of their own."""
     module.eval()
-    hook = FinalLayerHook(module)
+    hook = FinalLayerHook(module) if task is None else None
     if classes is not None and len(classes) != num_classes:
         raise CheckpointError(f"checkpoint lists {len(classes)} class names for {num_classes} classes")
     return LoadedModel(
@@ -178,6 +167,7 @@ def wrap_classifier(
         classes=[str(c) for c in classes] if classes is not None else None,
         preprocess=preprocess,
         feature_hook=hook,
+        task=task,
     )
 
 
