@@ -22,7 +22,14 @@ from alselect.store import Store
 from alselect.tasks import DETECTION_ARRAYS, Reduction, default_preprocess
 from alselect.tasks.boxes import ImageDetections, box_components, pack_detections
 from alselect.tasks.detection import detections_from
-from alselect.tasks.export import StoredDetections, detection_role, rectangle_results, stored_detections
+from alselect.tasks.export import (
+    StoredDetections,
+    detection_config,
+    detection_role,
+    label_studio_prediction,
+    rectangle_results,
+    stored_detections,
+)
 from tests.helpers import FAST, cli, export_rows, score
 
 LN2 = math.log(2.0)
@@ -309,6 +316,20 @@ def test_rectangles_in_percent_of_the_image_hand_computed() -> None:
     assert unnamed[0]["value"]["rectanglelabels"] == ["2"]
 
 
+def test_detection_labeling_config_names_every_class() -> None:
+    import xml.etree.ElementTree as ET
+
+    root = ET.fromstring(detection_config(["cat", 'a "quoted" & <odd> name'], from_name="bbox"))
+    image, rectangles = list(root)
+    assert (image.tag, image.get("name"), image.get("value")) == ("Image", "image", "$image")
+    assert (rectangles.tag, rectangles.get("name"), rectangles.get("toName")) == (
+        "RectangleLabels",
+        "bbox",
+        "image",
+    )
+    assert [label.get("value") for label in rectangles] == ["cat", 'a "quoted" & <odd> name']
+
+
 def test_exif_rotated_image_boxes_map_to_the_displayed_image(tmp_path: Path) -> None:
     ckpt = save_fake(tmp_path / "fake.pt")
     pool = tmp_path / "pool"
@@ -328,3 +349,21 @@ def test_exif_rotated_image_boxes_map_to_the_displayed_image(tmp_path: Path) -> 
     np.testing.assert_allclose(det.boxes[0], [0.0, 0.5, 0.5, 1.0])
     value = rectangle_results(det, CLASSES)[0]["value"]
     assert (value["x"], value["y"], value["width"], value["height"]) == (0.0, 50.0, 50.0, 50.0)
+
+
+def test_label_studio_sdk_accepts_the_rectangles() -> None:
+    """Label Studio's own validator (label-studio-sdk, optional) accepts the predictions against
+    the generated config, and rejects them when the labels do not belong to it."""
+    sdk = pytest.importorskip("label_studio_sdk.label_interface")
+    det = StoredDetections(
+        boxes=np.array([[0.1, 0.2, 0.35, 0.9], [0.5, 0.5, 1.0, 1.0]], dtype=np.float32),
+        scores=np.array([0.875, 0.6], dtype=np.float32),
+        labels=np.array([2, 1], dtype=np.int32),
+        height=480,
+        width=640,
+    )
+    interface = sdk.LabelInterface(detection_config(CLASSES))
+    good = label_studio_prediction(det, CLASSES, model_version="abc", score=0.0)
+    assert interface.validate_prediction(good, return_errors=True) == []
+    wrong = label_studio_prediction(det, ["x", "y", "z"], model_version="abc", score=0.0)
+    assert len(interface.validate_prediction(wrong, return_errors=True)) == 2

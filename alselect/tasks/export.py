@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from xml.sax.saxutils import quoteattr
 
 import numpy as np
 
@@ -127,3 +128,17 @@ def label_studio_prediction(
         "score": score,
         "result": rectangle_results(detections, classes, from_name=from_name, to_name=to_name),
     }
+
+
+def detection_config(classes: Sequence[str], from_name: str = "label", to_name: str = "image") -> str:
+    """A Label Studio labeling config for boxes over ``classes`` that reads ``data.image``: the
+    config ``rectangle_results`` predictions fit (names must match ``from_name``/``to_name``)."""
+    labels = "".join(f"    <Label value={quoteattr(str(name))}/>\n" for name in classes)
+    return (
+        "<View>\n"
+        f'  <Image name={quoteattr(to_name)} value="$image"/>\n'
+        f"  <RectangleLabels name={quoteattr(from_name)} toName={quoteattr(to_name)}>\n"
+        f"{labels}"
+        "  </RectangleLabels>\n"
+        "</View>\n"
+    )
