@@ -20,13 +20,20 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from alselect.errors import AlselectError, UsageError
-from alselect.images import OUT_OF_MEMORY, ImageDecodeError, load_image
+from alselect.images import OUT_OF_MEMORY, ImageDecodeError, load_image_geometry
 from alselect.preprocess import Preprocess
 from alselect.progress import NULL_REPORTER, Reporter
 
 
 class OutputModel(Protocol):
-    """What ``run_model`` drives: a ``LoadedModel`` or a wrapper of one (e.g. MC-dropout passes)."""
+    """What ``run_model`` drives: a ``LoadedModel`` or a wrapper of one (e.g. MC-dropout passes).
+
+    A model with a true ``needs_geometry`` attribute is called as ``forward_outputs(batch,
+    geometry)`` with ``geometry`` an ``int64 [n, 4]`` tensor on the CPU, one row per image as
+    ``alselect.images.GEOMETRY`` describes (original height and width after EXIF orientation, the
+    height and width the image occupies in the input): detection and segmentation runners need it
+    to map boxes back to the image and to leave letterbox padding out.
+    """
 
     def to(self, device: torch.device) -> Any: ...
 
@@ -67,7 +74,7 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-Decoded = tuple[int, "np.ndarray | None", "str | None"]
+Decoded = tuple[int, "np.ndarray | None", "str | None", "np.ndarray | None"]
 
 
 class _ImageFiles(Dataset[Decoded]):
@@ -84,11 +91,12 @@ class _ImageFiles(Dataset[Decoded]):
     def __getitem__(self, index: int) -> Decoded:
         expected = None if self.expected_sha256 is None else self.expected_sha256[index]
         try:
-            return index, load_image(self.paths[index], self.preprocess, expected), None
+            pixels, geometry = load_image_geometry(self.paths[index], self.preprocess, expected)
+            return index, pixels, None, geometry
         except ImageDecodeError as exc:
-            return index, None, str(exc)
+            return index, None, str(exc), None
         except MemoryError:
-            return index, None, OUT_OF_MEMORY
+            return index, None, OUT_OF_MEMORY, None
 
 
 def _keep_as_list(batch: list[Decoded]) -> list[Decoded]:
@@ -212,15 +220,21 @@ def run_model(
     handed = 0
     reporter.progress("embed", 0, total)
 
+    with_geometry = bool(getattr(model, "needs_geometry", False))
+
     def hand_over(batch: list[Decoded]) -> None:
         nonlocal handed
-        ok = [(i, arr) for i, arr, _ in batch if arr is not None]
-        failures = [(i, reason) for i, arr, reason in batch if arr is None and reason is not None]
+        ok = [(i, arr, geometry) for i, arr, _, geometry in batch if arr is not None]
+        failures = [(i, reason) for i, arr, reason, _ in batch if arr is None and reason is not None]
         if ok:
-            pixels = torch.from_numpy(np.stack([arr for _, arr in ok]))
+            pixels = torch.from_numpy(np.stack([arr for _, arr, _ in ok]))
             pixels = pixels.to(device, non_blocking=True).float().sub_(mean).div_(std)
-            outputs = model.forward_outputs(pixels)
-            on_batch([i for i, _ in ok], {k: v.cpu().numpy() for k, v in outputs.items()}, failures)
+            if with_geometry:
+                sizes = torch.from_numpy(np.stack([g for _, _, g in ok if g is not None]).astype(np.int64))
+                outputs = model.forward_outputs(pixels, sizes)  # type: ignore[call-arg]
+            else:
+                outputs = model.forward_outputs(pixels)
+            on_batch([i for i, _, _ in ok], {k: v.cpu().numpy() for k, v in outputs.items()}, failures)
         else:
             on_batch([], {}, failures)
         handed += len(batch)

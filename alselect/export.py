@@ -10,7 +10,7 @@ leaves nothing recorded. ``record=False`` (``--dry-run``) peeks without recordin
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -66,6 +66,33 @@ def model_display(store: Store, model_key: str) -> tuple[str, list[str] | None]:
     return model_display_name(str(info.get("checkpoint_sha256") or model_key), model_key), info.get("classes")
 
 
+def detections_for(
+    store: Store, run: RunInfo, rows: Sequence[ExportRow], options: ExportOptions
+) -> dict[str, Any] | None:
+    """A detection run's stored boxes per exported content, for Label Studio rectangle predictions."""
+    from alselect.tasks.export import detection_role, stored_detections
+
+    role = detection_role({"models": run.models})
+    if role is None or not options.predictions:
+        return None
+    threshold = float(role["detection_threshold"])
+    return stored_detections(store, str(role["key"]), [r.sha256 for r in rows], threshold)
+
+
+def with_detection_counts(store: Store, run: RunInfo, rows: list[ExportRow]) -> list[ExportRow]:
+    """Detection runs (issue #10): each row gains its image's detection count, read from the stored
+    boxes of the run's model; other runs' rows are returned unchanged."""
+    from alselect.tasks.export import detection_counts
+
+    counts = detection_counts(store, {"models": run.models}, [r.sha256 for r in rows])
+    if counts is None:
+        return rows
+    return [
+        replace(row, detections=count if count is not None else 0)
+        for row, count in zip(rows, counts, strict=True)
+    ]
+
+
 def run_info(store: Store) -> RunInfo:
     """The latest run, with its model; ``NoRunError`` when the store has none."""
     run = store.latest_run()
@@ -92,6 +119,7 @@ def run_info(store: Store) -> RunInfo:
         checkpoint_path=str(model.get("path") or ""),
         classes=tuple(classes) if classes else None,
         num_classes=int(model.get("num_classes") or 0),
+        models=tuple(run.get("models") or ()),
     )
 
 
@@ -133,7 +161,7 @@ def select_rows(
                 relpath=relpath,
             )
         )
-    return Selection(run=run, rows=rows)
+    return Selection(run=run, rows=with_detection_counts(store, run, rows))
 
 
 def explain_empty(store: Store, run: RunInfo, include_exported: bool) -> str:
@@ -200,7 +228,7 @@ def export_latest(
         uri_prefix=options.uri_prefix,
     )
     run, rows = selection.run, selection.rows
-    context = ExportContext(options=options, run=run)
+    context = ExportContext(options=options, run=run, detections=detections_for(store, run, rows, options))
     exporter.check(rows, context)
     empty_reason = explain_empty(store, run, include_exported) if not rows else None
     if empty_reason and fail_if_empty:

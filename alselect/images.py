@@ -14,6 +14,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from alselect.preprocess import Preprocess
 
 CHANGED_WHILE_READING = "changed while reading"
+# An image's geometry (int32 [4]): its height and width after EXIF orientation, and the height and
+# width it occupies in the model input (the whole input for a crop; the top-left part for a letterbox).
+GEOMETRY = ("height", "width", "content_height", "content_width")
 OUT_OF_MEMORY = "out of memory while decoding"
 
 # Greyscale modes scaled to 8 bits in strips of rows (never a full-size float copy).
@@ -29,7 +32,7 @@ class ImageDecodeError(Exception):
 
 
 def load_image(path: Path, preprocess: Preprocess, expected_sha256: str | None = None) -> np.ndarray:
-    """Decode, apply EXIF orientation, convert to RGB, resize + centre-crop.
+    """Decode, apply EXIF orientation, convert to RGB, resize + centre-crop (or letterbox).
 
     Returns ``uint8 [3, S, S]`` with ``S = preprocess.image_size``. JPEGs are decoded at a
     reduced DCT scale (``draft``) when that still leaves at least ``resize_size`` pixels.
@@ -39,17 +42,29 @@ def load_image(path: Path, preprocess: Preprocess, expected_sha256: str | None =
     decoded; otherwise ``ImageDecodeError("changed while reading")`` is raised, so a file edited
     after it was hashed never has the new content stored under the old hash.
     """
+    return load_image_geometry(path, preprocess, expected_sha256)[0]
+
+
+def load_image_geometry(
+    path: Path, preprocess: Preprocess, expected_sha256: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``load_image`` plus the image's ``GEOMETRY`` (``int32 [4]``, see ``GEOMETRY``)."""
     try:
         data = path.read_bytes()
     except Exception as exc:
         raise decode_error(exc) from None
     if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256.lower():
         raise ImageDecodeError(CHANGED_WHILE_READING)
-    return decode_image(data, preprocess)
+    return decode_image_geometry(data, preprocess)
 
 
 def decode_image(data: bytes, preprocess: Preprocess) -> np.ndarray:
     """``load_image`` for the bytes of a file already in memory."""
+    return decode_image_geometry(data, preprocess)[0]
+
+
+def decode_image_geometry(data: bytes, preprocess: Preprocess) -> tuple[np.ndarray, np.ndarray]:
+    """``load_image_geometry`` for the bytes of a file already in memory."""
     try:
         if not data:
             raise ImageDecodeError("empty file")
@@ -78,22 +93,35 @@ def decode_error(exc: Exception) -> ImageDecodeError:
     return ImageDecodeError(f"cannot decode: {type(exc).__name__}: {exc}")
 
 
-def _decode(source: IO[bytes], preprocess: Preprocess) -> np.ndarray:
+def _decode(source: IO[bytes], preprocess: Preprocess) -> tuple[np.ndarray, np.ndarray]:
+    letterbox = preprocess.resize == "letterbox"
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(source) as img:
+            full = img.size
             if img.format == "JPEG":
                 img.draft("RGB", (preprocess.resize_size, preprocess.resize_size))
+            drafted = img.size
             ImageOps.exif_transpose(img, in_place=True)  # in place: no full-size copy
+            if img.size != drafted:  # EXIF orientation swapped the sides
+                full = (full[1], full[0])
             # Large images are first box-reduced to no less than twice the target size, so they are
             # converted and resampled at a fraction of their size; the bilinear resize that follows
             # still shrinks by 2x or more, which keeps the result close to a direct resize.
             source_size = img.size
-            factor = min(source_size) // (2 * max(preprocess.resize_size, preprocess.image_size, 1))
+            side = max(source_size) if letterbox else min(source_size)
+            factor = side // (2 * max(preprocess.resize_size, preprocess.image_size, 1))
             rgb = to_rgb(img, factor)
             reduced_by = factor if rgb.size != source_size else 1  # 1 where the mode has no reduce
-            out = resize_and_crop(rgb, preprocess, source_size=source_size, reduced_by=reduced_by)
-    return np.ascontiguousarray(np.asarray(out, dtype=np.uint8).transpose(2, 0, 1))
+            if letterbox:
+                out, content = letterbox_resize(
+                    rgb, preprocess, source_size=source_size, reduced_by=reduced_by
+                )
+            else:
+                out = resize_and_crop(rgb, preprocess, source_size=source_size, reduced_by=reduced_by)
+                content = (preprocess.image_size, preprocess.image_size)
+    geometry = np.array([full[1], full[0], content[0], content[1]], dtype=np.int32)
+    return np.ascontiguousarray(np.asarray(out, dtype=np.uint8).transpose(2, 0, 1)), geometry
 
 
 def to_rgb(img: Image.Image, factor: int = 1) -> Image.Image:
@@ -161,6 +189,30 @@ def _scaled_grey(img: Image.Image, factor: int) -> Image.Image:
     if not strips:
         return Image.new("L", img.size)
     return Image.fromarray(np.concatenate(strips), "L")
+
+
+def letterbox_resize(
+    img: Image.Image,
+    preprocess: Preprocess,
+    *,
+    source_size: tuple[int, int] | None = None,
+    reduced_by: int = 1,
+) -> tuple[Image.Image, tuple[int, int]]:
+    """The whole image, longer side to ``image_size``, top-left on a square of the ``mean`` colour.
+
+    Returns the square and the ``(height, width)`` the image occupies in it. ``source_size`` and
+    ``reduced_by`` as in ``resize_and_crop``.
+    """
+    width, height = source_size or img.size
+    size = preprocess.image_size
+    scale = size / max(width, height)
+    content = (max(1, min(size, round(width * scale))), max(1, min(size, round(height * scale))))
+    box = (0.0, 0.0, width / reduced_by, height / reduced_by)
+    resized = img.resize(content, Image.Resampling.BILINEAR, box=box)
+    fill = tuple(round(255 * m) for m in preprocess.mean)
+    canvas = Image.new("RGB", (size, size), fill)
+    canvas.paste(resized, (0, 0))
+    return canvas, (content[1], content[0])
 
 
 def resize_and_crop(

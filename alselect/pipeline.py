@@ -34,8 +34,18 @@ from alselect.store.keys import content_keys
 from alselect.store.rankings import Ranking
 from alselect.strategies import PoolInputs, Strategy, build_strategy
 from alselect.sync import SyncResult, sync_folder
+from alselect.tasks import (
+    CLASSIFICATION,
+    DEFAULT_MAX_DETECTIONS,
+    DETECTION,
+    Reduction,
+    TaskSettings,
+    check_task,
+)
+from alselect.tasks.pool import LazyArrays, task_pool
 
 NOT_FINITE = "model output not finite (NaN or infinity)"
+TASK_DEFAULTS = Reduction()  # detection / segmentation scoring options when none are given
 
 
 @dataclass(frozen=True)
@@ -49,17 +59,23 @@ class ModelSpec:
     image_size: int | None = None
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
+    task: str | None = None  # None: what the checkpoint says, else classification
+    max_detections: int = DEFAULT_MAX_DETECTIONS
 
 
 @dataclass
 class PreparedModel:
-    """A loaded checkpoint with its store key; ``runner`` (default: the model) computes its outputs."""
+    """A loaded checkpoint with its store key; ``runner`` (default: the model) computes its outputs.
+
+    ``task``: classification, detection or segmentation (detectors and segmenters have a runner).
+    """
 
     model: LoadedModel
     preprocess: Preprocess
     key: str
     display: str
     runner: OutputModel | None = None
+    task: str = CLASSIFICATION
 
 
 @dataclass
@@ -115,18 +131,48 @@ class Safeguards:
 
 
 def prepare_model(spec: ModelSpec) -> PreparedModel:
-    """Load the checkpoint and derive its store key from weights and effective preprocessing."""
+    """Load the checkpoint and derive its store key from weights and effective settings.
+
+    The key is the checkpoint's sha256 unless preprocessing is overridden or a detector keeps a
+    non-default number of boxes: then a hash of both, so outputs made differently never mix.
+    """
+    check_task(spec.task)
     model = load_checkpoint(
         spec.checkpoint,
-        CheckpointOptions(spec.arch, spec.num_classes, spec.trust_checkpoint),
+        CheckpointOptions(spec.arch, spec.num_classes, spec.trust_checkpoint, spec.task),
     )
+    task = model.task or CLASSIFICATION
+    if spec.task is not None and spec.task != task:
+        raise UsageError(
+            f"--task {spec.task}: {spec.checkpoint} is a {task} model ({model.arch or model.kind})"
+        )
+    settings = TaskSettings(task, spec.max_detections)
     preprocess = model.preprocess.override(spec.image_size, spec.mean, spec.std)
     key = model.sha256
-    if preprocess != model.preprocess:
-        settings = json.dumps(preprocess.to_dict(), sort_keys=True)
-        key = hashlib.sha256(f"{model.sha256}:{settings}".encode()).hexdigest()
+    shaped = task == DETECTION and spec.max_detections != DEFAULT_MAX_DETECTIONS
+    if preprocess != model.preprocess or shaped:
+        settings_text = json.dumps(preprocess.to_dict(), sort_keys=True)
+        if shaped:
+            settings_text += ":" + settings.key_suffix()
+        key = hashlib.sha256(f"{model.sha256}:{settings_text}".encode()).hexdigest()
     display = model_display_name(model.sha256, key)
-    return PreparedModel(model=model, preprocess=preprocess, key=key, display=display)
+    runner = task_runner(model, settings)
+    return PreparedModel(
+        model=model, preprocess=preprocess, key=key, display=display, runner=runner, task=task
+    )
+
+
+def task_runner(model: LoadedModel, settings: TaskSettings) -> OutputModel | None:
+    """The runner that computes a detector's or segmenter's stored arrays (None: a classifier)."""
+    if settings.task == DETECTION:
+        from alselect.tasks.detection import DetectionRunner
+
+        return DetectionRunner(model, settings)
+    if settings.task != CLASSIFICATION:
+        from alselect.tasks.segmentation import SegmentationRunner
+
+        return SegmentationRunner(model)
+    return None
 
 
 def embed_folder(
@@ -297,6 +343,7 @@ def score_folder(
     labeled_dirs: Sequence[str | Path] = (),
     retry_failed: bool = False,
     safeguards: Safeguards = Safeguards(),
+    reduction: Reduction = TASK_DEFAULTS,
 ) -> ScoreResult:
     """Embed what is missing, score every present unlabeled image, record a ranked run.
 
@@ -304,6 +351,7 @@ def score_folder(
     ready strategy (e.g. composed with a prefilter). ``labeled_dirs`` are folders of images
     already labeled (kept outside ``folder``): they are embedded too and enter the strategy as
     labeled rows (coreset covers them, DAL learns from them), never as candidates.
+    ``reduction``: how a detector's boxes or a segmenter's pixels become per-image scores.
     """
     strategy = (
         strategy_name
@@ -324,6 +372,7 @@ def score_folder(
     task = [prepare_model(s) for s in models.task]
     embedder = prepare_model(models.embed) if models.embed is not None else None
     check_ensemble(task)
+    check_task_run(strategy, task, reduction)
     mc_mode = mc_source(strategy, task, models.mc)
     mc_pass = full_pass_model(task[0], models.mc.samples) if mc_mode == "full" else None
     extras = [m for m in (embedder, mc_pass) if m is not None]
@@ -349,6 +398,7 @@ def score_folder(
         mc_pass,
         models.mc if mc_mode == "head" else None,
         budgeted=budget is not None,
+        reduction=reduction,
     )
     reporter.progress("score", 0, len(pool))
     selection = strategy.select(budget, inputs)
@@ -358,6 +408,8 @@ def score_folder(
     roles: list[dict[str, Any]] = [
         {"key": p.key, "role": "task" if len(task) == 1 else "member"} for p in task
     ]
+    if task[0].task != CLASSIFICATION:
+        roles[0].update(reduction.record(task[0].task))
     if embedder is not None:
         roles.append({"key": embedder.key, "role": "embedding"})
     if mc_mode is not None:
@@ -391,11 +443,16 @@ def score_folder(
 
 
 def ranking_of(pool: PoolRows, probs: np.ndarray, indices: np.ndarray, scores: np.ndarray) -> Ranking:
-    """The run's ranking: pool rows ``indices`` in annotate-first order, with the model's top class."""
+    """The run's ranking: pool rows ``indices`` in annotate-first order, with the model's top class.
+
+    A row of zeros (a detector's image without detections) has no class: -1, confidence NaN.
+    """
     indices = np.asarray(indices, dtype=np.int64)
     if probs.size:
-        predicted = probs[indices].argmax(axis=1).astype(np.int32)
-        confidence = probs[indices].max(axis=1).astype(np.float32)
+        chosen = probs[indices]
+        some = chosen.sum(axis=1) > 0
+        predicted = np.where(some, chosen.argmax(axis=1), -1).astype(np.int32)
+        confidence = np.where(some, chosen.max(axis=1), np.nan).astype(np.float32)
     else:
         predicted = np.full(len(indices), -1, dtype=np.int32)
         confidence = np.full(len(indices), np.nan, dtype=np.float32)
@@ -417,6 +474,22 @@ def check_ensemble(task: Sequence[PreparedModel]) -> None:
     names = {tuple(p.model.classes) for p in task if p.model.classes is not None}
     if len(counts) > 1 or len(names) > 1:
         raise UsageError("ensemble members (--model given several times) must predict the same classes")
+
+
+def check_task_run(strategy: Strategy, task: Sequence[PreparedModel], reduction: Reduction) -> None:
+    """Detectors and segmenters: one model, no MC samples, a reduction that applies to the task."""
+    kind = task[0].task
+    if all(p.task == CLASSIFICATION for p in task):
+        return
+    if len(task) > 1:
+        raise UsageError("ensembles (--model given several times) are supported for classifiers only")
+    if "mc_probs" in strategy.needs:
+        raise UsageError(
+            f"strategy {strategy.name!r} needs several predictions per image, which alselect makes for "
+            f"classifiers only; with a {kind} model use entropy, least-confidence, margin, ratio, random "
+            "or a diversity strategy"
+        )
+    reduction.for_task(kind)
 
 
 def mc_source(strategy: Strategy, task: Sequence[PreparedModel], mc: McDropout) -> str | None:
@@ -454,18 +527,33 @@ def pool_inputs(
     mc_head: McDropout | None = None,
     *,
     budgeted: bool,
+    reduction: Reduction = TASK_DEFAULTS,
 ) -> PoolInputs:
     """Load the arrays the strategy needs (and ``probs`` for the export), aligned with the pool.
 
     With a budget the run holds only N images: images already sent to annotators are left out,
     so each nightly run's N are new. Without one everything is ranked and export skips them.
+    A detector's or segmenter's ``probs`` are its images' class shares and its per-image
+    uncertainty scores come in ``arrays`` (``alselect.tasks.pool``).
     """
-    members = [store.pool_array(pool, p.key, "probs") for p in task]
-    probs = members[0] if len(members) == 1 else np.mean(np.stack(members, axis=1), axis=1)
     needs = strategy.needs
+    task_arrays: LazyArrays | None = None
+    if task[0].task != CLASSIFICATION:
+        first = task[0]
+        probs, task_arrays = task_pool(store, pool, first.key, first.task, reduction, first.model.num_classes)
+        members = [probs]
+    else:
+        members = [store.pool_array(pool, p.key, "probs") for p in task]
+        probs = members[0] if len(members) == 1 else np.mean(np.stack(members, axis=1), axis=1)
     embeddings = None
     if "embeddings" in needs:
         source = embedder or task[0]
+        layout = (store.model(source.key) or {}).get("outputs") or {}
+        if layout and "embedding" not in layout:
+            raise UsageError(
+                f"strategy {strategy.name!r} compares embeddings, and model {source.display} gives none "
+                "(its program returns no 'embedding'); add --embed-model CKPT for a backbone that does"
+            )
         embeddings = store.pool_array(pool, source.key, "embedding")
     mc_probs = None
     if "mc_probs" in needs:
@@ -487,5 +575,5 @@ def pool_inputs(
         embeddings=embeddings,
         pending=pool.exported & ~pool.labeled if budgeted else None,
         mc_probs=mc_probs,
-        arrays=arrays,
+        arrays=task_arrays.including(arrays) if task_arrays is not None else arrays,
     )

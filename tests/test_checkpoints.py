@@ -539,8 +539,10 @@ def test_build_model_known_and_unknown_names() -> None:
     assert isinstance(resnet, torchvision.models.ResNet) and resnet.fc.out_features == 7
     with pytest.raises(CheckpointError, match="unknown architecture"):
         build_model("no_such_net", 7)
-    with pytest.raises(CheckpointError, match="unknown architecture"):  # detection, not a classifier
-        build_model("fasterrcnn_resnet50_fpn", 7)
+    with pytest.raises(CheckpointError, match="unknown architecture"):  # Mask R-CNN is not supported
+        build_model("maskrcnn_resnet50_fpn", 7)
+    with pytest.raises(CheckpointError, match="unknown detection architecture"):
+        build_model("fasterrcnn_resnet12_fpn", 7)
     with pytest.raises(CheckpointError, match="at least 1"):
         build_model("small_cnn", 0)
 

@@ -228,9 +228,11 @@ def kill_worker_on(
     name: str, monkeypatch: pytest.MonkeyPatch, in_process: Callable[[], Any] | None = None
 ) -> None:
     """Decoding ``name`` SIGKILLs the DataLoader worker doing it (inherited through fork)."""
-    original = embed.load_image
+    original = embed.load_image_geometry
 
-    def deadly(path: Path, preprocess: Preprocess, expected: str | None = None) -> np.ndarray:
+    def deadly(
+        path: Path, preprocess: Preprocess, expected: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         if path.name == name:
             if in_worker():
                 time.sleep(0.3)  # let the main process get into a batch of its own first
@@ -239,7 +241,7 @@ def kill_worker_on(
                 in_process()
         return original(path, preprocess, expected)
 
-    monkeypatch.setattr(embed, "load_image", deadly)
+    monkeypatch.setattr(embed, "load_image_geometry", deadly)
 
 
 needs_fork = pytest.mark.skipif(
@@ -340,7 +342,7 @@ def test_workers_die_with_a_killed_main_process(tmp_path: Path, tiny_checkpoint:
             Path(sys.argv[2]).write_text(str(os.getpid()))
             time.sleep(120)
 
-        embed.load_image = stuck
+        embed.load_image_geometry = stuck
         model = load_checkpoint(sys.argv[1])
         embed.run_model(model, [Path(sys.argv[3])], model.preprocess,
                         embed.EmbedOptions("cpu", batch_size=1, workers=1), lambda *a: None)

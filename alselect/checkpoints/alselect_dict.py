@@ -21,7 +21,7 @@ from alselect.checkpoints.base import (
     LoadedModel,
     register_loader,
 )
-from alselect.checkpoints.state_dict import load_weights, wrap_classifier
+from alselect.checkpoints.state_dict import load_weights, wrap_model
 from alselect.errors import CheckpointError
 from alselect.models import build_model
 from alselect.preprocess import Preprocess
@@ -38,14 +38,24 @@ def save_alselect_checkpoint(
     classes: list[str] | None = None,
     preprocess: Preprocess | None = None,
 ) -> None:
-    """Write ``model``'s weights in alselect's format (atomically: temp file, then rename)."""
+    """Write ``model``'s weights in alselect's format (atomically: temp file, then rename).
+
+    Without ``preprocess``, a torchvision detector or segmenter gets its task's letterbox
+    (``alselect.tasks.default_preprocess``), anything else the classification default.
+    """
+    if preprocess is None:
+        from alselect.models import task_of_arch
+        from alselect.tasks import CLASSIFICATION, default_preprocess
+
+        task = task_of_arch(arch) or CLASSIFICATION
+        preprocess = Preprocess() if task == CLASSIFICATION else default_preprocess(task, None, model)
     payload = {
         FORMAT_KEY: FORMAT_VERSION,
         "arch": arch,
         "num_classes": int(num_classes),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "classes": list(classes) if classes is not None else None,
-        "preprocess": (preprocess or Preprocess()).to_dict(),
+        "preprocess": preprocess.to_dict(),
     }
     target = Path(path)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
@@ -77,13 +87,13 @@ def load_alselect_dict(ckpt: CheckpointFile, options: CheckpointOptions) -> Load
         raise CheckpointError(
             f"{path}: checkpoint has {num_classes} classes but --num-classes is {options.num_classes}"
         )
-    module = build_model(arch, num_classes)
+    module = build_model(arch, num_classes, state)
     load_weights(module, state, path, num_classes)
-    return wrap_classifier(
+    return wrap_model(
         module,
         kind="alselect",
         arch=arch,
         num_classes=num_classes,
         classes=obj.get("classes"),
-        preprocess=Preprocess.from_metadata(obj.get("preprocess")),
+        meta=obj.get("preprocess"),
     )

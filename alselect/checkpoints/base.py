@@ -6,7 +6,7 @@ import json
 import pickle
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from alselect.errors import CheckpointError
+from alselect.errors import CheckpointError, UsageError
 from alselect.preprocess import Preprocess
 
 METADATA_FILE = "alselect.json"
@@ -27,6 +27,7 @@ class CheckpointOptions:
     arch: str | None = None
     num_classes: int | None = None
     trust_checkpoint: bool = False
+    task: str | None = None  # --task: overrides what the checkpoint says
 
 
 @dataclass
@@ -35,6 +36,10 @@ class LoadedModel:
 
     ``outputs`` says whether the raw model emits ``logits`` (softmax applied here) or
     ``probabilities``. When a model exposes no features, the embedding is its logits.
+    ``task``: what the model predicts (``classification``, ``detection``, ``segmentation``) when
+    its checkpoint says (metadata or a torchvision detection/segmentation ``arch``), else None;
+    detectors and segmenters are run by ``alselect.tasks`` runners, not ``predict``.
+    ``metadata``: the archive's ``alselect.json`` (empty for other formats).
     """
 
     module: nn.Module
@@ -47,6 +52,8 @@ class LoadedModel:
     feature_hook: Callable[[], torch.Tensor | None] | None = None
     sha256: str = ""
     path: str = ""
+    task: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
 
     def to(self, device: torch.device) -> LoadedModel:
         self.module.to(device)
@@ -158,25 +165,45 @@ def parse_metadata(text: str | bytes | None, path: Path) -> dict[str, Any]:
     outputs = meta.get("outputs", "logits")
     if outputs not in ("logits", "probabilities"):
         raise CheckpointError(f"{path}: {METADATA_FILE} 'outputs' must be logits or probabilities")
+    if meta.get("task", "classification") not in ("classification", "detection", "segmentation"):
+        raise CheckpointError(
+            f"{path}: {METADATA_FILE} 'task' must be classification, detection or segmentation"
+        )
+    if meta.get("input", "batch") not in ("batch", "list"):
+        raise CheckpointError(f"{path}: {METADATA_FILE} 'input' must be batch or list")
     return meta
 
 
 def model_from_archive(
     module: nn.Module, kind: str, meta: dict[str, Any], options: CheckpointOptions
 ) -> LoadedModel:
-    """Wrap a self-describing program (TorchScript, torch.export) with its metadata."""
+    """Wrap a self-describing program (TorchScript, torch.export) with its metadata.
+
+    A detector or segmenter (``"task"``) is fed letterboxed images (``alselect.tasks``); its
+    ``image_size`` is the letterbox side.
+    """
+    from alselect.tasks import CLASSIFICATION, default_preprocess
+
     classes = meta.get("classes")
     num_classes = len(classes) if isinstance(classes, list) else meta.get("num_classes")
     if options.num_classes is not None and num_classes is not None and num_classes != options.num_classes:
         raise CheckpointError(
             f"checkpoint metadata says {num_classes} classes but --num-classes is {options.num_classes}"
         )
+    declared = meta.get("task")
+    if options.task is not None and declared is not None and options.task != declared:
+        raise UsageError(f"--task {options.task}: the checkpoint is a {declared} model (its {METADATA_FILE})")
+    task = options.task or declared or CLASSIFICATION
     return LoadedModel(
         module=module,
         kind=kind,
         arch=meta.get("arch"),
         num_classes=num_classes if num_classes is not None else options.num_classes,
         classes=[str(c) for c in classes] if isinstance(classes, list) else None,
-        preprocess=Preprocess.from_metadata(meta),
+        preprocess=Preprocess.from_metadata(meta)
+        if task == CLASSIFICATION
+        else default_preprocess(task, meta),
         outputs=meta.get("outputs", "logits"),
+        task=task,
+        metadata=dict(meta),
     )

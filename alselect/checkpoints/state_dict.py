@@ -111,6 +111,38 @@ def final_classifier_layer(module: nn.Module) -> nn.Module | None:
     return last
 
 
+def wrap_model(
+    module: nn.Module,
+    *,
+    kind: str,
+    arch: str,
+    num_classes: int,
+    classes: list[str] | None,
+    meta: Mapping[str, Any] | None,
+) -> LoadedModel:
+    """A classifier with its feature hook, or a torchvision detector / segmenter (by ``arch``),
+    whose preprocessing is a letterbox (``alselect.tasks.default_preprocess``) unless ``meta``
+    names one."""
+    from alselect.models import task_of_arch
+    from alselect.tasks import CLASSIFICATION, default_preprocess
+
+    task = task_of_arch(arch) or CLASSIFICATION
+    meta = dict(meta or {})
+    if task == CLASSIFICATION or meta.get("resize") == "letterbox":
+        preprocess = Preprocess.from_metadata(meta)
+    else:
+        preprocess = default_preprocess(task, None, module)
+    return wrap_classifier(
+        module,
+        kind=kind,
+        arch=arch,
+        num_classes=num_classes,
+        classes=classes,
+        preprocess=preprocess,
+        task=None if task == CLASSIFICATION else task,
+    )
+
+
 def wrap_classifier(
     module: nn.Module,
     *,
@@ -119,10 +151,12 @@ def wrap_classifier(
     num_classes: int | None,
     classes: list[str] | None,
     preprocess: Preprocess,
+    task: str | None = None,
 ) -> LoadedModel:
-    """Eval mode plus a feature hook on the final layer."""
+    """Eval mode plus, for a classifier (``task`` None), a feature hook on the final layer;
+    detectors and segmenters are run by ``alselect.tasks`` runners with hooks of their own."""
     module.eval()
-    hook = FinalLayerHook(module)
+    hook = FinalLayerHook(module) if task is None else None
     if classes is not None and len(classes) != num_classes:
         raise CheckpointError(f"checkpoint lists {len(classes)} class names for {num_classes} classes")
     return LoadedModel(
@@ -133,6 +167,7 @@ def wrap_classifier(
         classes=[str(c) for c in classes] if classes is not None else None,
         preprocess=preprocess,
         feature_hook=hook,
+        task=task,
     )
 
 
@@ -149,17 +184,17 @@ def load_state_dict(ckpt: CheckpointFile, options: CheckpointOptions) -> LoadedM
             f"{ckpt.path} is a plain state_dict: pass --arch NAME (e.g. resnet18) and "
             "--num-classes C so alselect can rebuild the model"
         )
-    module = build_model(options.arch, options.num_classes)
+    module = build_model(options.arch, options.num_classes, state)
     load_weights(module, state, ckpt.path, options.num_classes)
     meta = ckpt.obj.get("alselect", {}) if isinstance(ckpt.obj, Mapping) else {}
-    classes = meta.get("classes") if isinstance(meta, Mapping) else None
-    return wrap_classifier(
+    meta = meta if isinstance(meta, Mapping) else {}
+    return wrap_model(
         module,
         kind="state_dict",
         arch=options.arch,
         num_classes=options.num_classes,
-        classes=classes,
-        preprocess=Preprocess.from_metadata(meta if isinstance(meta, Mapping) else None),
+        classes=meta.get("classes"),
+        meta=meta,
     )
 
 

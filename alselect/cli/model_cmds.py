@@ -51,6 +51,13 @@ Arch = Annotated[
 ]
 NumClasses = Annotated[int | None, typer.Option(min=1, help="Classes of a plain state_dict.")]
 Trust = Annotated[bool, typer.Option(help="Allow arbitrary unpickling (only for checkpoints you trust).")]
+Task = Annotated[
+    str | None,
+    typer.Option(
+        help="classification, detection or segmentation [default: from the checkpoint, else classification]."
+    ),
+]
+MaxDetections = Annotated[int, typer.Option(min=1, help="Detection: boxes kept per image (highest scores).")]
 
 
 def _spec(
@@ -61,6 +68,8 @@ def _spec(
     image_size: int | None,
     mean: str | None,
     std: str | None,
+    task: str | None = None,
+    max_detections: int = 100,
 ) -> ModelSpec:
     from alselect.pipeline import ModelSpec
     from alselect.preprocess import parse_triple
@@ -73,6 +82,8 @@ def _spec(
         image_size=image_size,
         mean=parse_triple(mean, "--mean"),
         std=parse_triple(std, "--std"),
+        task=task,
+        max_detections=max_detections,
     )
 
 
@@ -90,6 +101,8 @@ def embed(
     arch: Arch = None,
     num_classes: NumClasses = None,
     trust_checkpoint: Trust = False,
+    task: Task = None,
+    max_detections: MaxDetections = 100,
     retry_failed: RetryFailed = False,
     allow_empty: AllowEmpty = False,
     max_failed: MaxFailed = None,
@@ -99,7 +112,10 @@ def embed(
     from alselect.pipeline import embed_folder
     from alselect.store import Store
 
-    specs = [_spec(m, arch, num_classes, trust_checkpoint, image_size, mean, std) for m in model]
+    specs = [
+        _spec(m, arch, num_classes, trust_checkpoint, image_size, mean, std, task, max_detections)
+        for m in model
+    ]
     safeguards = _safeguards(allow_empty, max_failed)
     _check_inputs(folder, *model)
     with Store.open(globals_of(ctx).store, write=True, create=True) as store, reporter_for(ctx) as reporter:
@@ -154,6 +170,29 @@ def score(
         typer.Option(help="auto, full (T passes with the model's dropout) or head (on cached embeddings)."),
     ] = "auto",
     mc_dropout: Annotated[float, typer.Option(help="Dropout rate of head-only MC dropout.")] = 0.5,
+    task: Task = None,
+    max_detections: MaxDetections = 100,
+    reduce: Annotated[
+        str | None,
+        typer.Option(
+            help="Per-image reduction: detection max|mean|sum [max], segmentation mean|topq [mean]."
+        ),
+    ] = None,
+    score_threshold: Annotated[
+        float, typer.Option(help="Detection: boxes scoring below this are left out of the uncertainty.")
+    ] = 0.05,
+    detection_threshold: Annotated[
+        float,
+        typer.Option(
+            help="Detection: boxes at or above this are detections (class, count, pre-annotations)."
+        ),
+    ] = 0.5,
+    empty_score: Annotated[
+        str, typer.Option(help="Detection: score of images without boxes: min (0), max, or a number.")
+    ] = "min",
+    top_percent: Annotated[
+        float, typer.Option(help="Segmentation --reduce topq: mean over the top Q% most uncertain pixels.")
+    ] = 10.0,
     device: Device = "auto",
     batch_size: BatchSize = 64,
     workers: Workers = None,
@@ -172,12 +211,24 @@ def score(
     from alselect.pipeline import McDropout, ModelSpec, ScoreModels, score_folder
     from alselect.store import Store
     from alselect.strategies import parse_params, strategy_from_options
+    from alselect.tasks import Reduction, check_task
 
     chosen = strategy_from_options(
         strategy, seed=seed, params=parse_params(param), prefilter=prefilter, balance_classes=balance_classes
     )  # unknown names and bad options are usage errors before any work
+    check_task(task)
+    reduction = Reduction(
+        reduce=reduce,
+        score_threshold=score_threshold,
+        detection_threshold=detection_threshold,
+        empty_score=empty_score,
+        top_percent=top_percent,
+    )
     models = ScoreModels(
-        task=[_spec(m, arch, num_classes, trust_checkpoint, image_size, mean, std) for m in model],
+        task=[
+            _spec(m, arch, num_classes, trust_checkpoint, image_size, mean, std, task, max_detections)
+            for m in model
+        ],
         embed=ModelSpec(embed_model, embed_arch, embed_num_classes, trust_checkpoint)
         if embed_model is not None
         else None,
@@ -201,6 +252,7 @@ def score(
             labeled_dirs=labeled_dir or [],
             retry_failed=retry_failed,
             safeguards=safeguards,
+            reduction=reduction,
         )
         reporter.close()
         for embedded in result.embeds:

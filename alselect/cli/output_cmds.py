@@ -138,10 +138,13 @@ def export(
     )
     if ls_print_config:
         from alselect.exporters.label_studio import classification_config
+        from alselect.tasks.export import detection_config, detection_role
 
         with Store.open(globals_of(ctx).store) as store:  # read only
             run = run_info(store)
-        sys.stdout.write(classification_config(run.class_names, ls_from_name, ls_to_name))
+        detection = detection_role({"models": run.models}) is not None
+        config = detection_config if detection else classification_config
+        sys.stdout.write(config(run.class_names, ls_from_name, ls_to_name))
         return
 
     with (

@@ -9,7 +9,7 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, ClassVar, Literal, TextIO, overload
@@ -30,6 +30,8 @@ CSV_COLUMNS = (
     "folder",
     "uri",
 )
+# Appended for detection runs only (issue #10): stored boxes at or above the run's detection threshold.
+DETECTION_COLUMNS = ("detections",)
 
 SCORE_DIRECTION = "higher score = annotate first; rank 1 = annotate first"
 
@@ -54,6 +56,7 @@ class ExportRow:
     folder: str = ""
     uri: str = ""
     relpath: str | None = None
+    detections: int | None = None  # detection runs: the image's detection count
 
     @property
     def relative(self) -> str:
@@ -66,8 +69,9 @@ class ExportRow:
         return Path(self.folder) / self.relative
 
     def values(self) -> dict[str, str]:
-        """Column → text, numbers formatted deterministically."""
-        return {
+        """Column → text, numbers formatted deterministically (``detections`` only when known)."""
+        extra = {} if self.detections is None else {"detections": str(self.detections)}
+        return extra | {
             "rank": str(self.rank),
             "path": self.path,
             "score": format_number(self.score),
@@ -79,6 +83,11 @@ class ExportRow:
             "folder": self.folder,
             "uri": self.uri,
         }
+
+
+def columns_for(rows: Sequence[ExportRow]) -> tuple[str, ...]:
+    """The csv columns: ``CSV_COLUMNS``, plus ``DETECTION_COLUMNS`` for a detection run's rows."""
+    return CSV_COLUMNS + (DETECTION_COLUMNS if any(r.detections is not None for r in rows) else ())
 
 
 def format_number(value: float | None) -> str:
@@ -153,6 +162,7 @@ class RunInfo:
     checkpoint_path: str = ""
     classes: tuple[str, ...] | None = None
     num_classes: int = 0
+    models: tuple[dict[str, Any], ...] = ()  # every model the run read, with its role
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -187,6 +197,8 @@ class ExportContext:
 
     options: ExportOptions = field(default_factory=ExportOptions)
     run: RunInfo = field(default_factory=RunInfo)
+    # detection runs: each exported content's stored boxes (alselect.tasks.export.StoredDetections)
+    detections: Mapping[str, Any] | None = None
 
 
 class FileSet:

@@ -98,7 +98,23 @@ class LabelStudioExporter(Exporter):
                 "al_sha256": row.sha256,
             }
         }
-        if options.predictions and row.predicted_label:
+        if options.predictions and context.detections is not None:  # a detection run: rectangles
+            from alselect.tasks.export import label_studio_prediction
+
+            found = context.detections.get(row.sha256)
+            task["predictions"] = [
+                label_studio_prediction(
+                    found,
+                    context.run.class_names,
+                    model_version=row.model,
+                    score=(row.rank - 1) / max(count, 1),
+                    from_name=options.ls_from_name,
+                    to_name=options.ls_to_name,
+                )
+                if found is not None
+                else {"model_version": row.model, "score": (row.rank - 1) / max(count, 1), "result": []}
+            ]
+        elif options.predictions and row.predicted_label:
             task["predictions"] = [
                 {
                     "model_version": row.model,

@@ -33,6 +33,8 @@ class JsonlExporter(Exporter):
                 "folder": row.folder,
                 "uri": row.uri or None,
             }
+            if row.detections is not None:  # detection runs
+                record["detections"] = row.detections
             stream.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
             written.append(row)
         return written

@@ -6,7 +6,7 @@ import csv
 from collections.abc import Iterable
 from typing import TextIO
 
-from alselect.exporters.base import CSV_COLUMNS, ExportContext, Exporter, ExportRow, register_exporter
+from alselect.exporters.base import ExportContext, Exporter, ExportRow, columns_for, register_exporter
 
 
 @register_exporter
@@ -20,11 +20,13 @@ class CsvExporter(Exporter):
     ) -> list[ExportRow]:
         # RFC 4180 CRLF: csv then quotes any field holding CR or LF (with a bare "\n"
         # terminator a lone CR stays unquoted, and readers split the row on it).
-        writer = csv.DictWriter(stream, fieldnames=CSV_COLUMNS, dialect=self.dialect, lineterminator="\r\n")
+        rows = list(rows)
+        fields = columns_for(rows)
+        writer = csv.DictWriter(stream, fieldnames=fields, dialect=self.dialect, lineterminator="\r\n")
         writer.writeheader()
         written = []
         for row in rows:
-            writer.writerow(row.values())
+            writer.writerow(dict.fromkeys(fields, "") | row.values())
             written.append(row)
         return written
 

@@ -1,13 +1,19 @@
-"""Architectures by name: alselect's own (``small_cnn``) first, then any torchvision classifier."""
+"""Architectures by name: alselect's own (``small_cnn``), torchvision classifiers, and torchvision
+detection and segmentation models."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from alselect.errors import CheckpointError
 
 if TYPE_CHECKING:
     from torch import nn
+
+# torchvision detection families alselect runs (Mask/Keypoint R-CNN add outputs it does not read)
+DETECTION_PREFIXES = ("fasterrcnn_", "retinanet_", "fcos_", "ssd300_", "ssdlite320_")
+SEGMENTATION_PREFIXES = ("deeplabv3_", "fcn_", "lraspp_")
 
 
 def torchvision_classifiers() -> list[str]:
@@ -17,8 +23,39 @@ def torchvision_classifiers() -> list[str]:
     return sorted(tvm.list_models(module=tvm))
 
 
-def build_model(arch: str, num_classes: int) -> nn.Module:
-    """Instantiate ``arch`` with ``num_classes`` outputs and random weights (nothing downloaded)."""
+def torchvision_detectors() -> list[str]:
+    """torchvision detection architectures alselect runs: Faster R-CNN, RetinaNet, FCOS, SSD."""
+    import torchvision.models as tvm
+
+    return sorted(n for n in tvm.list_models(module=tvm.detection) if n.startswith(DETECTION_PREFIXES))
+
+
+def torchvision_segmenters() -> list[str]:
+    """torchvision semantic segmentation architectures: DeepLabV3, FCN, LR-ASPP."""
+    import torchvision.models as tvm
+
+    return sorted(n for n in tvm.list_models(module=tvm.segmentation) if n.startswith(SEGMENTATION_PREFIXES))
+
+
+def task_of_arch(arch: str | None) -> str | None:
+    """``detection`` / ``segmentation`` for those torchvision families (by name, without importing
+    torchvision), ``classification`` for any other name, None for no name."""
+    if arch is None:
+        return None
+    if arch.startswith(DETECTION_PREFIXES):
+        return "detection"
+    if arch.startswith(SEGMENTATION_PREFIXES):
+        return "segmentation"
+    return "classification"
+
+
+def build_model(arch: str, num_classes: int, state_keys: Iterable[str] = ()) -> nn.Module:
+    """Instantiate ``arch`` with ``num_classes`` outputs and random weights (nothing downloaded).
+
+    Detection models count the background in ``num_classes`` (torchvision's convention: class 0).
+    ``state_keys`` (the checkpoint's weight names) tell whether a segmentation model was trained
+    with an auxiliary classifier, so its weights load strictly.
+    """
     if num_classes < 1:
         raise CheckpointError(f"--num-classes must be at least 1, got {num_classes}")
     if arch == "small_cnn":
@@ -27,11 +64,32 @@ def build_model(arch: str, num_classes: int) -> nn.Module:
         return SmallCNN(num_classes=num_classes)
     import torchvision.models as tvm
 
+    task = task_of_arch(arch)
+    if task == "detection":
+        known = torchvision_detectors()
+        if arch in known:
+            detector: nn.Module = tvm.get_model(
+                arch, weights=None, weights_backbone=None, num_classes=num_classes
+            )
+            return detector
+        raise CheckpointError(f"unknown detection architecture {arch!r}; known: {', '.join(known)}")
+    if task == "segmentation":
+        known = torchvision_segmenters()
+        if arch in known:
+            aux = any(key.startswith("aux_classifier.") for key in state_keys)
+            kwargs = {} if arch.startswith("lraspp_") else {"aux_loss": aux}
+            segmenter: nn.Module = tvm.get_model(
+                arch, weights=None, weights_backbone=None, num_classes=num_classes, **kwargs
+            )
+            return segmenter
+        raise CheckpointError(f"unknown segmentation architecture {arch!r}; known: {', '.join(known)}")
     known = torchvision_classifiers()
     if arch not in known:
         raise CheckpointError(
-            f"unknown architecture {arch!r}; use small_cnn or a torchvision classifier "
-            f"such as resnet18, efficientnet_b0, convnext_tiny, vit_b_16 ({len(known)} known)"
+            f"unknown architecture {arch!r}; use small_cnn, a torchvision classifier such as resnet18, "
+            f"efficientnet_b0, convnext_tiny, vit_b_16 ({len(known)} known), a detector "
+            "(fasterrcnn_*, retinanet_*, fcos_*, ssd300_vgg16, ssdlite320_mobilenet_v3_large) or a "
+            "segmenter (deeplabv3_*, fcn_*, lraspp_*)"
         )
     kwargs = {"aux_logits": False, "init_weights": False} if arch in {"inception_v3", "googlenet"} else {}
     model: nn.Module = tvm.get_model(arch, weights=None, num_classes=num_classes, **kwargs)

@@ -429,6 +429,31 @@ class Store:
         (self.path / file).parent.mkdir(parents=True, exist_ok=True)
         return seg_id, file, 0
 
+    def slots_of(self, model_key: str, sha256: Sequence[str]) -> np.ndarray:
+        """``int64 [n]``: the model's slot for each content hash, -1 where it stored none."""
+        model_id = self._model_row(model_key)[0]
+        found: dict[str, int] = {}
+        wanted = sorted(set(sha256))
+        for start in range(0, len(wanted), EXPORT_CHUNK):
+            part = wanted[start : start + EXPORT_CHUNK]
+            marks = ", ".join("?" * len(part))
+            found.update(
+                self.rows(
+                    f"SELECT sha256, slot FROM outputs WHERE model = ? AND sha256 IN ({marks})",
+                    [model_id, *part],
+                )
+            )
+        return np.array([found.get(sha, -1) for sha in sha256], dtype=np.int64)
+
+    def outputs_of(
+        self, model_key: str, names: Sequence[str], sha256: Sequence[str]
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The model's arrays ``names`` for the given contents (e.g. an export's rows): ``(found [n]
+        bool, {name: [found.sum(), *shape]})``, rows in the order of ``sha256``."""
+        slots = self.slots_of(model_key, sha256)
+        found = slots >= 0
+        return found, {name: self.read_outputs(model_key, name, slots[found]) for name in names}
+
     def read_outputs(self, model_key: str, name: str, slots: np.ndarray) -> np.ndarray:
         """Rows ``slots [n]`` of the model's array ``name``: ``[n, *shape]``, memory-mapped reads."""
         segments = self.rows(

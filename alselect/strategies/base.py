@@ -24,7 +24,10 @@ class PoolInputs:
     - ``mc_probs``: ``[N, T, C]`` float32 or ``None``: T stochastic predictions per image (MC dropout
       passes with the same T masks for every image, or the T members of an ensemble)
     - ``arrays``: any other named per-image arrays a strategy ``needs`` (e.g. ``loss_pred [N]``),
-      each aligned on axis 0
+      each aligned on axis 0. For a detector or segmenter it also holds the per-image
+      uncertainty ``uncertainty_array(measure)`` (``[N]`` float64, measure one of entropy,
+      least_confidence, margin, ratio), reduced from its boxes or pixels; there ``probs`` holds
+      each image's class shares (argmax: the dominant class; a row of zeros: no detection)
 
     Rows may include labeled images from outside the scored folder (``--labeled-dir``); they are
     always ``labeled`` and so never selected.
@@ -45,6 +48,16 @@ class PoolInputs:
     @property
     def size(self) -> int:
         return int(self.labeled.shape[0])
+
+
+def uncertainty_array(measure: str) -> str:
+    """Name in ``PoolInputs.arrays`` of a detector's or segmenter's per-image ``measure`` score."""
+    return f"uncertainty.{measure}"
+
+
+def precomputed_uncertainty(inputs: PoolInputs, measure: str) -> np.ndarray | None:
+    """The per-image ``measure`` a detection or segmentation run provides, else None (classifiers)."""
+    return inputs.arrays.get(uncertainty_array(measure))
 
 
 @dataclass(frozen=True)

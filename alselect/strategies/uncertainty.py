@@ -1,14 +1,16 @@
 """Single-pass uncertainty from class probabilities ``probs [N, C]``.
 
 Scores are oriented so that higher means annotate first. See Settles (2009), "Active Learning
-Literature Survey", section 3.1, for the definitions.
+Literature Survey", section 3.1, for the definitions. For detectors and segmenters the same
+measure is taken per box or per pixel and reduced per image before scoring (``alselect.tasks``);
+the strategy then reads that per-image score (``precomputed_uncertainty``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from alselect.strategies.base import PoolInputs, Strategy, register
+from alselect.strategies.base import PoolInputs, Strategy, precomputed_uncertainty, register
 
 
 def top_two(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -30,6 +32,9 @@ class LeastConfidence(Strategy):
         pass
 
     def score(self, inputs: PoolInputs) -> np.ndarray:
+        task = precomputed_uncertainty(inputs, "least_confidence")
+        if task is not None:
+            return task
         first, _ = top_two(inputs.probs)
         return 1.0 - first
 
@@ -44,6 +49,9 @@ class Margin(Strategy):
         pass
 
     def score(self, inputs: PoolInputs) -> np.ndarray:
+        task = precomputed_uncertainty(inputs, "margin")
+        if task is not None:
+            return task
         first, second = top_two(inputs.probs)
         return 1.0 - (first - second)
 
@@ -58,6 +66,9 @@ class Ratio(Strategy):
         pass
 
     def score(self, inputs: PoolInputs) -> np.ndarray:
+        task = precomputed_uncertainty(inputs, "ratio")
+        if task is not None:
+            return task
         first, second = top_two(inputs.probs)
         ratio = np.zeros_like(first)
         np.divide(second, first, out=ratio, where=first != 0)
@@ -74,6 +85,9 @@ class Entropy(Strategy):
         pass
 
     def score(self, inputs: PoolInputs) -> np.ndarray:
+        task = precomputed_uncertainty(inputs, "entropy")
+        if task is not None:
+            return task
         return entropy(inputs.probs)
 
 
