@@ -7,18 +7,27 @@ from typing import Annotated, Any
 
 import typer
 
-from alselect.cli.app import app, globals_of
+from alselect.cli.app import app, examples, globals_of
 
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable JSON.")]
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        ("counts per folder, models, the latest run", "alselect status"),
+        ("every image that could not be used, and why", "alselect status --failed"),
+        ("the same for scripts", "alselect status --json"),
+    )
+)
 def status(
     ctx: typer.Context,
     as_json: Json = False,
     failed: Annotated[bool, typer.Option("--failed", help="List every failed image.")] = False,
 ) -> None:
-    """What the store holds: images, failures, models, runs, labels, exports."""
+    """Show what the store holds: images, models, runs, exports.
+
+    Reads the store only, so it works on a store you cannot write to.
+    """
     from alselect.status import store_status
     from alselect.store import Store
 
@@ -57,9 +66,14 @@ def _format_status(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        ("names, what each needs, what its score means", "alselect strategies"),
+        ("the same for scripts", "alselect strategies --json"),
+    )
+)
 def strategies(as_json: Json = False) -> None:
-    """List acquisition strategies: name, what they need, one-line summary."""
+    """List the acquisition strategies for 'score --strategy'."""
     from alselect.strategies import available
 
     rows = [

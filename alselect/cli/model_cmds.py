@@ -9,27 +9,44 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from alselect.cli.app import app, globals_of, reporter_for
+from alselect.cli.app import app, examples, globals_of, help_field, reporter_for
 from alselect.progress import Reporter
 
 if TYPE_CHECKING:
     from alselect.pipeline import EmbedResult, ModelSpec
 
-Folder = Annotated[Path, typer.Argument(help="Image folder (searched recursively).")]
-Model = Annotated[Path, typer.Option("--model", "-m", help="Checkpoint file.")]
-Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+Folder = Annotated[Path, typer.Argument(metavar="DIR", help="Image folder (searched recursively).")]
+Model = Annotated[Path, typer.Option("--model", "-m", metavar="CKPT", help="Checkpoint file.")]
+Device = Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda or cuda:N.")]
 BatchSize = Annotated[int, typer.Option(min=1, help="Images per model call.")]
 Workers = Annotated[
-    int | None, typer.Option(min=0, help="Decoding processes [default: min(4, CPUs)]; 0 = none.")
+    int | None, typer.Option(min=0, help="Decoding processes (default: min(4, CPUs)); 0 = none.")
 ]
 ImageSize = Annotated[int | None, typer.Option(min=1, help="Crop size in pixels (overrides checkpoint).")]
-Mean = Annotated[str | None, typer.Option(help="Normalisation mean R,G,B (0–1 scale).")]
-Std = Annotated[str | None, typer.Option(help="Normalisation std R,G,B (0–1 scale).")]
+Mean = Annotated[str | None, typer.Option(metavar="R,G,B", help="Normalisation mean (0–1 scale).")]
+Std = Annotated[str | None, typer.Option(metavar="R,G,B", help="Normalisation std (0–1 scale).")]
 Arch = Annotated[
-    str | None, typer.Option(help="Architecture of a plain state_dict (small_cnn or torchvision).")
+    str | None,
+    typer.Option(metavar="NAME", help="Architecture of a plain state_dict: small_cnn or a torchvision name."),
 ]
 NumClasses = Annotated[int | None, typer.Option(min=1, help="Classes of a plain state_dict.")]
-Trust = Annotated[bool, typer.Option(help="Allow arbitrary unpickling (only for checkpoints you trust).")]
+Trust = Annotated[
+    bool,
+    typer.Option("--trust-checkpoint", help="Allow arbitrary unpickling (only for checkpoints you trust)."),
+]
+Strategy = Annotated[
+    str,
+    typer.Option("--strategy", "-s", metavar="NAME", help="{strategies} (see 'alselect strategies')."),
+]
+
+
+def _strategy_names() -> str:
+    from alselect.strategies import available
+
+    return ", ".join(available())
+
+
+help_field("strategies", _strategy_names)
 
 
 def _spec(
@@ -55,7 +72,18 @@ def _spec(
     )
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        (
+            "embed with an alselect, TorchScript or torch.export checkpoint",
+            "alselect embed photos/ -m model.pt",
+        ),
+        (
+            "a plain state_dict needs its architecture",
+            "alselect embed photos/ -m weights.pth --arch resnet50 --num-classes 10",
+        ),
+    )
+)
 def embed(
     ctx: typer.Context,
     folder: Folder,
@@ -70,7 +98,11 @@ def embed(
     num_classes: NumClasses = None,
     trust_checkpoint: Trust = False,
 ) -> None:
-    """Embed new or changed images (probabilities + penultimate features) into the store."""
+    """Embed new or changed images into the store.
+
+    Stores each image's class probabilities and penultimate features; files this model has
+    seen before (by content) are not run again.
+    """
     from alselect.embed import EmbedOptions
     from alselect.pipeline import embed_folder
     from alselect.store import Store
@@ -83,13 +115,22 @@ def embed(
         _report_embed(reporter, result)
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        ("rank every unlabeled image", "alselect score photos/ -m model.pt -s entropy"),
+        (
+            "nightly: rank 500 images not sent before",
+            "alselect score photos/ -m model.pt -s margin --budget 500",
+        ),
+        ("then write what to annotate", "alselect export --top 500 -o batch.csv"),
+    )
+)
 def score(
     ctx: typer.Context,
     folder: Folder,
     model: Model,
-    strategy: Annotated[str, typer.Option("--strategy", "-s", help="See 'alselect strategies'.")],
-    budget: Annotated[int | None, typer.Option(min=1, help="Rank only the best N [default: all].")] = None,
+    strategy: Strategy,
+    budget: Annotated[int | None, typer.Option(min=1, help="Rank only the best N (default: all).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for strategies that draw at random.")] = 0,
     device: Device = "auto",
     batch_size: BatchSize = 64,
@@ -101,7 +142,10 @@ def score(
     num_classes: NumClasses = None,
     trust_checkpoint: Trust = False,
 ) -> None:
-    """Embed what is missing, then rank every unlabeled image and record the run."""
+    """Rank the unlabeled images of a folder and record the run.
+
+    Embeds what is missing first; 'alselect export' then writes the ranking.
+    """
     from alselect.embed import EmbedOptions
     from alselect.pipeline import score_folder
     from alselect.store import Store

@@ -11,7 +11,7 @@ from typing import Annotated, TextIO
 
 import typer
 
-from alselect.cli.app import app, globals_of, reporter_for
+from alselect.cli.app import app, examples, globals_of, reporter_for
 from alselect.errors import DataError
 
 
@@ -28,11 +28,19 @@ def utf8_stdout() -> Iterator[TextIO]:
             stream.detach()
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        ("the 500 images to annotate first, as CSV", "alselect export --top 500 -o batch.csv"),
+        ("look at the next 20 without recording them as sent", "alselect export --top 20 --dry-run"),
+        ("absolute paths, one per line", "alselect export --format paths --absolute"),
+    )
+)
 def export(
     ctx: typer.Context,
     top: Annotated[int | None, typer.Option(min=1, help="At most N images [default: all].")] = None,
-    format: Annotated[str, typer.Option("--format", "-f", help="csv, tsv, jsonl or paths.")] = "csv",
+    format: Annotated[
+        str, typer.Option("--format", "-f", metavar="FORMAT", help="csv, tsv, jsonl or paths.")
+    ] = "csv",
     output: Annotated[
         Path | None,
         typer.Option("--output", "-o", help="Write here atomically instead of stdout ('-': stdout)."),
@@ -41,7 +49,10 @@ def export(
     absolute: Annotated[bool, typer.Option(help="Absolute paths instead of folder-relative.")] = False,
     dry_run: Annotated[bool, typer.Option(help="Write the list but do not record it as exported.")] = False,
 ) -> None:
-    """Write the latest run's ranking (rank 1 = annotate first) and remember what was sent."""
+    """Write the latest run's ranking, best first, and remember it.
+
+    Rank 1 = annotate first. Labeled images and those sent in earlier exports are left out.
+    """
     from alselect.export import export_latest
     from alselect.exporters import get_exporter
     from alselect.store import Store
@@ -77,10 +88,18 @@ def export(
         )
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        ("an export, once its images are annotated", "alselect label batch.csv"),
+        ("a list of paths, one per line", "find done/ -name '*.jpg' | alselect label -"),
+    )
+)
 def label(
     ctx: typer.Context,
-    source: Annotated[str, typer.Argument(help="File of paths or CSV with a path column; - for stdin.")],
+    source: Annotated[
+        str,
+        typer.Argument(metavar="FILE", help="File of paths or CSV with a path column; - for stdin."),
+    ],
 ) -> None:
     """Mark images as annotated so they are never selected again."""
     from alselect.labels import import_labels
