@@ -62,7 +62,7 @@ def export(
         output = None  # the usual spelling of stdout, not a file named '-'
 
     with (
-        Store.open(globals_of(ctx).store, write=True) as store,
+        Store.open(globals_of(ctx).store, write=not dry_run) as store,  # a dry run only reads
         reporter_for(ctx) as reporter,
         utf8_stdout() as stdout,
     ):

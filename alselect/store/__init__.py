@@ -18,6 +18,7 @@ import numpy as np
 from alselect.errors import StoreError
 from alselect.store import migrations
 from alselect.store.arrays import append_rows, read_rows, rows_fit
+from alselect.store.connect import READ_WAL, WRITE, can_write, open_connection, open_mode, read_only_error
 from alselect.store.lock import WriterLock
 
 DB_FILE = "alselect.db"
@@ -83,6 +84,7 @@ class Store:
         self.path = path
         self.conn = conn
         self.lock = lock
+        self.read_only = False  # opened by a reader who cannot write (see alselect.store.connect)
         self._fault_counts: dict[str, int] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -96,7 +98,12 @@ class Store:
         create: bool = False,
         lock_timeout: float | None = None,
     ) -> Store:
-        """Open the store at ``path`` (``create`` makes a missing one); writers take the lock first."""
+        """Open the store at ``path`` (``create`` makes a missing one); writers take the lock first.
+
+        A reader who cannot write to the store (a shared store, a read-only mount) gets a connection
+        that never writes (see ``alselect.store.connect``); a writer who cannot write gets one
+        clear ``StoreError`` before anything is touched.
+        """
         path = Path(path) if path is not None else default_store_path()
         db_path = path / DB_FILE
         if not (write and create) and not db_path.exists():
@@ -107,10 +114,13 @@ class Store:
                 (path / "arrays").mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise StoreError(f"cannot create store at {path}: {exc}") from exc
+            if not can_write(path, db_path):
+                raise read_only_error(path)
             lock = WriterLock(path / LOCK_FILE, timeout=lock_timeout)
             lock.acquire()
+        mode = open_mode(path, db_path, write)
         try:
-            conn = sqlite3.connect(db_path, isolation_level=None, timeout=30.0)
+            conn = open_connection(db_path, mode)
             conn.execute("PRAGMA busy_timeout = 30000")
             if write:
                 conn.execute("PRAGMA journal_mode = WAL")
@@ -119,16 +129,28 @@ class Store:
             if write:
                 migrations.apply(conn)
             elif migrations.pending(conn):
+                if mode != WRITE:
+                    raise StoreError(
+                        f"store {path} was written by an older alselect and must be upgraded, which "
+                        "needs write access: ask its owner to run 'alselect status' once"
+                    )
                 _upgrade_briefly(path, conn)
         except sqlite3.DatabaseError as exc:
             if lock:
                 lock.release()
+            if mode == READ_WAL:
+                raise StoreError(
+                    f"store {path} is being written (its write-ahead log is not empty) and cannot be "
+                    f"read without write access ({exc}); try again when the writer has finished"
+                ) from exc
             raise StoreError(f"store database {db_path} is unreadable: {exc}") from exc
         except BaseException:
             if lock:
                 lock.release()
             raise
-        return cls(path, conn, lock)
+        store = cls(path, conn, lock)
+        store.read_only = mode != WRITE
+        return store
 
     def close(self) -> None:
         self.conn.close()
@@ -145,7 +167,7 @@ class Store:
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One atomic write; rolled back on any exception."""
         if self.lock is None:
-            raise StoreError("store opened read-only")
+            raise StoreError("store opened for reading only")
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield self.conn
