@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from alselect.checkpoints import LoadedModel
 from alselect.errors import AlselectError, UsageError
 from alselect.images import OUT_OF_MEMORY, ImageDecodeError, load_image
-from alselect.preprocess import Preprocess
+from alselect.preprocess import DEFAULT_MAX_PIXELS, Preprocess
 from alselect.progress import NULL_REPORTER, Reporter
 
 
@@ -33,6 +33,7 @@ class EmbedOptions:
     device: str = "auto"
     batch_size: int = 64
     workers: int | None = None  # None: min(4, CPU count); 0: decode in this process
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images fail as decompression bombs
 
     def worker_count(self) -> int:
         if self.workers is not None:
@@ -65,11 +66,16 @@ Decoded = tuple[int, "np.ndarray | None", "str | None"]
 
 class _ImageFiles(Dataset[Decoded]):
     def __init__(
-        self, paths: Sequence[Path], preprocess: Preprocess, expected_sha256: Sequence[str] | None = None
+        self,
+        paths: Sequence[Path],
+        preprocess: Preprocess,
+        expected_sha256: Sequence[str] | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.paths = paths
         self.preprocess = preprocess
         self.expected_sha256 = expected_sha256
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -77,7 +83,8 @@ class _ImageFiles(Dataset[Decoded]):
     def __getitem__(self, index: int) -> Decoded:
         expected = None if self.expected_sha256 is None else self.expected_sha256[index]
         try:
-            return index, load_image(self.paths[index], self.preprocess, expected), None
+            image = load_image(self.paths[index], self.preprocess, expected, max_pixels=self.max_pixels)
+            return index, image, None
         except ImageDecodeError as exc:
             return index, None, str(exc)
         except MemoryError:
@@ -195,7 +202,7 @@ def run_model(
     device = resolve_device(options.device)
     model.to(device)
     workers = options.worker_count()
-    dataset = _ImageFiles(paths, preprocess, expected_sha256)
+    dataset = _ImageFiles(paths, preprocess, expected_sha256, options.max_pixels)
     mean = torch.tensor(preprocess.mean, device=device).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(preprocess.std, device=device).view(1, 3, 1, 1) * 255.0
     total = len(paths)

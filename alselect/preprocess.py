@@ -11,6 +11,10 @@ from alselect.errors import CheckpointError, UsageError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_IMAGE_SIZE = 224
+# Images with more pixels are refused as decompression bombs (``--max-pixels``). 500 MP is 2.5 times
+# the largest phone sensors (200 MP) and over 3 times medium-format backs (150 MP). JPEGs of any size
+# decode at 1/8 scale (draft); other formats are box-reduced right after loading (alselect.images).
+DEFAULT_MAX_PIXELS = 500_000_000
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import io
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,8 @@ from alselect.pipeline import ModelSpec, ScoreResult, score_folder
 from alselect.store import Store
 
 MakeImages = Callable[..., list[Path]]
+REPO = Path(__file__).resolve().parent.parent
+needs_proc = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
 FAST = EmbedOptions(device="cpu", batch_size=4, workers=0)
 
 
@@ -46,3 +51,34 @@ def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
         main(list(args))
     out, err = capsys.readouterr()
     return int(stop.value.code or 0), out, err
+
+
+def decode_peak_growth(path: Path, image_size: int = 224, resize_size: int = 256) -> int:
+    """Bytes by which a fresh process's peak RSS grows while ``load_image`` decodes ``path``.
+
+    VmHWM, not ru_maxrss: a child's ru_maxrss starts from the (large) pytest process it forked from.
+    """
+    script = textwrap.dedent(
+        """
+        import sys
+        from pathlib import Path
+        from alselect.images import load_image
+        from alselect.preprocess import Preprocess
+
+        def peak():
+            with open("/proc/self/status") as status:
+                return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+
+        before = peak()
+        load_image(Path(sys.argv[1]), Preprocess(image_size=int(sys.argv[2]), resize_size=int(sys.argv[3])))
+        print(peak() - before)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(path), str(image_size), str(resize_size)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    )
+    return int(done.stdout.strip())

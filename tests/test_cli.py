@@ -248,3 +248,17 @@ def test_python_dash_m_reports_version() -> None:
         [sys.executable, "-m", "alselect", "--version"], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0 and done.stdout.startswith("alselect ")
+
+
+def test_max_pixels_reaches_the_decoder(
+    tmp_path: Path, tiny_checkpoint: Path, make_images: MakeImages, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_images(tmp_path / "pool", 2)  # 24x20 = 480 pixels each
+    store = ["--store", str(tmp_path / "store")]
+    args = ["score", str(tmp_path / "pool"), "-m", str(tiny_checkpoint), "-s", "entropy", "--workers", "0"]
+    code, _, err = cli(capsys, *store, *args, "--max-pixels", "479")
+    assert code == 0, err
+    assert "2 image(s) skipped (2 decompression bomb)" in err
+    code, out, _ = cli(capsys, *store, "status", "--failed")
+    reason = "decompression bomb: 24x20 = 480 pixels is over the limit of 479 pixels (--max-pixels)"
+    assert out.count(reason) == 2

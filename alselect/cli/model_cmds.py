@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from alselect.cli.app import app, examples, globals_of, help_field, reporter_for
+from alselect.preprocess import DEFAULT_MAX_PIXELS
 from alselect.progress import Reporter
 
 if TYPE_CHECKING:
@@ -33,6 +34,14 @@ NumClasses = Annotated[int | None, typer.Option(min=1, help="Classes of a plain 
 Trust = Annotated[
     bool,
     typer.Option("--trust-checkpoint", help="Allow arbitrary unpickling (only for checkpoints you trust)."),
+]
+MaxPixels = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        help="Fail images with more pixels than this as decompression bombs (default: 500 million).",
+        show_default=False,
+    ),
 ]
 Strategy = Annotated[
     str,
@@ -97,6 +106,7 @@ def embed(
     arch: Arch = None,
     num_classes: NumClasses = None,
     trust_checkpoint: Trust = False,
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Embed new or changed images into the store.
 
@@ -110,7 +120,9 @@ def embed(
     spec = _spec(model, arch, num_classes, trust_checkpoint, image_size, mean, std)
     _check_inputs(folder, model)
     with Store.open(globals_of(ctx).store, write=True, create=True) as store, reporter_for(ctx) as reporter:
-        result = embed_folder(store, folder, spec, EmbedOptions(device, batch_size, workers), reporter)
+        result = embed_folder(
+            store, folder, spec, EmbedOptions(device, batch_size, workers, max_pixels), reporter
+        )
         reporter.close()
         _report_embed(reporter, result)
 
@@ -141,6 +153,7 @@ def score(
     arch: Arch = None,
     num_classes: NumClasses = None,
     trust_checkpoint: Trust = False,
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Rank the unlabeled images of a folder and record the run.
 
@@ -163,7 +176,7 @@ def score(
             strategy,
             budget=budget,
             seed=seed,
-            options=EmbedOptions(device, batch_size, workers),
+            options=EmbedOptions(device, batch_size, workers, max_pixels),
             reporter=reporter,
             command=command,
         )
