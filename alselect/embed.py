@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from alselect.checkpoints import LoadedModel
 from alselect.errors import AlselectError, UsageError
 from alselect.images import OUT_OF_MEMORY, ImageDecodeError, load_image
-from alselect.preprocess import DEFAULT_MAX_PIXELS, Preprocess
+from alselect.limits import DEFAULT_MAX_PIXELS, PREFETCH_BATCHES, check_batch_memory, default_workers
+from alselect.preprocess import Preprocess
 from alselect.progress import NULL_REPORTER, Reporter
 
 
@@ -40,7 +41,7 @@ class EmbedOptions:
             if self.workers < 0:
                 raise UsageError(f"--workers must be >= 0, got {self.workers}")
             return self.workers
-        return min(4, os.cpu_count() or 1)
+        return default_workers()
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -166,7 +167,7 @@ def _loader(dataset: Dataset[Decoded], batch_size: int, workers: int, device: to
         collate_fn=_keep_as_list,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
-        prefetch_factor=4 if workers > 0 else None,
+        prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
         worker_init_fn=functools.partial(_die_with_parent, os.getpid()) if workers > 0 else None,
     )
 
@@ -195,13 +196,12 @@ def run_model(
     handed to ``on_batch`` are decoded in this process instead; a ``MemoryError`` there fails
     that file with "out of memory while decoding".
     """
-    if options.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {options.batch_size}")
+    workers = options.worker_count()
+    check_batch_memory(options.batch_size, preprocess.image_size, workers)
     if expected_sha256 is not None and len(expected_sha256) != len(paths):
         raise ValueError(f"expected_sha256 has {len(expected_sha256)} entries for {len(paths)} paths")
     device = resolve_device(options.device)
     model.to(device)
-    workers = options.worker_count()
     dataset = _ImageFiles(paths, preprocess, expected_sha256, options.max_pixels)
     mean = torch.tensor(preprocess.mean, device=device).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(preprocess.std, device=device).view(1, 3, 1, 1) * 255.0

@@ -13,7 +13,8 @@ from typing import IO, cast
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from alselect.preprocess import DEFAULT_MAX_PIXELS, Preprocess
+from alselect.limits import DEFAULT_MAX_PIXELS
+from alselect.preprocess import Preprocess
 
 CHANGED_WHILE_READING = "changed while reading"
 OUT_OF_MEMORY = "out of memory while decoding"

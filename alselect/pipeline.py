@@ -17,6 +17,7 @@ from alselect.discover import resolve_root
 from alselect.embed import EmbedOptions, resolve_device, run_model
 from alselect.errors import UsageError
 from alselect.images import CHANGED_WHILE_READING
+from alselect.limits import check_batch_memory
 from alselect.preprocess import Preprocess
 from alselect.progress import NULL_REPORTER, Reporter
 from alselect.store import Store, model_display_name
@@ -107,6 +108,8 @@ def embed_folder(
 def _embed(
     store: Store, root: Path, prepared: PreparedModel, options: EmbedOptions, reporter: Reporter
 ) -> EmbedResult:
+    # before the folder is scanned: options that cannot fit in memory are a usage error, not an OOM kill
+    check_batch_memory(options.batch_size, prepared.preprocess.image_size, options.worker_count())
     model = prepared.model
     store.register_model(
         prepared.key,

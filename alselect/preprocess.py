@@ -7,14 +7,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from alselect.errors import CheckpointError, UsageError
+from alselect.limits import MAX_IMAGE_SIZE, check_image_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_IMAGE_SIZE = 224
-# Images with more pixels are refused as decompression bombs (``--max-pixels``). 500 MP is 2.5 times
-# the largest phone sensors (200 MP) and over 3 times medium-format backs (150 MP). JPEGs of any size
-# decode at 1/8 scale (draft); other formats are box-reduced right after loading (alselect.images).
-DEFAULT_MAX_PIXELS = 500_000_000
 
 
 @dataclass(frozen=True)
@@ -45,6 +42,8 @@ class Preprocess:
             resize = int(meta.get("resize_size", size))
             mean = _triple(meta.get("mean", IMAGENET_MEAN), "mean")
             std = _triple(meta.get("std", IMAGENET_STD), "std")
+            if not 1 <= size <= MAX_IMAGE_SIZE:
+                raise ValueError(f"image_size {size} is outside 1..{MAX_IMAGE_SIZE}")
         except (TypeError, ValueError, UsageError) as exc:
             raise CheckpointError(f"invalid preprocessing metadata in checkpoint: {exc}") from exc
         return cls(image_size=size, resize_size=max(resize, size), mean=mean, std=std)
@@ -58,8 +57,7 @@ class Preprocess:
         """Apply command-line overrides; a new ``image_size`` keeps the resize/crop ratio."""
         size, resize = self.image_size, self.resize_size
         if image_size is not None:
-            if image_size < 1:
-                raise UsageError(f"--image-size must be positive, got {image_size}")
+            check_image_size(image_size)
             resize = round(image_size * self.resize_size / self.image_size)
             size = image_size
         new_mean = _triple(mean, "--mean") if mean is not None else self.mean

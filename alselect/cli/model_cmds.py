@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from alselect.cli.app import app, examples, globals_of, help_field, reporter_for
-from alselect.preprocess import DEFAULT_MAX_PIXELS
+from alselect.limits import DEFAULT_MAX_PIXELS
 from alselect.progress import Reporter
 
 if TYPE_CHECKING:
@@ -118,7 +118,7 @@ def embed(
     from alselect.store import Store
 
     spec = _spec(model, arch, num_classes, trust_checkpoint, image_size, mean, std)
-    _check_inputs(folder, model)
+    _check_inputs(folder, model, batch_size, workers, image_size)
     with Store.open(globals_of(ctx).store, write=True, create=True) as store, reporter_for(ctx) as reporter:
         result = embed_folder(
             store, folder, spec, EmbedOptions(device, batch_size, workers, max_pixels), reporter
@@ -167,7 +167,7 @@ def score(
     make_strategy(strategy)  # unknown names are a usage error before any work
     spec = _spec(model, arch, num_classes, trust_checkpoint, image_size, mean, std)
     command = shlex.join(["alselect", *sys.argv[1:]])
-    _check_inputs(folder, model)
+    _check_inputs(folder, model, batch_size, workers, image_size)
     with Store.open(globals_of(ctx).store, write=True, create=True) as store, reporter_for(ctx) as reporter:
         result = score_folder(
             store,
@@ -189,11 +189,17 @@ def score(
         )
 
 
-def _check_inputs(folder: Path, model: Path) -> None:
-    """Fail on a missing folder or checkpoint before a store is created for nothing."""
+def _check_inputs(
+    folder: Path, model: Path, batch_size: int, workers: int | None, image_size: int | None
+) -> None:
+    """Fail on a missing folder or checkpoint, or options too big for memory, before any work."""
     from alselect.discover import resolve_root
     from alselect.errors import CheckpointError
+    from alselect.limits import check_batch_memory, check_image_size, default_workers
 
+    if image_size is not None:  # else it comes from the checkpoint: checked once that is loaded
+        check_image_size(image_size)
+        check_batch_memory(batch_size, image_size, default_workers() if workers is None else workers)
     resolve_root(folder)
     if not model.is_file():
         raise CheckpointError(f"checkpoint not found: {model}")
