@@ -198,6 +198,7 @@ def run_model(
     """
     workers = options.worker_count()
     check_batch_memory(options.batch_size, preprocess.image_size, workers)
+    model.check_input_size(preprocess.image_size)
     if expected_sha256 is not None and len(expected_sha256) != len(paths):
         raise ValueError(f"expected_sha256 has {len(expected_sha256)} entries for {len(paths)} paths")
     device = resolve_device(options.device)

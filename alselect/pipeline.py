@@ -82,6 +82,7 @@ def prepare_model(spec: ModelSpec) -> PreparedModel:
         CheckpointOptions(spec.arch, spec.num_classes, spec.trust_checkpoint),
     )
     preprocess = model.preprocess.override(spec.image_size, spec.mean, spec.std)
+    model.check_input_size(preprocess.image_size)
     key = model.sha256
     if preprocess != model.preprocess:
         settings = json.dumps(preprocess.to_dict(), sort_keys=True)

@@ -113,7 +113,8 @@ def bad_state_dict(tmp_path: Path) -> Path:
     [
         ("missing folder", 1, "image folder not found"),
         ("missing checkpoint", 1, "checkpoint not found"),
-        ("malformed checkpoint", 1, "not a readable PyTorch checkpoint"),
+        ("checkpoint is a folder", 1, "is a folder, not a checkpoint file; it holds junk.pt, sd.pt"),
+        ("malformed checkpoint", 1, "junk.pt is a text file (it starts with 'this is not a checkpoint"),
         ("wrong num classes", 1, "checkpoint has 3 classes but --num-classes is 5"),
         ("state dict without arch", 1, "--arch"),
         ("unknown strategy", 2, "known strategies: entropy, least-confidence, margin, random, ratio"),
@@ -151,6 +152,7 @@ def test_errors_are_one_line_with_the_documented_exit_code(
             "entropy",
         ],
         "missing checkpoint": [*score, "--model", str(tmp_path / "nope.pt")],
+        "checkpoint is a folder": [*score, "--model", str(tmp_path)],
         "malformed checkpoint": [*score, "--model", str(tmp_path / "junk.pt")],
         "wrong num classes": [
             *score,

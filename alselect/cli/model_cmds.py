@@ -193,16 +193,15 @@ def _check_inputs(
     folder: Path, model: Path, batch_size: int, workers: int | None, image_size: int | None
 ) -> None:
     """Fail on a missing folder or checkpoint, or options too big for memory, before any work."""
+    from alselect.checkpoints.identify import check_checkpoint_path
     from alselect.discover import resolve_root
-    from alselect.errors import CheckpointError
     from alselect.limits import check_batch_memory, check_image_size, default_workers
 
     if image_size is not None:  # else it comes from the checkpoint: checked once that is loaded
         check_image_size(image_size)
         check_batch_memory(batch_size, image_size, default_workers() if workers is None else workers)
     resolve_root(folder)
-    if not model.is_file():
-        raise CheckpointError(f"checkpoint not found: {model}")
+    check_checkpoint_path(model)
 
 
 def _report_embed(reporter: Reporter, result: EmbedResult) -> None:
