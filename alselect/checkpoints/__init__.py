@@ -25,9 +25,8 @@ def load_checkpoint(path: str | Path, options: CheckpointOptions | None = None) 
     check_checkpoint_path(path)
     import_submodules(__name__, __path__)
     ckpt = CheckpointFile(path, trust=options.trust_checkpoint)
-    damaged = ckpt.damaged_member()
-    if damaged:
-        raise CheckpointError(damaged)
+    if ckpt.damage:  # before any loader: torch.load itself never checks the zip checksums
+        raise CheckpointError(ckpt.damage)
     for _order, _name, loader in registered_loaders():
         model = loader(ckpt, options)
         if model is not None:

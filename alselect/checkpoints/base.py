@@ -145,9 +145,8 @@ class CheckpointFile:
 
     def load_error(self, exc: Exception) -> CheckpointError:
         """Tell a file that needs trust from a damaged one: only the first should mention trust."""
-        damaged = self.damaged_member()
-        if damaged:
-            return CheckpointError(damaged)
+        if self.damage:
+            return CheckpointError(self.damage)
         detail = str(exc)
         found = _UNSAFE_GLOBAL.search(detail)
         name = found.group(1) if found else ""
@@ -169,7 +168,8 @@ class CheckpointFile:
             f"({type(exc).__name__}: {detail})"
         )
 
-    def damaged_member(self) -> str | None:
+    @cached_property
+    def damage(self) -> str | None:
         """A message naming the first zip member whose CRC-32 does not match, if any.
 
         ``torch.load`` does not check these checksums: a flipped bit in the weights loads silently.
