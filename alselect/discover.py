@@ -30,7 +30,6 @@ class WalkProblems:
     """Things skipped while walking that the user should hear about."""
 
     unreadable_dirs: list[str] = field(default_factory=list)
-    undecodable_names: int = 0
     symlink_loops: int = 0
 
 
@@ -50,7 +49,8 @@ def walk_images(root: Path, problems: WalkProblems | None = None) -> Iterator[Fo
     A symlink back to one of its own ancestors is a loop and is skipped (as ``find -L`` does);
     other aliases are walked, and duplicate contents are merged later by hash. Hidden files and
     folders (leading ``.``) are skipped: they hold caches, checkpoints and macOS resource forks.
-    Names that are not valid UTF-8 are counted and skipped.
+    Names that are not valid UTF-8 are kept as ``os.fsdecode`` gives them (surrogate escapes): they
+    open the right file, and the store keeps them losslessly (``alselect.store.names``).
     """
     problems = problems if problems is not None else WalkProblems()
     yield from _walk(root, "", frozenset(), problems)
@@ -75,9 +75,6 @@ def _walk(
         name = entry.name
         if name.startswith("."):
             continue
-        if not _is_utf8(name):
-            problems.undecodable_names += 1
-            continue
         relpath = f"{prefix}{name}"
         try:
             if entry.is_dir():  # follows symlinks; loops are caught by the ancestor set
@@ -89,14 +86,6 @@ def _walk(
         except OSError:
             continue  # dangling symlink or a file removed mid-walk
         yield FoundFile(relpath=relpath, size=stat.st_size, mtime_ns=stat.st_mtime_ns)
-
-
-def _is_utf8(name: str) -> bool:
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:  # surrogate-escaped bytes from a non-UTF-8 file name
-        return False
-    return True
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from alselect.errors import DataError
 from alselect.store import Store
+from alselect.store.names import from_db, to_db
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 CHUNK = 500  # bound parameters per IN (...) query, under SQLite's oldest default limit of 999
@@ -139,7 +140,8 @@ def resolve_paths(
             found[raw] = next((sha for sha, status in hits if status == "present"), hits[0][0])
     pending = {raw: relpath for raw, relpath in as_relpath.items() if raw not in found}
     by_relpath = lookup_relpaths(store, set(pending.values()))
-    latest = store.scalar("SELECT root FROM runs ORDER BY id DESC LIMIT 1")
+    run = store.latest_run()
+    latest = run["root"] if run else None
     unknown: list[str] = []
     ambiguous: list[str] = []
     for raw in dict.fromkeys(paths):
@@ -161,14 +163,8 @@ def resolve_paths(
 
 
 def usable(path: str) -> bool:
-    """Whether a path can be a stored one: no NUL, encodable as UTF-8 (as the walk requires)."""
-    if not path or "\0" in path:
-        return False
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    """Whether a path can be a stored one: no NUL (names that are not UTF-8 are fine)."""
+    return bool(path) and "\0" not in path
 
 
 class RootLocator:
@@ -229,7 +225,7 @@ def stored_roots(store: Store) -> list[str]:
                SELECT (SELECT MIN(root) FROM images WHERE root > r.root) FROM r WHERE r.root IS NOT NULL
            ) SELECT root FROM r WHERE root IS NOT NULL"""
     )
-    return [str(row[0]) for row in rows]
+    return [from_db(str(row[0])) for row in rows]
 
 
 def lookup_exact(store: Store, pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, str]]:
@@ -243,9 +239,9 @@ def lookup_exact(store: Store, pairs: Iterable[tuple[str, str]]) -> dict[tuple[s
             for relpath, sha, status in store.rows(
                 "SELECT relpath, sha256, status FROM images "
                 f"WHERE root = ? AND relpath IN ({marks(chunk)}) AND sha256 IS NOT NULL",
-                [root, *chunk],
+                [to_db(root), *map(to_db, chunk)],
             ):
-                found[(root, relpath)] = (sha, status)
+                found[(root, from_db(relpath))] = (sha, status)
     return found
 
 
@@ -256,9 +252,9 @@ def lookup_relpaths(store: Store, relpaths: Iterable[str]) -> dict[str, list[tup
         for root, relpath, sha, status in store.rows(
             "SELECT root, relpath, sha256, status FROM images "
             f"WHERE relpath IN ({marks(chunk)}) AND sha256 IS NOT NULL ORDER BY root",
-            chunk,
+            [to_db(path) for path in chunk],
         ):
-            found.setdefault(relpath, []).append((root, sha, status))
+            found.setdefault(from_db(relpath), []).append((from_db(root), sha, status))
     return found
 
 

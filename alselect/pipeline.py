@@ -21,6 +21,7 @@ from alselect.limits import check_batch_memory
 from alselect.preprocess import Preprocess
 from alselect.progress import NULL_REPORTER, Reporter
 from alselect.store import Store, model_display_name
+from alselect.store.names import to_db
 from alselect.strategies import PoolInputs, make_strategy
 from alselect.sync import SyncResult, sync_folder
 
@@ -129,7 +130,7 @@ def _embed(
         store.scalar(
             "SELECT COUNT(DISTINCT i.sha256) FROM images i JOIN embeddings e "
             "ON e.sha256 = i.sha256 AND e.model_key = ? WHERE i.root = ? AND i.status = 'present'",
-            (prepared.key, str(root)),
+            (prepared.key, to_db(str(root))),
         )
         or 0
     )

@@ -6,6 +6,7 @@ from collections import Counter
 from typing import Any
 
 from alselect.store import Store, model_display_name
+from alselect.store.names import from_db
 
 
 def store_status(store: Store, list_failed: bool = False) -> dict[str, Any]:
@@ -20,7 +21,7 @@ def store_status(store: Store, list_failed: bool = False) -> dict[str, Any]:
     models = [
         {
             "model": model_display_name(ckpt, key),
-            "checkpoint": path,
+            "checkpoint": from_db(path),
             "kind": kind,
             "classes": num_classes,
             "dim": dim,
@@ -41,7 +42,7 @@ def store_status(store: Store, list_failed: bool = False) -> dict[str, Any]:
             "failed": by_status.get("failed", 0),
         },
         "failed_reasons": dict(reasons.most_common()),
-        "folders": [r[0] for r in store.rows("SELECT DISTINCT root FROM images ORDER BY root")],
+        "folders": [from_db(r[0]) for r in store.rows("SELECT DISTINCT root FROM images ORDER BY root")],
         "models": models,
         "runs": store.scalar("SELECT COUNT(*) FROM runs") or 0,
         "labeled": store.scalar("SELECT COUNT(*) FROM labels") or 0,
@@ -60,6 +61,6 @@ def store_status(store: Store, list_failed: bool = False) -> dict[str, Any]:
     }
     if list_failed:
         status["failed_images"] = [
-            {"folder": root, "path": rel, "reason": reason} for root, rel, reason in failed
+            {"folder": from_db(root), "path": from_db(rel), "reason": reason} for root, rel, reason in failed
         ]
     return status

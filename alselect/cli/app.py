@@ -14,12 +14,14 @@ A command adds examples with ``@app.command(epilog=examples(...))``.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Annotated, Any
+from typing import Annotated, Any, TextIO
 
 import typer
 
@@ -222,6 +224,20 @@ def _fill_fields(command: Any) -> None:
     for param in command.params:
         if hasattr(param, "help"):
             param.help = fill(param.help)
+
+
+@contextlib.contextmanager
+def data_stdout() -> Iterator[TextIO]:
+    """stdout for data: UTF-8, no newline translation, and file names that are not UTF-8 written
+    with their original bytes (as ``ls`` does). Detached afterwards, so stdout stays open."""
+    stream = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", errors="surrogateescape", newline="")
+    try:
+        yield stream
+    finally:
+        with contextlib.suppress(ValueError, OSError):
+            stream.flush()
+        with contextlib.suppress(ValueError):
+            stream.detach()
 
 
 def err(message: str) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from alselect.cli.app import app, examples, globals_of
+from alselect.cli.app import app, data_stdout, examples, globals_of
 
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable JSON.")]
 
@@ -33,10 +33,8 @@ def status(
 
     with Store.open(globals_of(ctx).store) as store:
         info = store_status(store, list_failed=failed)
-    if as_json:
-        typer.echo(json.dumps(info, indent=2))
-        return
-    typer.echo(_format_status(info))
+    with data_stdout() as stdout:
+        stdout.write((json.dumps(info, indent=2) if as_json else _format_status(info)) + "\n")
 
 
 def _format_status(info: dict[str, Any]) -> str:

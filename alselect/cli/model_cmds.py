@@ -220,5 +220,3 @@ def _report_embed(reporter: Reporter, result: EmbedResult) -> None:
             f"{len(problems.unreadable_dirs)} unreadable folder(s) skipped, "
             f"e.g. {problems.unreadable_dirs[0]}"
         )
-    if problems.undecodable_names:
-        reporter.warning(f"{problems.undecodable_names} file name(s) that are not valid UTF-8 skipped")

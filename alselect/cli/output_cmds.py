@@ -2,30 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, TextIO
+from typing import Annotated
 
 import typer
 
-from alselect.cli.app import app, examples, globals_of, reporter_for
+from alselect.cli.app import app, data_stdout, examples, globals_of, reporter_for
 from alselect.errors import DataError
-
-
-@contextlib.contextmanager
-def utf8_stdout() -> Iterator[TextIO]:
-    """stdout as UTF-8 with no newline translation, detached afterwards (stdout stays open)."""
-    stream = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", newline="")
-    try:
-        yield stream
-    finally:
-        with contextlib.suppress(ValueError, OSError):
-            stream.flush()
-        with contextlib.suppress(ValueError):
-            stream.detach()
 
 
 @app.command(
@@ -64,7 +48,7 @@ def export(
     with (
         Store.open(globals_of(ctx).store, write=not dry_run) as store,  # a dry run only reads
         reporter_for(ctx) as reporter,
-        utf8_stdout() as stdout,
+        data_stdout() as stdout,
     ):
         result = export_latest(
             store,
@@ -109,8 +93,9 @@ def label(
         text = sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape")
     else:
         try:
-            text = Path(source).read_bytes().decode("utf-8")  # exact text: a CR inside a CSV field stays
-        except (OSError, UnicodeDecodeError) as exc:
+            # exact text: a CR inside a CSV field stays; names that are not UTF-8 keep their bytes
+            text = Path(source).read_bytes().decode("utf-8", errors="surrogateescape")
+        except OSError as exc:
             raise DataError(f"cannot read label list {source}: {exc}") from exc
     with Store.open(globals_of(ctx).store, write=True) as store, reporter_for(ctx) as reporter:
         result = import_labels(store, text, source)

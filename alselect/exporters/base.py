@@ -144,7 +144,7 @@ def atomic_output(path: Path) -> Iterator[TextIO]:
     except OSError as exc:
         raise AlselectError(f"cannot write in {directory}: {exc.strerror}") from exc
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="") as handle:
             if info is not None:
                 _look_like(tmp, handle.fileno(), info)
             yield handle
@@ -179,7 +179,7 @@ def _write_in_place(path: Path, fd_alias: int | None) -> Iterator[TextIO]:
     except OSError as exc:
         raise AlselectError(f"cannot write {path}: {exc.strerror}") from exc
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="") as handle:
             yield handle
             handle.flush()
     except OSError as exc:  # the reader went away (broken pipe), a full device

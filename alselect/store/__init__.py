@@ -20,6 +20,7 @@ from alselect.store import migrations
 from alselect.store.arrays import append_rows, read_rows, rows_fit
 from alselect.store.connect import READ_WAL, WRITE, can_write, open_connection, open_mode, read_only_error
 from alselect.store.lock import WriterLock
+from alselect.store.names import from_db, to_db
 
 DB_FILE = "alselect.db"
 LOCK_FILE = "lock"
@@ -193,9 +194,9 @@ class Store:
     def images_under(self, root: str) -> dict[str, ImageRecord]:
         rows = self.conn.execute(
             "SELECT id, relpath, sha256, size, mtime_ns, status, reason FROM images WHERE root = ?",
-            (root,),
+            (to_db(root),),
         )
-        return {r[1]: ImageRecord(*r) for r in rows}
+        return {from_db(r[1]): ImageRecord(r[0], from_db(r[1]), *r[2:]) for r in rows}
 
     def upsert_images(
         self, root: str, rows: Sequence[tuple[str, str | None, int, int, str, str | None]]
@@ -210,11 +211,11 @@ class Store:
                    ON CONFLICT (root, relpath) DO UPDATE SET sha256 = excluded.sha256,
                      size = excluded.size, mtime_ns = excluded.mtime_ns, status = excluded.status,
                      reason = excluded.reason, last_seen = excluded.last_seen""",
-                [(root, *row, now, now) for row in rows],
+                [(to_db(root), to_db(row[0]), *row[1:], now, now) for row in rows],
             )
 
     def mark_absent(self, root: str, relpaths: Iterable[str]) -> int:
-        items = [(root, p) for p in relpaths]
+        items = [(to_db(root), to_db(p)) for p in relpaths]
         with self.transaction() as conn:
             conn.executemany(
                 "UPDATE images SET status = 'absent', reason = NULL WHERE root = ? AND relpath = ?",
@@ -228,7 +229,7 @@ class Store:
             conn.executemany(
                 "UPDATE images SET status = 'failed', reason = ? "
                 "WHERE root = ? AND sha256 = ? AND status = 'present'",
-                [(reason, root, sha) for sha, reason in failures],
+                [(reason, to_db(root), sha) for sha, reason in failures],
             )
 
     # -- models and arrays ------------------------------------------------------------------
@@ -253,7 +254,7 @@ class Store:
                 (
                     key,
                     checkpoint_sha256,
-                    path,
+                    to_db(path),
                     kind,
                     arch,
                     num_classes,
@@ -283,6 +284,7 @@ class Store:
             "preprocess",
         )
         info = dict(zip(names, row, strict=True))
+        info["path"] = from_db(info["path"])
         info["classes"] = json.loads(info["classes"]) if info["classes"] else None
         info["preprocess"] = json.loads(info["preprocess"])
         return info
@@ -295,9 +297,9 @@ class Store:
                  AND NOT EXISTS (SELECT 1 FROM embeddings e
                                  WHERE e.sha256 = i.sha256 AND e.model_key = ?)
                GROUP BY i.sha256 ORDER BY MIN(i.relpath)""",
-            (root, model_key),
+            (to_db(root), model_key),
         )
-        return [(r[0], r[1]) for r in rows]
+        return [(r[0], from_db(r[1])) for r in rows]
 
     def add_embeddings(
         self, model_key: str, sha256: Sequence[str], probs: np.ndarray, embeddings: np.ndarray
@@ -380,7 +382,7 @@ class Store:
                FROM images i JOIN embeddings e ON e.sha256 = i.sha256 AND e.model_key = ?
                WHERE i.root = ? AND i.status = 'present'
                ORDER BY i.relpath""",
-            (model_key, root),
+            (model_key, to_db(root)),
         ).fetchall()
         seen: set[str] = set()
         unique = []
@@ -398,7 +400,7 @@ class Store:
         )
         return PoolArrays(
             image_ids=np.array([r[0] for r in unique], dtype=np.int64),
-            relpaths=[r[1] for r in unique],
+            relpaths=[from_db(r[1]) for r in unique],
             sha256=[r[2] for r in unique],
             probs=probs,
             embeddings=emb,
@@ -447,7 +449,7 @@ class Store:
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (
                     utcnow(),
-                    root,
+                    to_db(root),
                     model_key,
                     strategy,
                     json.dumps(params, sort_keys=True),
@@ -456,14 +458,17 @@ class Store:
                     labeled_count,
                     len(items),
                     version,
-                    command,
+                    None if command is None else to_db(command),
                 ),
             )
             run_id = int(cursor.lastrowid or 0)
             conn.executemany(
                 """INSERT INTO run_items (run_id, rank, image_id, relpath, sha256, score, predicted,
                                           confidence) VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
-                [(run_id, rank, *item) for rank, item in enumerate(items, start=1)],
+                [
+                    (run_id, rank, image_id, to_db(relpath), *rest)
+                    for rank, (image_id, relpath, *rest) in enumerate(items, start=1)
+                ],
             )
             # Rankings are large (one row per pool image); keep the last few, run metadata forever.
             conn.execute(
@@ -493,6 +498,7 @@ class Store:
         )
         run = dict(zip(names, row, strict=True))
         run["params"] = json.loads(run["params"])
+        run["root"] = from_db(run["root"])
         return run
 
     def exportable_items(self, run_id: int, include_exported: bool) -> Iterator[tuple[Any, ...]]:
@@ -502,7 +508,7 @@ class Store:
             if include_exported
             else ("AND NOT EXISTS (SELECT 1 FROM exported x WHERE x.sha256 = r.sha256)")
         )
-        yield from self.conn.execute(
+        rows = self.conn.execute(
             f"""SELECT r.rank, i.relpath, r.sha256, r.score, r.predicted, r.confidence
                 FROM run_items r JOIN images i ON i.id = r.image_id
                 WHERE r.run_id = ? AND i.status = 'present' AND i.sha256 = r.sha256
@@ -511,13 +517,15 @@ class Store:
                 ORDER BY r.rank""",
             (run_id,),
         )
+        for rank, relpath, *rest in rows:
+            yield (rank, from_db(relpath), *rest)
 
     def record_export(self, run_id: int, fmt: str, destination: str, items: Sequence[tuple[str, int]]) -> int:
         """Record ``(sha256, rank)`` rows as exported so later exports skip them."""
         with self.transaction() as conn:
             cursor = conn.execute(
                 "INSERT INTO exports (run_id, format, destination, count, created_at) VALUES (?, ?, ?, ?, ?)",
-                (run_id, fmt, destination, len(items), utcnow()),
+                (run_id, fmt, to_db(destination), len(items), utcnow()),
             )
             export_id = int(cursor.lastrowid or 0)
             conn.executemany(
@@ -547,7 +555,7 @@ class Store:
                                    ELSE labels.source END,
                      labeled_at = CASE WHEN excluded.label IS NOT NULL THEN excluded.labeled_at
                                        ELSE labels.labeled_at END""",
-                [(sha, source, now, classes.get(sha)) for sha in sorted(wanted)],
+                [(sha, to_db(source), now, classes.get(sha)) for sha in sorted(wanted)],
             )
             after = conn.execute("SELECT COUNT(*) FROM labels").fetchone()[0]
         return int(after - before)
