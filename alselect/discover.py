@@ -18,11 +18,16 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", 
 
 @dataclass(frozen=True)
 class FoundFile:
-    """One candidate image: path relative to the root (``/`` separators), size, mtime in ns."""
+    """One candidate image: path relative to the root (``/`` separators), size, mtime in ns.
+
+    ``link``: the path reaches the file through a symlink (the file's own name or a folder on the
+    way), so among paths to the same content a real one is preferred (see ``alselect.identity``).
+    """
 
     relpath: str
     size: int
     mtime_ns: int
+    link: bool = False
 
 
 @dataclass
@@ -53,11 +58,15 @@ def walk_images(root: Path, problems: WalkProblems | None = None) -> Iterator[Fo
     open the right file, and the store keeps them losslessly (``alselect.store.names``).
     """
     problems = problems if problems is not None else WalkProblems()
-    yield from _walk(root, "", frozenset(), problems)
+    yield from _walk(root, "", frozenset(), problems, via_link=False)
 
 
 def _walk(
-    directory: Path, prefix: str, ancestors: frozenset[tuple[int, int]], problems: WalkProblems
+    directory: Path,
+    prefix: str,
+    ancestors: frozenset[tuple[int, int]],
+    problems: WalkProblems,
+    via_link: bool,
 ) -> Iterator[FoundFile]:
     try:
         info = directory.stat()
@@ -77,15 +86,16 @@ def _walk(
             continue
         relpath = f"{prefix}{name}"
         try:
+            link = via_link or entry.is_symlink()
             if entry.is_dir():  # follows symlinks; loops are caught by the ancestor set
-                yield from _walk(Path(entry.path), relpath + "/", inside, problems)
+                yield from _walk(Path(entry.path), relpath + "/", inside, problems, link)
                 continue
             if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
                 continue
             stat = entry.stat()
         except OSError:
             continue  # dangling symlink or a file removed mid-walk
-        yield FoundFile(relpath=relpath, size=stat.st_size, mtime_ns=stat.st_mtime_ns)
+        yield FoundFile(relpath=relpath, size=stat.st_size, mtime_ns=stat.st_mtime_ns, link=link)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

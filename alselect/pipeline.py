@@ -20,6 +20,7 @@ from alselect.images import CHANGED_WHILE_READING
 from alselect.limits import check_batch_memory
 from alselect.preprocess import Preprocess
 from alselect.progress import NULL_REPORTER, Reporter
+from alselect.status import FolderCounts, folder_counts
 from alselect.store import Store, model_display_name
 from alselect.store.names import to_db
 from alselect.strategies import PoolInputs, make_strategy
@@ -55,6 +56,7 @@ class EmbedResult:
     embedded: int = 0
     already_embedded: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
+    counts: FolderCounts | None = None  # files, images and duplicates in the folder after the scan
 
     def failure_summary(self) -> str | None:
         """One line: how many images failed and why, or None when all decoded."""
@@ -125,6 +127,7 @@ def _embed(
     )
     sync = sync_folder(store, root, reporter)
     result = EmbedResult(sync=sync, model_key=prepared.key, model_display=prepared.display)
+    result.counts = next(iter(folder_counts(store, str(root))), None)
     todo = store.missing_embeddings(str(root), prepared.key)
     result.already_embedded = int(
         store.scalar(

@@ -39,10 +39,20 @@ def status(
 
 def _format_status(info: dict[str, Any]) -> str:
     images = info["images"]
-    lines = [
-        f"store:     {info['store']}",
-        f"images:    {images['present']} present, {images['absent']} absent, {images['failed']} failed",
-    ]
+    run = info["latest_run"]
+    lines = [f"store:     {info['store']}" + ("  (read-only for you)" if info["read_only"] else "")]
+    lines.append(
+        f"images:    {images['present']} present ({_images(images)}), {images['absent']} absent, "
+        f"{images['failed']} failed"
+    )
+    for folder in info["folders"]:
+        latest = "  (latest run)" if run and folder["folder"] == run["folder"] else ""
+        lines.append(f"folder:    {folder['folder']}{latest}")
+        moved = f"; {folder['moved']} old path(s) of moved files" if folder["moved"] else ""
+        lines.append(
+            f"  files:   {folder['present'] + folder['failed']} found: {folder['present']} present "
+            f"({_images(folder)}), {folder['failed']} failed; {folder['absent']} absent{moved}"
+        )
     for reason, count in info["failed_reasons"].items():
         lines.append(f"  failed:  {count} {reason}")
     for model in info["models"]:
@@ -51,17 +61,22 @@ def _format_status(info: dict[str, Any]) -> str:
             f"{model['dim']}-d) {model['embedded']} embedded  {model['checkpoint']}"
         )
     lines.append(f"runs:      {info['runs']}")
-    run = info["latest_run"]
     if run:
         lines.append(
-            f"latest:    run {run['id']} {run['strategy']} at {run['created_at']}, "
-            f"{run['selected']} ranked of {run['pool_size']}"
+            f"latest:    run {run['id']} {run['strategy']} at {run['created_at']} on {run['folder']}: "
+            f"ranked {run['selected']} of {run['pool_size']} image(s) ({run['labeled']} labeled); "
+            f"{run['unexported']} still to export"
         )
     lines.append(f"labeled:   {info['labeled']}")
     lines.append(f"exported:  {info['exported']} image(s) in {info['exports']} export(s)")
     for item in info.get("failed_images", []):
         lines.append(f"{item['folder']}/{item['path']}\t{item['reason']}")
     return "\n".join(lines)
+
+
+def _images(counts: dict[str, Any]) -> str:
+    """``253 images, 2 duplicate files``: distinct contents, and files repeating one."""
+    return f"{counts['distinct']} image(s), {counts['duplicates']} duplicate file(s)"
 
 
 @app.command(

@@ -182,9 +182,13 @@ def score(
         )
         reporter.close()
         _report_embed(reporter, result.embed)
+        counts = result.embed.counts
+        duplicates = (
+            f"; {counts.duplicates} duplicate file(s) counted once" if counts and counts.duplicates else ""
+        )
         reporter.info(
             f"run {result.run_id}: {result.strategy} ranked {result.selected} of "
-            f"{result.pool_size} image(s) ({result.labeled} labeled); "
+            f"{result.pool_size} image(s) ({result.labeled} labeled){duplicates}; "
             "next: alselect export --top N"
         )
 
@@ -205,10 +209,16 @@ def _check_inputs(
 
 
 def _report_embed(reporter: Reporter, result: EmbedResult) -> None:
-    sync = result.sync
+    sync, counts = result.sync, result.counts
+    images = (
+        f"{counts.distinct} image(s) in {counts.present} present file(s) ({counts.duplicates} duplicate(s)); "
+        if counts
+        else ""
+    )
     reporter.info(
         f"{sync.found} image file(s): {sync.new} new, {sync.moved} moved, {sync.changed} changed, "
-        f"{sync.vanished} vanished; embedded {result.embedded} with model {result.model_display} "
+        f"{sync.restored} restored, {sync.unchanged} unchanged; {sync.vanished} vanished; {images}"
+        f"embedded {result.embedded} with model {result.model_display} "
         f"({result.already_embedded} already embedded)"
     )
     summary = result.failure_summary()

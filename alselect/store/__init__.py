@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from alselect.errors import StoreError
+from alselect.identity import REPRESENTATIVE_ORDER
 from alselect.store import migrations
 from alselect.store.arrays import append_rows, read_rows, rows_fit
 from alselect.store.connect import READ_WAL, WRITE, can_write, open_connection, open_mode, read_only_error
@@ -26,6 +27,7 @@ DB_FILE = "alselect.db"
 LOCK_FILE = "lock"
 ARRAY_DTYPE = "float32"
 KEEP_RUN_RANKINGS = 3  # runs whose per-image ranking is kept; older runs keep their metadata
+REPRESENTATIVE_SQL = ", ".join(f"i.{column}" for column in REPRESENTATIVE_ORDER)
 
 
 def default_store_path() -> Path:
@@ -52,6 +54,7 @@ class ImageRecord:
     mtime_ns: int
     status: str
     reason: str | None
+    link: bool = False
 
 
 @dataclass
@@ -59,8 +62,8 @@ class PoolArrays:
     """Embedded, present, decodable images of one folder for one model, ordered by path.
 
     Arrays are aligned: ``probs [N, C]``, ``embeddings [N, D]``, ``labeled [N]``, ``exported [N]``
-    (sent in any export). One row per
-    distinct content hash (the first path in sort order represents duplicates).
+    (sent in any export). One row per distinct content hash, represented by one of its paths as
+    ``alselect.identity`` says (a real path before a symlinked one, then path order).
     """
 
     image_ids: np.ndarray
@@ -76,6 +79,16 @@ def _upgrade_briefly(path: Path, conn: sqlite3.Connection) -> None:
     """A reader found pending migrations (alselect was upgraded): apply them under the lock."""
     with WriterLock(path / LOCK_FILE, timeout=10.0):
         migrations.apply(conn)
+
+
+def _exportable_from(include_exported: bool) -> str:
+    """FROM/WHERE of a run's items still present and unlabeled (and, unless asked, unexported)."""
+    unexported = (
+        "" if include_exported else "AND NOT EXISTS (SELECT 1 FROM exported x WHERE x.sha256 = r.sha256)"
+    )
+    return f"""FROM run_items r JOIN images i ON i.id = r.image_id
+               WHERE r.run_id = ? AND i.status = 'present' AND i.sha256 = r.sha256
+                 AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.sha256 = r.sha256) {unexported}"""
 
 
 class Store:
@@ -193,25 +206,30 @@ class Store:
 
     def images_under(self, root: str) -> dict[str, ImageRecord]:
         rows = self.conn.execute(
-            "SELECT id, relpath, sha256, size, mtime_ns, status, reason FROM images WHERE root = ?",
+            "SELECT id, relpath, sha256, size, mtime_ns, status, reason, link FROM images WHERE root = ?",
             (to_db(root),),
         )
-        return {from_db(r[1]): ImageRecord(r[0], from_db(r[1]), *r[2:]) for r in rows}
+        records = (
+            ImageRecord(id_, from_db(rel), sha, size, mtime, status, reason, bool(link))
+            for id_, rel, sha, size, mtime, status, reason, link in rows
+        )
+        return {record.relpath: record for record in records}
 
-    def upsert_images(
-        self, root: str, rows: Sequence[tuple[str, str | None, int, int, str, str | None]]
-    ) -> None:
-        """Insert or update ``(relpath, sha256, size, mtime_ns, status, reason)`` rows."""
+    def upsert_images(self, root: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Insert or update ``(relpath, sha256, size, mtime_ns, status, reason[, link])`` rows."""
         now = utcnow()
         with self.transaction() as conn:
             conn.executemany(
-                """INSERT INTO images (root, relpath, sha256, size, mtime_ns, status, reason,
+                """INSERT INTO images (root, relpath, sha256, size, mtime_ns, status, reason, link,
                                        first_seen, last_seen)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT (root, relpath) DO UPDATE SET sha256 = excluded.sha256,
                      size = excluded.size, mtime_ns = excluded.mtime_ns, status = excluded.status,
-                     reason = excluded.reason, last_seen = excluded.last_seen""",
-                [(to_db(root), to_db(row[0]), *row[1:], now, now) for row in rows],
+                     reason = excluded.reason, link = excluded.link, last_seen = excluded.last_seen""",
+                [
+                    (to_db(root), to_db(row[0]), *row[1:6], int(len(row) > 6 and row[6]), now, now)
+                    for row in rows
+                ],
             )
 
     def mark_absent(self, root: str, relpaths: Iterable[str]) -> int:
@@ -375,21 +393,22 @@ class Store:
     def pool(self, root: str, model_key: str, with_embeddings: bool = True) -> PoolArrays:
         """Gather arrays for every present, embedded image under ``root``."""
         rows = self.conn.execute(
-            """SELECT i.id, i.relpath, i.sha256, e.probs_segment, e.probs_row,
+            f"""SELECT i.id, i.relpath, i.sha256, e.probs_segment, e.probs_row,
                       e.embedding_segment, e.embedding_row,
                       EXISTS (SELECT 1 FROM labels l WHERE l.sha256 = i.sha256),
                       EXISTS (SELECT 1 FROM exported x WHERE x.sha256 = i.sha256)
                FROM images i JOIN embeddings e ON e.sha256 = i.sha256 AND e.model_key = ?
                WHERE i.root = ? AND i.status = 'present'
-               ORDER BY i.relpath""",
+               ORDER BY {REPRESENTATIVE_SQL}""",
             (model_key, to_db(root)),
         ).fetchall()
         seen: set[str] = set()
         unique = []
-        for row in rows:
+        for row in rows:  # the first path of each content represents it (alselect.identity)
             if row[2] not in seen:
                 seen.add(row[2])
                 unique.append(row)
+        unique.sort(key=lambda row: row[1])  # pool rows in the path order of their representatives
         info = self.model(model_key) or {}
         n = len(unique)
         probs = self._gather([r[3] for r in unique], [r[4] for r in unique], info.get("num_classes") or 0)
@@ -503,22 +522,18 @@ class Store:
 
     def exportable_items(self, run_id: int, include_exported: bool) -> Iterator[tuple[Any, ...]]:
         """Run items in rank order that are still present, unlabeled and (optionally) unexported."""
-        exported_clause = (
-            ""
-            if include_exported
-            else ("AND NOT EXISTS (SELECT 1 FROM exported x WHERE x.sha256 = r.sha256)")
-        )
         rows = self.conn.execute(
-            f"""SELECT r.rank, i.relpath, r.sha256, r.score, r.predicted, r.confidence
-                FROM run_items r JOIN images i ON i.id = r.image_id
-                WHERE r.run_id = ? AND i.status = 'present' AND i.sha256 = r.sha256
-                  AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.sha256 = r.sha256)
-                  {exported_clause}
-                ORDER BY r.rank""",
+            "SELECT r.rank, i.relpath, r.sha256, r.score, r.predicted, r.confidence "
+            + _exportable_from(include_exported)
+            + " ORDER BY r.rank",
             (run_id,),
         )
         for rank, relpath, *rest in rows:
             yield (rank, from_db(relpath), *rest)
+
+    def count_exportable(self, run_id: int) -> int:
+        """How many of a run's items a plain ``export`` would still write (read-only)."""
+        return int(self.scalar("SELECT COUNT(*) " + _exportable_from(False), (run_id,)) or 0)
 
     def record_export(self, run_id: int, fmt: str, destination: str, items: Sequence[tuple[str, int]]) -> int:
         """Record ``(sha256, rank)`` rows as exported so later exports skip them."""

@@ -130,6 +130,12 @@ def m003_label_classes(conn: sqlite3.Connection) -> None:
     run_script(conn, "ALTER TABLE labels ADD COLUMN label TEXT")
 
 
+@migration
+def m004_images_link(conn: sqlite3.Connection) -> None:
+    """Whether a path reaches its file through a symlink: a real path represents duplicate content."""
+    run_script(conn, "ALTER TABLE images ADD COLUMN link INTEGER NOT NULL DEFAULT 0")
+
+
 def run_script(conn: sqlite3.Connection, script: str) -> None:
     """Execute ``;``-separated DDL inside the caller's transaction (``executescript`` commits)."""
     for statement in script.split(";"):
