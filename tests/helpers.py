@@ -82,3 +82,25 @@ def decode_peak_growth(path: Path, image_size: int = 224, resize_size: int = 256
         cwd=REPO,
     )
     return int(done.stdout.strip())
+
+
+def cli_score(
+    capsys: pytest.CaptureFixture[str], store: Path, folder: Path, checkpoint: Path, *extra: str
+) -> str:
+    """``alselect --store STORE score FOLDER -m CHECKPOINT -s entropy --workers 0``; its stderr."""
+    code, _, err = cli(
+        capsys,
+        "--store",
+        str(store),
+        "score",
+        str(folder),
+        "-m",
+        str(checkpoint),
+        "-s",
+        "entropy",
+        "--workers",
+        "0",
+        *extra,
+    )
+    assert code == 0, err
+    return err

@@ -14,25 +14,7 @@ import pytest
 from alselect.store import Store
 from alselect.sync import SyncResult, sync_folder
 from tests.conftest import write_image
-from tests.helpers import cli
-
-
-def score(capsys: pytest.CaptureFixture[str], store: Path, folder: Path, checkpoint: Path) -> str:
-    code, _, err = cli(
-        capsys,
-        "--store",
-        str(store),
-        "score",
-        str(folder),
-        "-m",
-        str(checkpoint),
-        "-s",
-        "entropy",
-        "--workers",
-        "0",
-    )
-    assert code == 0, err
-    return err
+from tests.helpers import cli, cli_score
 
 
 def status(capsys: pytest.CaptureFixture[str], store: Path) -> dict:
@@ -63,7 +45,7 @@ def test_duplicates_are_one_image_represented_by_a_real_path(
     write_image(pool / "sub" / "g.png", seed=4)
     (pool / "lnkdir").symlink_to("sub", target_is_directory=True)  # lnkdir/g.png sorts before sub/g.png
 
-    err = score(capsys, store, pool, tiny_checkpoint)
+    err = cli_score(capsys, store, pool, tiny_checkpoint)
     assert "7 image file(s): 7 new, 0 moved, 0 changed, 0 restored, 0 unchanged; 0 vanished" in err
     assert "4 image(s) in 7 present file(s) (3 duplicate(s))" in err
     assert "ranked 4 of 4 image(s) (0 labeled); 3 duplicate file(s) counted once" in err
@@ -99,7 +81,7 @@ def test_moved_vanished_restored_and_changed_files_are_counted_once(
     pool, store = tmp_path / "pool", tmp_path / "store"
     for i in range(5):
         write_image(pool / f"img_{i}.png", seed=i)
-    score(capsys, store, pool, tiny_checkpoint)
+    cli_score(capsys, store, pool, tiny_checkpoint)
     root = pool.resolve()
 
     def sync() -> SyncResult:
@@ -145,14 +127,14 @@ def test_an_image_edited_after_labeling_may_be_selected_again(
     pool, store = tmp_path / "pool", tmp_path / "store"
     for i in range(3):
         write_image(pool / f"img_{i}.png", seed=i)
-    score(capsys, store, pool, tiny_checkpoint)
+    cli_score(capsys, store, pool, tiny_checkpoint)
     listing = tmp_path / "done.txt"
     listing.write_text("img_0.png\n")
     assert cli(capsys, "--store", str(store), "label", str(listing))[0] == 0
-    score(capsys, store, pool, tiny_checkpoint)
+    cli_score(capsys, store, pool, tiny_checkpoint)
     assert "img_0.png" not in exported_paths(capsys, store)
     write_image(pool / "img_0.png", seed=50)  # re-shot / re-edited: new content
-    err = score(capsys, store, pool, tiny_checkpoint)
+    err = cli_score(capsys, store, pool, tiny_checkpoint)
     assert "ranked 3 of 3 image(s) (0 labeled)" in err
     assert "img_0.png" in exported_paths(capsys, store)
 
@@ -165,8 +147,8 @@ def test_status_shows_folders_latest_run_and_what_is_left_to_export(
         for i in range(n):
             write_image(tmp_path / name / f"img_{i}.png", seed=10 * n + i)
     (tmp_path / "second" / "broken.png").write_bytes(b"not an image")
-    score(capsys, store, tmp_path / "first", tiny_checkpoint)
-    score(capsys, store, tmp_path / "second", tiny_checkpoint)
+    cli_score(capsys, store, tmp_path / "first", tiny_checkpoint)
+    cli_score(capsys, store, tmp_path / "second", tiny_checkpoint)
     assert cli(capsys, "--store", str(store), "export", "--top", "3", "-o", str(tmp_path / "b.csv"))[0] == 0
 
     info = status(capsys, store)
@@ -191,11 +173,11 @@ def test_a_file_that_becomes_a_symlink_stops_representing(
     pool, store = tmp_path / "pool", tmp_path / "store"
     write_image(pool / "a.png", seed=1)
     shutil.copyfile(pool / "a.png", pool / "b.png")
-    score(capsys, store, pool, tiny_checkpoint)
+    cli_score(capsys, store, pool, tiny_checkpoint)
     assert exported_paths(capsys, store) == ["a.png"]
     stat = os.stat(pool / "a.png")
     (pool / "a.png").unlink()
     (pool / "a.png").symlink_to("b.png")  # same size and content: no rehash, but now a link
     os.utime(pool / "b.png", ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    score(capsys, store, pool, tiny_checkpoint)
+    cli_score(capsys, store, pool, tiny_checkpoint)
     assert exported_paths(capsys, store) == ["b.png"]

@@ -24,7 +24,7 @@ from alselect.errors import StoreError
 from alselect.store import DB_FILE, Store
 from alselect.store import connect as store_connect
 from tests.conftest import REPO
-from tests.helpers import MakeImages, cli
+from tests.helpers import MakeImages, cli, cli_score
 
 
 def tree_state(folder: Path) -> dict[str, bytes]:
@@ -58,22 +58,8 @@ def scored(
     tmp_path: Path, tiny_checkpoint: Path, make_images: MakeImages, capsys: pytest.CaptureFixture[str]
 ) -> Path:
     make_images(tmp_path / "pool", 6)
-    store = tmp_path / "store"
-    code, _, err = cli(
-        capsys,
-        "--store",
-        str(store),
-        "score",
-        str(tmp_path / "pool"),
-        "-m",
-        str(tiny_checkpoint),
-        "-s",
-        "entropy",
-        "--workers",
-        "0",
-    )
-    assert code == 0, err
-    return store
+    cli_score(capsys, tmp_path / "store", tmp_path / "pool", tiny_checkpoint)
+    return tmp_path / "store"
 
 
 def test_reading_commands_work_and_writing_commands_refuse_on_an_immutable_store(
@@ -216,20 +202,7 @@ def test_another_user_reads_a_store_with_and_without_a_running_writer(
         shared.chmod(0o755)
         make_images(shared / "pool", 4)
         store = shared / "store"
-        code, _, err = cli(
-            capsys,
-            "--store",
-            str(store),
-            "score",
-            str(shared / "pool"),
-            "-m",
-            str(tiny_checkpoint),
-            "-s",
-            "entropy",
-            "--workers",
-            "0",
-        )
-        assert code == 0, err
+        cli_score(capsys, store, shared / "pool", tiny_checkpoint)
 
         def read() -> dict[str, object]:
             done = subprocess.run(
