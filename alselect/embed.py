@@ -13,18 +13,25 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from alselect.checkpoints import LoadedModel
 from alselect.errors import AlselectError, UsageError
 from alselect.images import OUT_OF_MEMORY, ImageDecodeError, load_image
 from alselect.limits import DEFAULT_MAX_PIXELS, PREFETCH_BATCHES, check_batch_memory, default_workers
 from alselect.preprocess import Preprocess
 from alselect.progress import NULL_REPORTER, Reporter
+
+
+class OutputModel(Protocol):
+    """What ``run_model`` drives: a ``LoadedModel`` or a wrapper of one (e.g. MC-dropout passes)."""
+
+    def to(self, device: torch.device) -> Any: ...
+
+    def forward_outputs(self, batch: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -96,7 +103,7 @@ def _keep_as_list(batch: list[Decoded]) -> list[Decoded]:
     return batch
 
 
-BatchSink = Callable[[list[int], np.ndarray, np.ndarray, list[tuple[int, str]]], None]
+BatchSink = Callable[[list[int], dict[str, np.ndarray], list[tuple[int, str]]], None]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -173,7 +180,7 @@ def _loader(dataset: Dataset[Decoded], batch_size: int, workers: int, device: to
 
 
 def run_model(
-    model: LoadedModel,
+    model: OutputModel,
     paths: Sequence[Path],
     preprocess: Preprocess,
     options: EmbedOptions,
@@ -182,7 +189,10 @@ def run_model(
     *,
     expected_sha256: Sequence[str] | None = None,
 ) -> None:
-    """Decode ``paths`` and call ``on_batch(indices, probs [n, C], embeddings [n, D], failures)``.
+    """Decode ``paths`` and call ``on_batch(indices, outputs, failures)``.
+
+    ``outputs`` maps each of the model's named outputs to ``[n, ...]`` arrays
+    (``LoadedModel.forward_outputs``: ``probs [n, C]`` and ``embedding [n, D]`` for a classifier).
 
     ``failures`` lists ``(index, reason)`` for files that could not be decoded; they never stop
     the loop. Batches are handed over in input order, one per ``batch_size`` files, and every
@@ -198,7 +208,6 @@ def run_model(
     """
     workers = options.worker_count()
     check_batch_memory(options.batch_size, preprocess.image_size, workers)
-    model.check_input_size(preprocess.image_size)
     if expected_sha256 is not None and len(expected_sha256) != len(paths):
         raise ValueError(f"expected_sha256 has {len(expected_sha256)} entries for {len(paths)} paths")
     device = resolve_device(options.device)
@@ -217,10 +226,10 @@ def run_model(
         if ok:
             pixels = torch.from_numpy(np.stack([arr for _, arr in ok]))
             pixels = pixels.to(device, non_blocking=True).float().sub_(mean).div_(std)
-            probs, embedding = model.predict(pixels)
-            on_batch([i for i, _ in ok], probs.cpu().numpy(), embedding.cpu().numpy(), failures)
+            outputs = model.forward_outputs(pixels)
+            on_batch([i for i, _ in ok], {k: v.cpu().numpy() for k, v in outputs.items()}, failures)
         else:
-            on_batch([], np.empty((0, 0), np.float32), np.empty((0, 0), np.float32), failures)
+            on_batch([], {}, failures)
         handed += len(batch)
         reporter.progress("embed", handed, total)
 

@@ -33,3 +33,9 @@ class StoreLockedError(StoreError):
 
 class NoRunError(AlselectError):
     """An export or query needs a scoring run and the store has none."""
+
+
+class NothingUsableError(AlselectError):
+    """A run found nothing usable (the folder vanished, every image failed): exit code 3 for cron."""
+
+    exit_code = 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,17 +15,30 @@ import numpy as np
 from alselect import __version__
 from alselect.checkpoints import CheckpointOptions, LoadedModel, load_checkpoint
 from alselect.discover import resolve_root
-from alselect.embed import EmbedOptions, resolve_device, run_model
-from alselect.errors import UsageError
+from alselect.embed import EmbedOptions, OutputModel, resolve_device, run_model
+from alselect.errors import NothingUsableError, UsageError
 from alselect.images import CHANGED_WHILE_READING
 from alselect.limits import check_batch_memory
+from alselect.mc_dropout import (
+    DEFAULT_HEAD_RATE,
+    DEFAULT_SAMPLES,
+    FullPassModel,
+    dropout_layers,
+    head_layer,
+    head_mc_probs,
+    mc_key,
+)
 from alselect.preprocess import Preprocess
 from alselect.progress import NULL_REPORTER, Reporter
 from alselect.status import FolderCounts, folder_counts
-from alselect.store import Store, model_display_name
+from alselect.store import PoolRows, Store, model_display_name
+from alselect.store.keys import content_keys
 from alselect.store.names import to_db
-from alselect.strategies import PoolInputs, make_strategy
+from alselect.store.rankings import Ranking
+from alselect.strategies import PoolInputs, Strategy, build_strategy
 from alselect.sync import SyncResult, sync_folder
+
+NOT_FINITE = "model output not finite (NaN or infinity)"
 
 
 @dataclass(frozen=True)
@@ -42,40 +56,66 @@ class ModelSpec:
 
 @dataclass
 class PreparedModel:
+    """A loaded checkpoint with its store key; ``runner`` (default: the model) computes its outputs."""
+
     model: LoadedModel
     preprocess: Preprocess
     key: str
     display: str
+    runner: OutputModel | None = None
 
 
 @dataclass
 class EmbedResult:
+    """What one model's pass over a folder did. ``failures`` lists ``(relpath, reason)`` of this run."""
+
     sync: SyncResult
     model_key: str
     model_display: str
     embedded: int = 0
     already_embedded: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
+    failed_before: int = 0  # contents skipped because they failed in an earlier run
     counts: FolderCounts | None = None  # files, images and duplicates in the folder after the scan
 
     def failure_summary(self) -> str | None:
         """One line: how many images failed and why, or None when all decoded."""
         failed = self.failures + self.sync.unreadable
-        if not failed:
+        parts = []
+        if failed:
+            kinds = Counter(reason.split(":")[0] for _, reason in failed)
+            detail = ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
+            parts.append(f"{len(failed)} image(s) skipped ({detail})")
+        if self.failed_before:
+            parts.append(f"{self.failed_before} that failed before not retried (--retry-failed)")
+        if not parts:
             return None
-        kinds = Counter(reason.split(":")[0] for _, reason in failed)
-        detail = ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
-        return f"{len(failed)} image(s) skipped ({detail}); 'alselect status --failed' lists them"
+        return "; ".join(parts) + "; 'alselect status --failed' lists them"
 
 
 @dataclass
 class ScoreResult:
-    embed: EmbedResult
+    embed: EmbedResult  # the (first) task model's
     run_id: int
     strategy: str
     pool_size: int
     labeled: int
     selected: int
+    embeds: list[EmbedResult] = field(default_factory=list)  # every model's, task model first
+
+
+@dataclass(frozen=True)
+class Safeguards:
+    """Cron-grade checks that turn an unusable run into a documented failure (exit 3).
+
+    ``allow_empty``: accept a folder with no images where the store knew some (an unmounted disk
+    looks like that). ``max_failed``: the largest fraction (0–1) of the images a run tried that may
+    fail; None accepts any number, but a run where every new image failed is refused unless
+    ``allow_empty``.
+    """
+
+    allow_empty: bool = False
+    max_failed: float | None = None
 
 
 def prepare_model(spec: ModelSpec) -> PreparedModel:
@@ -100,20 +140,25 @@ def embed_folder(
     spec: ModelSpec,
     options: EmbedOptions | None = None,
     reporter: Reporter = NULL_REPORTER,
+    *,
+    retry_failed: bool = False,
+    safeguards: Safeguards = Safeguards(),
 ) -> EmbedResult:
     """Sync the folder and run the model over images not yet embedded with this model."""
     options = options or EmbedOptions()
     resolve_device(options.device)  # fail before any work when the device is missing
     root = resolve_root(folder)
     prepared = prepare_model(spec)
-    return _embed(store, root, prepared, options, reporter)
-
-
-def _embed(
-    store: Store, root: Path, prepared: PreparedModel, options: EmbedOptions, reporter: Reporter
-) -> EmbedResult:
-    # before the folder is scanned: options that cannot fit in memory are a usage error, not an OOM kill
+    # before the scan: options that cannot fit in memory are a usage error, not an OOM kill
     check_batch_memory(options.batch_size, prepared.preprocess.image_size, options.worker_count())
+    register(store, prepared)
+    sync = sync_folder(store, root, reporter, allow_empty=safeguards.allow_empty)
+    result = embed_synced(store, root, sync, prepared, options, reporter, retry_failed)
+    check_failures([result], safeguards)
+    return result
+
+
+def register(store: Store, prepared: PreparedModel) -> None:
     model = prepared.model
     store.register_model(
         prepared.key,
@@ -125,15 +170,31 @@ def _embed(
         model.classes,
         prepared.preprocess.to_dict(),
     )
-    sync = sync_folder(store, root, reporter)
+
+
+def embed_synced(
+    store: Store,
+    root: Path,
+    sync: SyncResult,
+    prepared: PreparedModel,
+    options: EmbedOptions,
+    reporter: Reporter,
+    retry_failed: bool = False,
+) -> EmbedResult:
+    """Run the model over the synced folder's images it has no outputs for; store them per batch."""
+    key = str(root)
     result = EmbedResult(sync=sync, model_key=prepared.key, model_display=prepared.display)
-    result.counts = next(iter(folder_counts(store, str(root))), None)
-    todo = store.missing_embeddings(str(root), prepared.key)
+    if retry_failed:
+        store.retry_failures(key, prepared.key)
+    result.counts = next(iter(folder_counts(store, key)), None)
+    todo = store.missing_outputs(key, prepared.key)
+    result.failed_before = store.output_failure_count(key, prepared.key)
     result.already_embedded = int(
         store.scalar(
-            "SELECT COUNT(DISTINCT i.sha256) FROM images i JOIN embeddings e "
-            "ON e.sha256 = i.sha256 AND e.model_key = ? WHERE i.root = ? AND i.status = 'present'",
-            (prepared.key, to_db(str(root))),
+            "SELECT COUNT(DISTINCT i.sha256) FROM images i JOIN outputs o "
+            "ON o.sha256 = i.sha256 AND o.model = (SELECT id FROM models WHERE key = ?) "
+            "WHERE i.root = ? AND i.status = 'present'",
+            (prepared.key, to_db(key)),
         )
         or 0
     )
@@ -144,96 +205,297 @@ def _embed(
     paths = [root / rel for _, rel in todo]
 
     def persist(
-        indices: list[int],
-        probs: np.ndarray,
-        embeddings: np.ndarray,
-        failures: list[tuple[int, str]],
+        indices: list[int], outputs: Mapping[str, np.ndarray], failures: list[tuple[int, str]]
     ) -> None:
-        finite = np.isfinite(probs).all(axis=1) & np.isfinite(embeddings).all(axis=1)
+        finite = np.ones(len(indices), dtype=bool)
+        for array in outputs.values():
+            if array.dtype.kind == "f":
+                finite &= np.isfinite(array.reshape(len(indices), -1)).all(axis=1)
         if not finite.all():
-            bad = "model output not finite (NaN or infinity)"
-            failures = failures + [(i, bad) for i, ok in zip(indices, finite, strict=True) if not ok]
+            bad = [(shas[i], NOT_FINITE) for i, ok in zip(indices, finite, strict=True) if not ok]
+            store.record_output_failures(prepared.key, bad)  # this model's failure, not the file's
+            result.failures.extend(
+                (todo[i][1], NOT_FINITE) for i, ok in zip(indices, finite, strict=True) if not ok
+            )
             indices = [i for i, ok in zip(indices, finite, strict=True) if ok]
-            probs, embeddings = probs[finite], embeddings[finite]
-        store.add_embeddings(prepared.key, [shas[i] for i in indices], probs, embeddings)
+            outputs = {name: array[finite] for name, array in outputs.items()}
+        store.add_outputs(prepared.key, [shas[i] for i in indices], outputs)
         if failures:
             # a file edited since hashing is not broken: the next sync hashes its new content
             lasting = [(shas[i], reason) for i, reason in failures if reason != CHANGED_WHILE_READING]
-            store.mark_failed(str(root), lasting)
+            store.mark_failed(key, lasting)
             result.failures.extend((todo[i][1], reason) for i, reason in failures)
         result.embedded += len(indices)
 
-    run_model(model, paths, prepared.preprocess, options, persist, reporter, expected_sha256=shas)
+    runner = prepared.runner or prepared.model
+    run_model(runner, paths, prepared.preprocess, options, persist, reporter, expected_sha256=shas)
     return result
+
+
+def check_failures(results: Sequence[EmbedResult], safeguards: Safeguards) -> None:
+    """Refuse (exit 3) a run whose failures exceed ``max_failed``, or with nothing usable at all.
+
+    Nothing usable: images were tried, every one failed, and the model has no earlier outputs for
+    the folder either (the run would be empty).
+    """
+    for result in results:
+        failed = len(result.failures) + len(result.sync.unreadable)
+        tried = result.embedded + failed
+        if not tried or not failed:
+            continue
+        share = failed / tried
+        if safeguards.max_failed is not None and share > safeguards.max_failed:
+            raise NothingUsableError(
+                f"{failed} of {tried} image(s) failed with model {result.model_display} "
+                f"({share:.1%} > --max-failed {safeguards.max_failed:.1%}); no run recorded"
+            )
+        usable = result.embedded + result.already_embedded
+        if safeguards.max_failed is None and not usable and not safeguards.allow_empty:
+            raise NothingUsableError(
+                f"all {tried} image(s) failed with model {result.model_display} and none is usable "
+                "('alselect status --failed' says why); no run recorded "
+                "(--max-failed 100% or --allow-empty to accept)"
+            )
+
+
+@dataclass(frozen=True)
+class McDropout:
+    """How a single model gives ``mc_probs``: ``mode`` full / head / auto (full when the model has
+    reachable dropout layers, else head), ``samples`` T, head dropout ``rate``."""
+
+    samples: int = DEFAULT_SAMPLES
+    mode: str = "auto"
+    rate: float = DEFAULT_HEAD_RATE
+
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise UsageError(f"--mc-samples must be at least 1, got {self.samples}")
+        if self.mode not in ("auto", "full", "head"):
+            raise UsageError(f"--mc-mode must be auto, full or head, got {self.mode!r}")
+        if not 0.0 <= self.rate < 1.0:
+            raise UsageError(f"--mc-dropout must be in [0, 1), got {self.rate}")
+
+
+@dataclass(frozen=True)
+class ScoreModels:
+    """The models one scoring run reads: task model(s) and an optional separate embedding model.
+
+    Several task models form an ensemble: ``probs`` is their mean and ``mc_probs [N, M, C]``
+    stacks the members. With one task model, strategies that need ``mc_probs`` get MC-dropout
+    samples (``mc``). ``embedding`` is the ``embed`` model's when given, else the task model's.
+    """
+
+    task: Sequence[ModelSpec]
+    embed: ModelSpec | None = None
+    mc: McDropout = McDropout()
 
 
 def score_folder(
     store: Store,
     folder: str | Path,
-    spec: ModelSpec,
-    strategy_name: str,
+    spec: ModelSpec | ScoreModels,
+    strategy_name: str | Strategy,
     *,
     budget: int | None = None,
     seed: int = 0,
     options: EmbedOptions | None = None,
     reporter: Reporter = NULL_REPORTER,
     command: str | None = None,
-    strategy_params: dict[str, Any] | None = None,
+    strategy_params: Mapping[str, Any] | None = None,
+    labeled_dirs: Sequence[str | Path] = (),
+    retry_failed: bool = False,
+    safeguards: Safeguards = Safeguards(),
 ) -> ScoreResult:
-    """Embed what is missing, score every present unlabeled image, record a ranked run."""
-    strategy = make_strategy(strategy_name, seed=seed, **(strategy_params or {}))
+    """Embed what is missing, score every present unlabeled image, record a ranked run.
+
+    ``strategy_name`` is a registered name (built with ``seed`` and ``strategy_params``) or a
+    ready strategy (e.g. composed with a prefilter). ``labeled_dirs`` are folders of images
+    already labeled (kept outside ``folder``): they are embedded too and enter the strategy as
+    labeled rows (coreset covers them, DAL learns from them), never as candidates.
+    """
+    strategy = (
+        strategy_name
+        if isinstance(strategy_name, Strategy)
+        else build_strategy(strategy_name, seed=seed, params=strategy_params)
+    )
     if budget is not None and budget < 1:
         raise UsageError(f"--budget must be at least 1, got {budget}")
+    if strategy.batch_aware and budget is None:
+        raise UsageError(f"strategy {strategy.name!r} chooses a batch jointly: pass --budget N")
+    models = spec if isinstance(spec, ScoreModels) else ScoreModels(task=[spec])
+    if not models.task:
+        raise UsageError("scoring needs at least one --model")
     options = options or EmbedOptions()
     resolve_device(options.device)
     root = resolve_root(folder)
-    prepared = prepare_model(spec)
-    embedded = _embed(store, root, prepared, options, reporter)
-    pool = store.pool(str(root), prepared.key, with_embeddings="embeddings" in strategy.needs)
-    # With a budget the run holds only N images: leave out those already sent to annotators, so
-    # each nightly run's N are new. Without one everything is ranked and export skips them.
-    inputs = PoolInputs(
-        probs=pool.probs,
-        labeled=pool.labeled,
-        embeddings=pool.embeddings if "embeddings" in strategy.needs else None,
-        pending=pool.exported & ~pool.labeled if budget is not None else None,
+    extra_roots = [resolve_root(d) for d in labeled_dirs]
+    task = [prepare_model(s) for s in models.task]
+    embedder = prepare_model(models.embed) if models.embed is not None else None
+    check_ensemble(task)
+    mc_mode = mc_source(strategy, task, models.mc)
+    mc_pass = full_pass_model(task[0], models.mc.samples) if mc_mode == "full" else None
+    extras = [m for m in (embedder, mc_pass) if m is not None]
+    everyone = list({p.key: p for p in [*task, *extras]}.values())
+    for prepared in everyone:  # before any scan: options too big for memory are a usage error
+        check_batch_memory(options.batch_size, prepared.preprocess.image_size, options.worker_count())
+    for prepared in everyone:
+        register(store, prepared)
+
+    sync = sync_folder(store, root, reporter, allow_empty=safeguards.allow_empty)
+    results = [embed_synced(store, root, sync, p, options, reporter, retry_failed) for p in everyone]
+    check_failures(results, safeguards)
+    for other in extra_roots:
+        other_sync = sync_folder(store, other, reporter)
+        for prepared in everyone:
+            embed_synced(store, other, other_sync, prepared, options, reporter, retry_failed)
+
+    pool = store.pool_rows(str(root), [p.key for p in everyone], [str(r) for r in extra_roots])
+    inputs = pool_inputs(
+        store,
+        pool,
+        strategy,
+        task,
+        embedder,
+        mc_pass,
+        models.mc if mc_mode == "head" else None,
+        budgeted=budget is not None,
     )
-    reporter.progress("score", 0, pool.labeled.size)
+    reporter.progress("score", 0, len(pool))
     selection = strategy.select(budget, inputs)
-    reporter.progress("score", pool.labeled.size, pool.labeled.size)
-    predicted = pool.probs.argmax(axis=1) if pool.probs.size else np.zeros(0, dtype=np.int64)
-    confidence = pool.probs.max(axis=1) if pool.probs.size else np.zeros(0)
-    items = [
-        (
-            int(pool.image_ids[i]),
-            pool.relpaths[i],
-            pool.sha256[i],
-            float(score),
-            int(predicted[i]),
-            float(confidence[i]),
-        )
-        for i, score in zip(selection.indices.tolist(), selection.scores.tolist(), strict=True)
-    ]
+    reporter.progress("score", len(pool), len(pool))
+    ranking = ranking_of(pool, inputs.probs, selection.indices, selection.scores)
     labeled = int(pool.labeled.sum())
+    roles: list[dict[str, Any]] = [
+        {"key": p.key, "role": "task" if len(task) == 1 else "member"} for p in task
+    ]
+    if embedder is not None:
+        roles.append({"key": embedder.key, "role": "embedding"})
+    if mc_mode is not None:
+        source = mc_pass.key if mc_pass is not None else task[0].key
+        mc = models.mc
+        roles.append({"key": source, "role": f"mc-dropout-{mc_mode}", "samples": mc.samples, "rate": mc.rate})
     run_id = store.record_run(
         root=str(root),
-        model_key=prepared.key,
+        model_key=task[0].key,
         strategy=strategy.name,
         params=strategy.get_params(),
         budget=budget,
-        pool_size=len(pool.relpaths),
+        pool_size=len(pool),
         labeled_count=labeled,
-        items=items,
+        ranking=ranking,
         version=__version__,
         command=command,
+        models=roles,
     )
-    if not items:
+    if not len(ranking):
         reporter.warning("no unlabeled images to score: the run is empty")
     return ScoreResult(
-        embed=embedded,
+        embed=results[0],
         run_id=run_id,
         strategy=strategy.name,
-        pool_size=len(pool.relpaths),
+        pool_size=len(pool),
         labeled=labeled,
-        selected=len(items),
+        selected=len(ranking),
+        embeds=results,
+    )
+
+
+def ranking_of(pool: PoolRows, probs: np.ndarray, indices: np.ndarray, scores: np.ndarray) -> Ranking:
+    """The run's ranking: pool rows ``indices`` in annotate-first order, with the model's top class."""
+    indices = np.asarray(indices, dtype=np.int64)
+    if probs.size:
+        predicted = probs[indices].argmax(axis=1).astype(np.int32)
+        confidence = probs[indices].max(axis=1).astype(np.float32)
+    else:
+        predicted = np.full(len(indices), -1, dtype=np.int32)
+        confidence = np.full(len(indices), np.nan, dtype=np.float32)
+    keys = pool.keys if pool.keys is not None else content_keys(pool.sha256)
+    return Ranking(
+        image_ids=pool.image_ids[indices],
+        keys=keys[indices],
+        scores=np.asarray(scores, dtype=np.float64),
+        predicted=predicted,
+        confidence=confidence,
+    )
+
+
+def check_ensemble(task: Sequence[PreparedModel]) -> None:
+    """Ensemble members must agree on their classes (count and, where named, names)."""
+    if len(task) < 2:
+        return
+    counts = {p.model.num_classes for p in task if p.model.num_classes is not None}
+    names = {tuple(p.model.classes) for p in task if p.model.classes is not None}
+    if len(counts) > 1 or len(names) > 1:
+        raise UsageError("ensemble members (--model given several times) must predict the same classes")
+
+
+def mc_source(strategy: Strategy, task: Sequence[PreparedModel], mc: McDropout) -> str | None:
+    """How ``mc_probs`` are made for this run: None (not needed, or an ensemble), full or head."""
+    if "mc_probs" not in strategy.needs or len(task) > 1:
+        return None
+    if mc.mode != "auto":
+        if mc.mode == "full" and not dropout_layers(task[0].model.module):
+            raise UsageError(
+                "--mc-mode full needs a model with dropout layers (nn.Dropout, nn.Dropout1d/2d/3d) "
+                "reachable in an alselect, state_dict or pickled checkpoint; use --mc-mode head"
+            )
+        return mc.mode
+    return "full" if dropout_layers(task[0].model.module) else "head"
+
+
+def full_pass_model(task: PreparedModel, samples: int) -> PreparedModel:
+    """The task model's T consistent-mask dropout passes, stored under their own key."""
+    return PreparedModel(
+        model=task.model,
+        preprocess=task.preprocess,
+        key=mc_key(task.key, samples),
+        display=f"{task.display}+mc{samples}",
+        runner=FullPassModel(task.model, samples),
+    )
+
+
+def pool_inputs(
+    store: Store,
+    pool: PoolRows,
+    strategy: Strategy,
+    task: Sequence[PreparedModel],
+    embedder: PreparedModel | None,
+    mc_pass: PreparedModel | None = None,
+    mc_head: McDropout | None = None,
+    *,
+    budgeted: bool,
+) -> PoolInputs:
+    """Load the arrays the strategy needs (and ``probs`` for the export), aligned with the pool.
+
+    With a budget the run holds only N images: images already sent to annotators are left out,
+    so each nightly run's N are new. Without one everything is ranked and export skips them.
+    """
+    members = [store.pool_array(pool, p.key, "probs") for p in task]
+    probs = members[0] if len(members) == 1 else np.mean(np.stack(members, axis=1), axis=1)
+    needs = strategy.needs
+    embeddings = None
+    if "embeddings" in needs:
+        source = embedder or task[0]
+        embeddings = store.pool_array(pool, source.key, "embedding")
+    mc_probs = None
+    if "mc_probs" in needs:
+        if len(members) > 1:
+            mc_probs = np.stack(members, axis=1)
+        elif mc_pass is not None:
+            mc_probs = store.pool_array(pool, mc_pass.key, "mc_probs").astype(np.float32)
+        elif mc_head is not None:
+            stored = store.pool_array(pool, task[0].key, "embedding")
+            weight, bias = head_layer(task[0].model, probs, stored)
+            mc_probs = head_mc_probs(stored, weight, bias, mc_head.samples, mc_head.rate)
+        else:
+            raise UsageError(f"strategy {strategy.name!r} needs several predictions per image")
+    standard = {"probs", "embeddings", "mc_probs"}
+    arrays = {name: store.pool_array(pool, task[0].key, name) for name in sorted(needs - standard)}
+    return PoolInputs(
+        probs=np.asarray(probs, dtype=np.float32),
+        labeled=pool.labeled,
+        embeddings=embeddings,
+        pending=pool.exported & ~pool.labeled if budgeted else None,
+        mc_probs=mc_probs,
+        arrays=arrays,
     )

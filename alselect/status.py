@@ -72,10 +72,12 @@ def store_status(store: Store, list_failed: bool = False) -> dict[str, Any]:
             "classes": num_classes,
             "dim": dim,
             "embedded": count,
+            "failed": model_failures,
         }
-        for key, ckpt, path, kind, num_classes, dim, count in store.rows(
+        for key, ckpt, path, kind, num_classes, dim, count, model_failures in store.rows(
             "SELECT m.key, m.checkpoint_sha256, m.path, m.kind, m.num_classes, m.dim, "
-            "(SELECT COUNT(*) FROM embeddings e WHERE e.model_key = m.key) "
+            "(SELECT COUNT(*) FROM outputs o WHERE o.model = m.id), "
+            "(SELECT COUNT(*) FROM output_failures f WHERE f.model = m.id) "
             "FROM models m ORDER BY m.added_at"
         )
     ]

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alselect.discover import FoundFile, WalkProblems, hash_files, walk_images
+from alselect.errors import NothingUsableError
 from alselect.progress import NULL_REPORTER, Reporter
 from alselect.store import ImageRecord, Store
 
@@ -41,9 +42,19 @@ def needs_hash(file: FoundFile, known: ImageRecord | None) -> bool:
 
 
 def sync_folder(
-    store: Store, root: Path, reporter: Reporter = NULL_REPORTER, hash_threads: int = 4
+    store: Store,
+    root: Path,
+    reporter: Reporter = NULL_REPORTER,
+    hash_threads: int = 4,
+    *,
+    allow_empty: bool = True,
 ) -> SyncResult:
-    """Scan ``root``, hash new/changed files, mark vanished ones absent. Commits in chunks."""
+    """Scan ``root``, hash new/changed files, mark vanished ones absent. Commits in chunks.
+
+    Without ``allow_empty``, a folder where no image file is found although the store has
+    present images under it (an unmounted disk looks like that) raises ``NothingUsableError``
+    before anything is marked absent.
+    """
     result = SyncResult()
     key = str(root)
     known = store.images_under(key)
@@ -54,6 +65,13 @@ def sync_folder(
             reporter.progress("scan", len(found), None)
     result.found = len(found)
     reporter.progress("scan", len(found), len(found))
+    if not found and not allow_empty:
+        present = sum(1 for rec in known.values() if rec.status == "present")
+        if present:
+            raise NothingUsableError(
+                f"{root} holds no image files, but the store knows {present} present image(s) there "
+                "(is the disk mounted?); nothing changed, no run recorded (--allow-empty to accept)"
+            )
 
     # Files not hashed again whose row still changes: back after being absent, or now (no longer)
     # reached through a symlink.

@@ -256,12 +256,15 @@ def test_python_dash_m_reports_version() -> None:
 def test_max_pixels_reaches_the_decoder(
     tmp_path: Path, tiny_checkpoint: Path, make_images: MakeImages, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from tests.conftest import write_image
+
     make_images(tmp_path / "pool", 2)  # 24x20 = 480 pixels each
+    write_image(tmp_path / "pool" / "big.png", seed=7, size=(30, 30))  # 900 pixels
     store = ["--store", str(tmp_path / "store")]
     args = ["score", str(tmp_path / "pool"), "-m", str(tiny_checkpoint), "-s", "entropy", "--workers", "0"]
-    code, _, err = cli(capsys, *store, *args, "--max-pixels", "479")
+    code, _, err = cli(capsys, *store, *args, "--max-pixels", "899")
     assert code == 0, err
-    assert "2 image(s) skipped (2 decompression bomb)" in err
+    assert "1 image(s) skipped (1 decompression bomb)" in err
     code, out, _ = cli(capsys, *store, "status", "--failed")
-    reason = "decompression bomb: 24x20 = 480 pixels is over the limit of 479 pixels (--max-pixels)"
-    assert out.count(reason) == 2
+    reason = "decompression bomb: 30x30 = 900 pixels is over the limit of 899 pixels (--max-pixels)"
+    assert out.count(reason) == 1 and "big.png" in out

@@ -184,14 +184,14 @@ def run_and_collect(
     embeddings: dict[int, np.ndarray] = {}
     batches: list[list[int]] = []
 
-    def on_batch(
-        indices: list[int], _probs: np.ndarray, embedded: np.ndarray, failures: list[tuple[int, str]]
-    ) -> None:
+    def on_batch(indices: list[int], outputs: dict[str, np.ndarray], failures: list[tuple[int, str]]) -> None:
+        embedded = outputs.get("embedding")
         batch = sorted([*indices, *(i for i, _ in failures)])
         batches.append(batch)
         for row, index in enumerate(indices):
             assert index not in reported, f"index {index} reported twice"
             reported[index] = "ok"
+            assert embedded is not None
             embeddings[index] = embedded[row]
         for index, reason in failures:
             assert index not in reported, f"index {index} reported twice"
@@ -266,7 +266,7 @@ def test_worker_death_during_on_batch_never_interrupts_it(
     reported: Reported = {}
 
     def slow_on_batch(
-        indices: list[int], _probs: np.ndarray, _emb: np.ndarray, failures: list[tuple[int, str]]
+        indices: list[int], _outputs: dict[str, np.ndarray], failures: list[tuple[int, str]]
     ) -> None:
         try:
             time.sleep(1.5)  # the worker dies while the first batch is being "stored"

@@ -13,7 +13,7 @@ from tests.helpers import MakeImages, cli
 def command_names() -> list[str]:
     import typer
 
-    from alselect.cli import info_cmds, model_cmds, output_cmds  # noqa: F401  (register commands)
+    from alselect.cli import info_cmds, model_cmds, output_cmds, store_cmds  # noqa: F401  (register commands)
     from alselect.cli.app import app
 
     return sorted(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
@@ -31,7 +31,7 @@ def _eighty_columns(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_every_command_is_covered() -> None:
-    assert command_names() == ["embed", "export", "label", "score", "status", "strategies"]
+    assert command_names() == ["embed", "export", "gc", "label", "score", "status", "strategies"]
 
 
 @pytest.mark.parametrize("command", ["", *command_names()])
@@ -130,7 +130,7 @@ def test_quiet_after_the_command_silences_score(
     ],
 )
 def test_hoist_global_options(args: list[str], expected: list[str]) -> None:
-    from alselect.cli import info_cmds, model_cmds, output_cmds  # noqa: F401  (register commands)
+    from alselect.cli import info_cmds, model_cmds, output_cmds, store_cmds  # noqa: F401  (register commands)
     from alselect.cli.app import build_command, hoist_global_options
 
     assert hoist_global_options(build_command(args), args) == expected

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -49,15 +50,18 @@ def embed_args(store: Path, folder: Path, ckpt: Path) -> list[str]:
 
 
 def segment_state(store: Path) -> list[tuple[str, int, int]]:
-    """(file, committed rows × width × 4, actual bytes) per segment."""
+    """(file, committed rows × row bytes, actual bytes) per array segment."""
     with sqlite3.connect(store / DB_FILE) as conn:
-        rows = conn.execute("SELECT file, rows, width FROM segments ORDER BY id").fetchall()
-    return [(file, n * width * 4, (store / file).stat().st_size) for file, n, width in rows]
+        rows = conn.execute("SELECT file, rows, shape, dtype FROM array_segments ORDER BY id").fetchall()
+    return [
+        (file, n * int(np.prod(json.loads(shape))) * np.dtype(dtype).itemsize, (store / file).stat().st_size)
+        for file, n, shape, dtype in rows
+    ]
 
 
 def embedding_count(store: Path) -> int:
     with sqlite3.connect(store / DB_FILE) as conn:
-        return int(conn.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0])
+        return int(conn.execute("SELECT COUNT(*) FROM outputs").fetchone()[0])
 
 
 def test_kill_between_array_append_and_commit_loses_only_that_batch(
@@ -168,7 +172,9 @@ def test_concurrent_writers_serialise_without_corruption(
     with sqlite3.connect(store_path / DB_FILE) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 2
-        assert conn.execute("SELECT COUNT(*) FROM run_items").fetchone()[0] == 24
+    with Store.open(store_path) as store:
+        rankings = [store.ranking_records(run) for run in (1, 2)]
+        assert [len(r) for r in rankings if r is not None] == [12, 12]
 
 
 def test_migrations_are_recorded_and_newer_stores_refused(store_path: Path) -> None:
@@ -242,10 +248,12 @@ def test_only_recent_run_rankings_are_kept(
     for _ in range(KEEP_RUN_RANKINGS + 2):
         score(store_path, tmp_path / "pool", tiny_checkpoint)
     with Store.open(store_path) as store:
-        kept = [r[0] for r in store.rows("SELECT DISTINCT run_id FROM run_items ORDER BY run_id")]
         runs = store.scalar("SELECT COUNT(*) FROM runs")
+        kept = [run for run in range(1, runs + 1) if store.ranking_records(run) is not None]
+        files = sorted(p.name for p in (store_path / "rankings").iterdir())
     assert runs == KEEP_RUN_RANKINGS + 2
     assert kept == list(range(3, KEEP_RUN_RANKINGS + 3))
+    assert files == [f"run-{run:08d}.npy" for run in kept]  # pruned rankings leave no file behind
 
 
 def test_a_reader_applies_migrations_added_by_an_upgrade(store_path: Path) -> None:

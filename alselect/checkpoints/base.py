@@ -97,6 +97,11 @@ class LoadedModel:
             embedding = scores
         return probs, embedding.float().flatten(1)
 
+    def forward_outputs(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The named per-image arrays the store keeps for this model: ``probs``, ``embedding``."""
+        probs, embedding = self.predict(batch)
+        return {"probs": probs, "embedding": embedding}
+
 
 def split_outputs(raw: Any) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
     """Accept logits, ``(logits, embedding)``, or a dict with ``logits`` (or ``probs`` /

@@ -15,7 +15,7 @@ from alselect.errors import AlselectError
 
 
 def main(argv: list[str] | None = None) -> None:
-    from alselect.cli import info_cmds, model_cmds, output_cmds  # noqa: F401  (register commands)
+    from alselect.cli import info_cmds, model_cmds, output_cmds, store_cmds  # noqa: F401  (register commands)
     from alselect.cli.app import build_command, click_module, err, hoist_global_options
 
     args = list(sys.argv[1:] if argv is None else argv)

@@ -58,7 +58,9 @@ def _format_status(info: dict[str, Any]) -> str:
     for model in info["models"]:
         lines.append(
             f"model:     {model['model']} {model['kind']} ({model['classes']} classes, "
-            f"{model['dim']}-d) {model['embedded']} embedded  {model['checkpoint']}"
+            f"{model['dim']}-d) {model['embedded']} embedded"
+            + (f", {model['failed']} failed" if model["failed"] else "")
+            + f"  {model['checkpoint']}"
         )
     lines.append(f"runs:      {info['runs']}")
     if run:

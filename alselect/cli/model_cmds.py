@@ -14,10 +14,44 @@ from alselect.limits import DEFAULT_MAX_PIXELS
 from alselect.progress import Reporter
 
 if TYPE_CHECKING:
-    from alselect.pipeline import EmbedResult, ModelSpec
+    from alselect.pipeline import EmbedResult, ModelSpec, Safeguards
 
 Folder = Annotated[Path, typer.Argument(metavar="DIR", help="Image folder (searched recursively).")]
-Model = Annotated[Path, typer.Option("--model", "-m", metavar="CKPT", help="Checkpoint file.")]
+Model = Annotated[
+    list[Path],
+    typer.Option(
+        "--model", "-m", metavar="CKPT", help="Checkpoint file; give it several times for an ensemble."
+    ),
+]
+EmbedModel = Annotated[
+    Path | None,
+    typer.Option(
+        metavar="CKPT",
+        help="Separate checkpoint whose embeddings diversity strategies use (probs stay --model's).",
+    ),
+]
+EmbedArch = Annotated[
+    str | None, typer.Option(metavar="NAME", help="Architecture of a plain state_dict --embed-model.")
+]
+EmbedNumClasses = Annotated[
+    int | None, typer.Option(min=1, help="Classes of a plain state_dict --embed-model.")
+]
+RetryFailed = Annotated[
+    bool, typer.Option("--retry-failed", help="Try again images that failed to decode or score before.")
+]
+AllowEmpty = Annotated[
+    bool,
+    typer.Option(
+        "--allow-empty", help="Accept a folder with no images where the store knew some (else exit 3)."
+    ),
+]
+MaxFailed = Annotated[
+    str | None,
+    typer.Option(
+        metavar="SHARE",
+        help="Exit 3 without recording a run when more than this share of images fails: 5% or 0.05.",
+    ),
+]
 Device = Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda or cuda:N.")]
 BatchSize = Annotated[int, typer.Option(min=1, help="Images per model call.")]
 Workers = Annotated[
@@ -106,6 +140,9 @@ def embed(
     arch: Arch = None,
     num_classes: NumClasses = None,
     trust_checkpoint: Trust = False,
+    retry_failed: RetryFailed = False,
+    allow_empty: AllowEmpty = False,
+    max_failed: MaxFailed = None,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Embed new or changed images into the store.
@@ -117,14 +154,26 @@ def embed(
     from alselect.pipeline import embed_folder
     from alselect.store import Store
 
-    spec = _spec(model, arch, num_classes, trust_checkpoint, image_size, mean, std)
-    _check_inputs(folder, model, batch_size, workers, image_size)
+    specs = [_spec(m, arch, num_classes, trust_checkpoint, image_size, mean, std) for m in model]
+    safeguards = _safeguards(allow_empty, max_failed)
+    _check_inputs(folder, *model)
+    _check_memory(batch_size, workers, image_size)
     with Store.open(globals_of(ctx).store, write=True, create=True) as store, reporter_for(ctx) as reporter:
-        result = embed_folder(
-            store, folder, spec, EmbedOptions(device, batch_size, workers, max_pixels), reporter
-        )
+        results = [
+            embed_folder(
+                store,
+                folder,
+                spec,
+                EmbedOptions(device, batch_size, workers, max_pixels),
+                reporter,
+                retry_failed=retry_failed,
+                safeguards=safeguards,
+            )
+            for spec in specs
+        ]
         reporter.close()
-        _report_embed(reporter, result)
+        for result in results:
+            _report_embed(reporter, result)
 
 
 @app.command(
@@ -144,6 +193,39 @@ def score(
     strategy: Strategy,
     budget: Annotated[int | None, typer.Option(min=1, help="Rank only the best N (default: all).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for strategies that draw at random.")] = 0,
+    param: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--param", "-p", metavar="KEY=VALUE", help="Strategy option (repeatable), e.g. --param beta=10."
+        ),
+    ] = None,
+    prefilter: Annotated[
+        str | None,
+        typer.Option(metavar="STRATEGY:TOP", help="Keep the TOP best by STRATEGY first, e.g. entropy:5000."),
+    ] = None,
+    balance_classes: Annotated[
+        bool, typer.Option("--balance-classes", help="Fill the batch round-robin over predicted classes.")
+    ] = False,
+    embed_model: EmbedModel = None,
+    embed_arch: EmbedArch = None,
+    embed_num_classes: EmbedNumClasses = None,
+    labeled_dir: Annotated[
+        list[Path] | None,
+        typer.Option(
+            metavar="DIR", help="Folder of already-labeled images (repeatable): context for coreset, DAL."
+        ),
+    ] = None,
+    mc_samples: Annotated[
+        int, typer.Option(min=1, help="MC-dropout passes T for strategies that need several predictions.")
+    ] = 20,
+    mc_mode: Annotated[
+        str,
+        typer.Option(
+            metavar="MODE",
+            help="auto, full (T passes with the model's dropout) or head (on cached embeddings).",
+        ),
+    ] = "auto",
+    mc_dropout: Annotated[float, typer.Option(help="Dropout rate of head-only MC dropout.")] = 0.5,
     device: Device = "auto",
     batch_size: BatchSize = 64,
     workers: Workers = None,
@@ -153,6 +235,9 @@ def score(
     arch: Arch = None,
     num_classes: NumClasses = None,
     trust_checkpoint: Trust = False,
+    retry_failed: RetryFailed = False,
+    allow_empty: AllowEmpty = False,
+    max_failed: MaxFailed = None,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Rank the unlabeled images of a folder and record the run.
@@ -160,29 +245,44 @@ def score(
     Embeds what is missing first; 'alselect export' then writes the ranking.
     """
     from alselect.embed import EmbedOptions
-    from alselect.pipeline import score_folder
+    from alselect.pipeline import McDropout, ModelSpec, ScoreModels, score_folder
     from alselect.store import Store
-    from alselect.strategies import make_strategy
+    from alselect.strategies import parse_params, strategy_from_options
 
-    make_strategy(strategy)  # unknown names are a usage error before any work
-    spec = _spec(model, arch, num_classes, trust_checkpoint, image_size, mean, std)
+    chosen = strategy_from_options(
+        strategy, seed=seed, params=parse_params(param), prefilter=prefilter, balance_classes=balance_classes
+    )  # unknown names and bad options are usage errors before any work
+    models = ScoreModels(
+        task=[_spec(m, arch, num_classes, trust_checkpoint, image_size, mean, std) for m in model],
+        embed=ModelSpec(embed_model, embed_arch, embed_num_classes, trust_checkpoint)
+        if embed_model is not None
+        else None,
+        mc=McDropout(samples=mc_samples, mode=mc_mode, rate=mc_dropout),
+    )
+    safeguards = _safeguards(allow_empty, max_failed)
     command = shlex.join(["alselect", *sys.argv[1:]])
-    _check_inputs(folder, model, batch_size, workers, image_size)
+    _check_inputs(folder, *model, embed_model)
+    for other in labeled_dir or []:
+        _check_inputs(other)
+    _check_memory(batch_size, workers, image_size)
     with Store.open(globals_of(ctx).store, write=True, create=True) as store, reporter_for(ctx) as reporter:
         result = score_folder(
             store,
             folder,
-            spec,
-            strategy,
+            models,
+            chosen,
             budget=budget,
-            seed=seed,
             options=EmbedOptions(device, batch_size, workers, max_pixels),
             reporter=reporter,
             command=command,
+            labeled_dirs=labeled_dir or [],
+            retry_failed=retry_failed,
+            safeguards=safeguards,
         )
         reporter.close()
-        _report_embed(reporter, result.embed)
-        counts = result.embed.counts
+        for embedded in result.embeds:
+            _report_embed(reporter, embedded)
+        counts = result.embeds[0].counts if result.embeds else None
         duplicates = (
             f"; {counts.duplicates} duplicate file(s) counted once" if counts and counts.duplicates else ""
         )
@@ -193,19 +293,49 @@ def score(
         )
 
 
-def _check_inputs(
-    folder: Path, model: Path, batch_size: int, workers: int | None, image_size: int | None
-) -> None:
-    """Fail on a missing folder or checkpoint, or options too big for memory, before any work."""
+def _check_inputs(folder: Path, *models: Path | None) -> None:
+    """Fail on a missing folder, or a checkpoint that is missing or no checkpoint, before any work."""
     from alselect.checkpoints.identify import check_checkpoint_path
     from alselect.discover import resolve_root
+
+    resolve_root(folder)
+    for model in models:
+        if model is not None:
+            check_checkpoint_path(model)
+
+
+def _check_memory(batch_size: int, workers: int | None, image_size: int | None) -> None:
+    """Options that cannot fit in memory are a usage error up front (``alselect.limits``).
+
+    Without ``--image-size`` the size comes from the checkpoint: checked once that is loaded.
+    """
     from alselect.limits import check_batch_memory, check_image_size, default_workers
 
-    if image_size is not None:  # else it comes from the checkpoint: checked once that is loaded
+    if image_size is not None:
         check_image_size(image_size)
         check_batch_memory(batch_size, image_size, default_workers() if workers is None else workers)
-    resolve_root(folder)
-    check_checkpoint_path(model)
+
+
+def _safeguards(allow_empty: bool, max_failed: str | None) -> Safeguards:
+    from alselect.pipeline import Safeguards
+
+    return Safeguards(allow_empty=allow_empty, max_failed=parse_share(max_failed))
+
+
+def parse_share(text: str | None) -> float | None:
+    """``5%`` or ``0.05`` → 0.05; a usage error otherwise."""
+    from alselect.errors import UsageError
+
+    if text is None:
+        return None
+    raw = text.strip()
+    try:
+        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise UsageError(f"--max-failed expects a share like 5% or 0.05, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise UsageError(f"--max-failed must be between 0% and 100%, got {text!r}")
+    return value
 
 
 def _report_embed(reporter: Reporter, result: EmbedResult) -> None:

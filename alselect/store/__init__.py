@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -20,14 +21,15 @@ from alselect.identity import REPRESENTATIVE_ORDER
 from alselect.store import migrations
 from alselect.store.arrays import append_rows, read_rows, rows_fit
 from alselect.store.connect import READ_WAL, WRITE, can_write, open_connection, open_mode, read_only_error
+from alselect.store.keys import content_keys, first_occurrences, full_order, key_hex, lookup, member
 from alselect.store.lock import WriterLock
 from alselect.store.names import from_db, to_db
+from alselect.store.rankings import Ranking, read_ranking, write_ranking
 
 DB_FILE = "alselect.db"
 LOCK_FILE = "lock"
-ARRAY_DTYPE = "float32"
 KEEP_RUN_RANKINGS = 3  # runs whose per-image ranking is kept; older runs keep their metadata
-REPRESENTATIVE_SQL = ", ".join(f"i.{column}" for column in REPRESENTATIVE_ORDER)
+EXPORT_CHUNK = 500  # ranked images looked up per query while exporting (bound parameters stay < 999)
 
 
 def default_store_path() -> Path:
@@ -45,8 +47,9 @@ def model_display_name(checkpoint_sha256: str, key: str) -> str:
     return short if key == checkpoint_sha256 else f"{short}+pp{key[:6]}"
 
 
-@dataclass(frozen=True)
-class ImageRecord:
+class ImageRecord(NamedTuple):
+    """One stored image file (a named tuple: a million of them load in a fraction of a second)."""
+
     id: int
     relpath: str
     sha256: str | None
@@ -75,20 +78,50 @@ class PoolArrays:
     exported: np.ndarray
 
 
+@dataclass
+class PoolRows:
+    """The images a run ranks, one row per content, aligned on axis 0 (path order).
+
+    ``roots``/``relpaths``/``sha256``/``image_ids`` identify each row; ``slots[model_key]``
+    locates it in that model's stored arrays; ``labeled``/``exported`` are ``[N]`` bool masks.
+    """
+
+    image_ids: np.ndarray
+    roots: list[str]
+    relpaths: list[str]
+    sha256: list[str]
+    slots: dict[str, np.ndarray]
+    labeled: np.ndarray
+    exported: np.ndarray
+    keys: np.ndarray | None = None  # [N, 4] uint64 content keys (alselect.store.keys)
+
+    def __len__(self) -> int:
+        return len(self.relpaths)
+
+
+STORABLE_DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8"})
+
+
+def storable(name: str, array: np.ndarray, rows: int) -> np.ndarray:
+    """``array`` as stored: C-contiguous, ``rows`` long, bool as uint8, a supported dtype."""
+    data = np.asarray(array)
+    if data.dtype == np.bool_:
+        data = data.astype(np.uint8)
+    if data.ndim == 0 or data.shape[0] != rows:
+        raise ValueError(f"array {name!r} has shape {data.shape} for {rows} images")
+    if data.dtype.name not in STORABLE_DTYPES:
+        raise ValueError(f"array {name!r} has dtype {data.dtype}, not one the store keeps")
+    return np.ascontiguousarray(data)
+
+
+def describe_layout(layout: Mapping[str, Any]) -> str:
+    return ", ".join(f"{name} {spec['dtype']}{spec['shape']}" for name, spec in sorted(layout.items()))
+
+
 def _upgrade_briefly(path: Path, conn: sqlite3.Connection) -> None:
     """A reader found pending migrations (alselect was upgraded): apply them under the lock."""
     with WriterLock(path / LOCK_FILE, timeout=10.0):
         migrations.apply(conn)
-
-
-def _exportable_from(include_exported: bool) -> str:
-    """FROM/WHERE of a run's items still present and unlabeled (and, unless asked, unexported)."""
-    unexported = (
-        "" if include_exported else "AND NOT EXISTS (SELECT 1 FROM exported x WHERE x.sha256 = r.sha256)"
-    )
-    return f"""FROM run_items r JOIN images i ON i.id = r.image_id
-               WHERE r.run_id = ? AND i.status = 'present' AND i.sha256 = r.sha256
-                 AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.sha256 = r.sha256) {unexported}"""
 
 
 class Store:
@@ -250,7 +283,7 @@ class Store:
                 [(reason, to_db(root), sha) for sha, reason in failures],
             )
 
-    # -- models and arrays ------------------------------------------------------------------
+    # -- models ---------------------------------------------------------------------------------
 
     def register_model(
         self,
@@ -265,9 +298,9 @@ class Store:
     ) -> None:
         with self.transaction() as conn:
             conn.execute(
-                """INSERT INTO models (key, checkpoint_sha256, path, kind, arch, num_classes, classes,
+                """INSERT INTO models (key, id, checkpoint_sha256, path, kind, arch, num_classes, classes,
                                        preprocess, added_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   VALUES (?, (SELECT COALESCE(MAX(id), 0) + 1 FROM models), ?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT (key) DO UPDATE SET path = excluded.path""",
                 (
                     key,
@@ -283,15 +316,10 @@ class Store:
             )
 
     def model(self, key: str) -> dict[str, Any] | None:
-        row = self.conn.execute(
-            "SELECT key, checkpoint_sha256, path, kind, arch, num_classes, dim, classes, preprocess "
-            "FROM models WHERE key = ?",
-            (key,),
-        ).fetchone()
-        if row is None:
-            return None
+        """The model's record: key, id, checkpoint, path, kind, arch, classes, preprocess, outputs."""
         names = (
             "key",
+            "id",
             "checkpoint_sha256",
             "path",
             "kind",
@@ -300,146 +328,303 @@ class Store:
             "dim",
             "classes",
             "preprocess",
+            "slots",
+            "outputs",
         )
+        row = self.conn.execute(f"SELECT {', '.join(names)} FROM models WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return None
         info = dict(zip(names, row, strict=True))
         info["path"] = from_db(info["path"])
         info["classes"] = json.loads(info["classes"]) if info["classes"] else None
         info["preprocess"] = json.loads(info["preprocess"])
+        info["outputs"] = json.loads(info["outputs"]) if info["outputs"] else None
         return info
 
-    def missing_embeddings(self, root: str, model_key: str) -> list[tuple[str, str]]:
-        """``(sha256, relpath)`` of present images under ``root`` not yet embedded by the model."""
+    def _model_row(self, key: str) -> tuple[int, int, dict[str, Any] | None]:
+        row = self.conn.execute("SELECT id, slots, outputs FROM models WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            raise StoreError(f"model {key[:12]} is not registered in the store")
+        return int(row[0]), int(row[1]), json.loads(row[2]) if row[2] else None
+
+    # -- per-image outputs: named arrays per (content, model) -----------------------------------
+
+    def missing_outputs(self, root: str, model_key: str, retry_failed: bool = False) -> list[tuple[str, str]]:
+        """``(sha256, relpath)`` of present images under ``root`` the model has no outputs for.
+
+        One entry per content (its first path), in path order. Contents whose model output failed
+        before (e.g. not finite) are left out unless ``retry_failed``.
+        """
+        model_id = self._model_row(model_key)[0]
+        failed = (
+            ""
+            if retry_failed
+            else "AND NOT EXISTS (SELECT 1 FROM output_failures f WHERE f.model = ?1 AND f.sha256 = i.sha256)"
+        )
         rows = self.conn.execute(
-            """SELECT i.sha256, MIN(i.relpath) FROM images i
-               WHERE i.root = ? AND i.status = 'present' AND i.sha256 IS NOT NULL
-                 AND NOT EXISTS (SELECT 1 FROM embeddings e
-                                 WHERE e.sha256 = i.sha256 AND e.model_key = ?)
-               GROUP BY i.sha256 ORDER BY MIN(i.relpath)""",
-            (to_db(root), model_key),
+            f"""SELECT i.sha256, MIN(i.relpath) FROM images i
+                WHERE i.root = ?2 AND i.status = 'present' AND i.sha256 IS NOT NULL
+                  AND NOT EXISTS (SELECT 1 FROM outputs o WHERE o.model = ?1 AND o.sha256 = i.sha256)
+                  {failed}
+                GROUP BY i.sha256 ORDER BY MIN(i.relpath)""",
+            (model_id, to_db(root)),
         )
         return [(r[0], from_db(r[1])) for r in rows]
+
+    def add_outputs(self, model_key: str, sha256: Sequence[str], arrays: Mapping[str, np.ndarray]) -> None:
+        """Persist one batch of per-image arrays (``name -> [n, *shape]``) for ``sha256`` (n contents).
+
+        Each array is appended to its own segment file and fsynced; then every row is registered
+        in one transaction (a killed writer loses at most this batch). A model always stores the
+        same names, dtypes and shapes; ``probs`` and ``embedding`` widths are recorded as its class
+        count and embedding size. A success clears an earlier recorded failure of that content.
+        """
+        n = len(sha256)
+        if n == 0:
+            return
+        model_id, slot, known = self._model_row(model_key)
+        data = {name: storable(name, array, n) for name, array in sorted(arrays.items())}
+        layout = {name: {"dtype": a.dtype.name, "shape": list(a.shape[1:])} for name, a in data.items()}
+        if known is None:
+            self._set_layout(model_key, layout, data)
+        elif known != layout:
+            raise StoreError(
+                f"model {model_key[:12]} stores {describe_layout(known)}, but this batch has "
+                f"{describe_layout(layout)}"
+            )
+        placed = []
+        for name, array in data.items():
+            seg_id, file, committed = self._segment_for(model_key, name, array, slot)
+            append_rows(self.path / file, committed, array.reshape(n, -1))
+            placed.append(seg_id)
+        self._fault("after-append")
+        with self.transaction() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO outputs (model, sha256, slot) VALUES (?, ?, ?)",
+                [(model_id, sha, slot + i) for i, sha in enumerate(sha256)],
+            )
+            conn.executemany(
+                "UPDATE array_segments SET rows = rows + ? WHERE id = ?", [(n, seg) for seg in placed]
+            )
+            conn.execute("UPDATE models SET slots = ? WHERE id = ?", (slot + n, model_id))
+            conn.executemany(
+                "DELETE FROM output_failures WHERE model = ? AND sha256 = ?",
+                [(model_id, sha) for sha in sha256],
+            )
+        self._fault("after-commit")
 
     def add_embeddings(
         self, model_key: str, sha256: Sequence[str], probs: np.ndarray, embeddings: np.ndarray
     ) -> None:
-        """Persist one batch: arrays appended and fsynced, then registered in one transaction.
+        """``add_outputs`` of a classifier's two arrays: ``probs [n, C]``, ``embedding [n, D]``."""
+        self.add_outputs(model_key, sha256, {"probs": probs, "embedding": embeddings})
 
-        ``probs [n, C]`` and ``embeddings [n, D]`` are stored as float32.
-        """
-        if len(sha256) == 0:
-            return
-        probs = np.asarray(probs, dtype=ARRAY_DTYPE)
-        embeddings = np.asarray(embeddings, dtype=ARRAY_DTYPE)
-        self._check_dims(model_key, probs.shape[1], embeddings.shape[1])
-        placed = {}
-        for array_name, data in (("probs", probs), ("embedding", embeddings)):
-            seg_id, file, rows = self._open_segment(model_key, array_name, data.shape[1], len(data))
-            append_rows(self.path / file, rows, data)
-            placed[array_name] = (seg_id, rows)
-        self._fault("after-append")
-        now = utcnow()
-        (p_seg, p_start), (e_seg, e_start) = placed["probs"], placed["embedding"]
+    def _set_layout(self, model_key: str, layout: dict[str, Any], data: Mapping[str, np.ndarray]) -> None:
+        num_classes = data["probs"].shape[1] if "probs" in data and data["probs"].ndim == 2 else None
+        dim = data["embedding"].shape[1] if "embedding" in data and data["embedding"].ndim == 2 else None
+        row = self.conn.execute("SELECT num_classes FROM models WHERE key = ?", (model_key,)).fetchone()
+        declared = row[0] if row else None
+        if declared is not None and num_classes is not None and declared != num_classes:
+            raise StoreError(f"model outputs {num_classes} classes but the checkpoint declares {declared}")
         with self.transaction() as conn:
-            conn.executemany(
-                """INSERT OR REPLACE INTO embeddings (sha256, model_key, probs_segment, probs_row,
-                       embedding_segment, embedding_row, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)""",
-                [
-                    (sha, model_key, p_seg, p_start + i, e_seg, e_start + i, now)
-                    for i, sha in enumerate(sha256)
-                ],
+            conn.execute(
+                "UPDATE models SET outputs = ?, num_classes = COALESCE(num_classes, ?), dim = ? "
+                "WHERE key = ?",
+                (json.dumps(layout, sort_keys=True), num_classes, dim, model_key),
             )
-            conn.execute("UPDATE segments SET rows = rows + ? WHERE id = ?", (len(sha256), p_seg))
-            conn.execute("UPDATE segments SET rows = rows + ? WHERE id = ?", (len(sha256), e_seg))
-        self._fault("after-commit")
 
-    def _check_dims(self, model_key: str, num_classes: int, dim: int) -> None:
-        row = self.conn.execute("SELECT num_classes, dim FROM models WHERE key = ?", (model_key,)).fetchone()
-        if row is None:
-            raise StoreError(f"model {model_key[:12]} is not registered in the store")
-        known_c, known_d = row
-        if known_c is not None and known_c != num_classes:
-            raise StoreError(f"model outputs {num_classes} classes but the checkpoint declares {known_c}")
-        if known_d is not None and known_d != dim:
-            raise StoreError(f"model embedding has {dim} dims, earlier batches had {known_d}")
-        if known_c is None or known_d is None:
-            with self.transaction() as conn:
-                conn.execute(
-                    "UPDATE models SET num_classes = ?, dim = ? WHERE key = ?",
-                    (num_classes, dim, model_key),
-                )
-
-    def _open_segment(self, model_key: str, array_name: str, width: int, extra: int) -> tuple[int, str, int]:
+    def _segment_for(self, model_key: str, name: str, array: np.ndarray, slot: int) -> tuple[int, str, int]:
+        """The open segment that continues at ``slot``, or a new one starting there."""
+        width = int(np.prod(array.shape[1:], dtype=np.int64))
         row = self.conn.execute(
-            "SELECT id, file, rows FROM segments WHERE model_key = ? AND array = ? AND sealed = 0 "
-            "AND width = ? ORDER BY id DESC LIMIT 1",
-            (model_key, array_name, width),
+            "SELECT id, file, first_slot, rows FROM array_segments WHERE model_key = ? AND name = ? "
+            "AND sealed = 0 ORDER BY id DESC LIMIT 1",
+            (model_key, name),
         ).fetchone()
-        if row is not None and rows_fit(row[2], width, 4, extra):
-            return int(row[0]), str(row[1]), int(row[2])
+        if (
+            row is not None
+            and row[2] + row[3] == slot
+            and rows_fit(row[3], width, array.dtype.itemsize, len(array))
+        ):
+            return int(row[0]), str(row[1]), int(row[3])
         with self.transaction() as conn:
             if row is not None:
-                conn.execute("UPDATE segments SET sealed = 1 WHERE id = ?", (row[0],))
-            count = conn.execute(
-                "SELECT COUNT(*) FROM segments WHERE model_key = ?", (model_key,)
-            ).fetchone()[0]
-            file = f"arrays/{model_key[:16]}/{array_name}-{count:06d}.f32"
-            cursor = conn.execute(
-                "INSERT INTO segments (model_key, array, file, dtype, width) VALUES (?, ?, ?, ?, ?)",
-                (model_key, array_name, file, ARRAY_DTYPE, width),
+                conn.execute("UPDATE array_segments SET sealed = 1 WHERE id = ?", (row[0],))
+            seg_id = int(conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM array_segments").fetchone()[0])
+            file = f"arrays/{model_key[:16]}/{name}-{seg_id:06d}.{array.dtype.name}"
+            conn.execute(
+                "INSERT INTO array_segments (id, model_key, name, file, dtype, shape, first_slot) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (seg_id, model_key, name, file, array.dtype.name, json.dumps(list(array.shape[1:])), slot),
             )
         (self.path / file).parent.mkdir(parents=True, exist_ok=True)
-        return int(cursor.lastrowid or 0), file, 0
+        return seg_id, file, 0
+
+    def read_outputs(self, model_key: str, name: str, slots: np.ndarray) -> np.ndarray:
+        """Rows ``slots [n]`` of the model's array ``name``: ``[n, *shape]``, memory-mapped reads."""
+        segments = self.rows(
+            "SELECT file, dtype, shape, first_slot, rows FROM array_segments "
+            "WHERE model_key = ? AND name = ? AND rows > 0 ORDER BY first_slot, id",
+            (model_key, name),
+        )
+        slots = np.asarray(slots, dtype=np.int64)
+        if not segments:
+            layout = (self.model(model_key) or {}).get("outputs") or {}
+            if name not in layout:
+                raise StoreError(f"model {model_key[:12]} has no stored {name!r} array")
+            spec = layout[name]
+            if len(slots):
+                raise StoreError(f"model {model_key[:12]}: {name!r} rows are missing")
+            return np.empty((0, *spec["shape"]), dtype=np.dtype(spec["dtype"]))
+        shape = tuple(json.loads(segments[0][2]))
+        dtype = np.dtype(segments[0][1])
+        width = int(np.prod(shape, dtype=np.int64))
+        out = np.empty((len(slots), width), dtype=dtype)
+        order = np.argsort(slots, kind="stable")  # sorted reads: sequential pages, ranges per segment
+        ordered = slots[order]
+        covered = 0
+        for file, seg_dtype, seg_shape, first, rows in segments:
+            lo, hi = np.searchsorted(ordered, [first, first + rows], side="left")
+            if lo == hi:
+                continue
+            if tuple(json.loads(seg_shape)) != shape:
+                raise StoreError(f"array file {file} has shape {seg_shape}, expected {list(shape)}")
+            out[order[lo:hi]] = read_rows(self.path / file, seg_dtype, width, rows, ordered[lo:hi] - first)
+            covered += int(hi - lo)
+        if covered != len(slots):
+            raise StoreError(f"model {model_key[:12]}: {len(slots) - covered} {name!r} rows are missing")
+        return out.reshape(len(slots), *shape)
+
+    def record_output_failures(self, model_key: str, failures: Sequence[tuple[str, str]]) -> None:
+        """Record ``(sha256, reason)``: this model's output for that content failed (e.g. not finite).
+
+        The failure belongs to (content, model): the image stays present, other models still score it.
+        """
+        model_id = self._model_row(model_key)[0]
+        now = utcnow()
+        with self.transaction() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO output_failures (model, sha256, reason, failed_at) "
+                "VALUES (?, ?, ?, ?)",
+                [(model_id, sha, reason, now) for sha, reason in failures],
+            )
+
+    def retry_failures(self, root: str, model_key: str) -> int:
+        """Forget recorded decode failures under ``root`` and the model's output failures: try again."""
+        model_id = self._model_row(model_key)[0]
+        with self.transaction() as conn:
+            decode = conn.execute(
+                "UPDATE images SET status = 'present', reason = NULL "
+                "WHERE root = ? AND status = 'failed' AND sha256 IS NOT NULL",
+                (to_db(root),),
+            ).rowcount
+            output = conn.execute(
+                """DELETE FROM output_failures WHERE model = ? AND sha256 IN
+                   (SELECT sha256 FROM images WHERE root = ? AND status = 'present')""",
+                (model_id, to_db(root)),
+            ).rowcount
+        return int(decode + output)
+
+    def output_failure_count(self, root: str, model_key: str) -> int:
+        """Contents present under ``root`` whose output failed for the model and were not retried."""
+        model_id = self._model_row(model_key)[0]
+        return int(
+            self.scalar(
+                """SELECT COUNT(DISTINCT f.sha256) FROM output_failures f JOIN images i ON i.sha256 = f.sha256
+                   WHERE f.model = ? AND i.root = ? AND i.status = 'present'""",
+                (model_id, to_db(root)),
+            )
+            or 0
+        )
+
+    # -- pools: the images a run ranks, aligned across models -----------------------------------
+
+    def pool_rows(self, root: str, model_keys: Sequence[str], labeled_roots: Sequence[str] = ()) -> PoolRows:
+        """Present images under ``root`` that every model in ``model_keys`` has outputs for.
+
+        One row per content, represented by one of its paths as ``alselect.identity`` says (a real
+        path before a symlinked one, then path order); rows in the path order of their representatives. Then
+        the images of ``labeled_roots`` not already in the pool, all taken as labeled (a labeled
+        set kept in another folder), also one per content. ``slots[key]`` locates each row in a
+        model's arrays. Aligned by sorting content hashes as numbers: no per-image queries.
+        """
+        if not model_keys:
+            raise ValueError("a pool needs at least one model")
+        keys_in_order = list(dict.fromkeys(model_keys))
+        model_ids = [self._model_row(key)[0] for key in keys_in_order]
+        image_ids: list[int] = []
+        roots: list[str] = []
+        relpaths: list[str] = []
+        shas: list[str] = []
+        outside: list[bool] = []
+        path_rank: list[int] = []
+        for part in [root, *(r for r in dict.fromkeys(labeled_roots) if r != root)]:
+            rows = self.rows(
+                "SELECT id, relpath, sha256, link FROM images WHERE root = ? AND status = 'present' "
+                f"AND sha256 IS NOT NULL ORDER BY {', '.join(REPRESENTATIVE_ORDER)}",
+                (to_db(part),),
+            )
+            # Each content's first row is its representative (alselect.identity); remember each
+            # row's place in path order to put the representatives back in path order below.
+            by_path = sorted(range(len(rows)), key=lambda i: rows[i][1])
+            rank = np.empty(len(rows), dtype=np.int64)
+            rank[by_path] = np.arange(len(path_rank), len(path_rank) + len(rows))
+            path_rank += rank.tolist()
+            image_ids += [r[0] for r in rows]
+            relpaths += [from_db(r[1]) for r in rows]
+            shas += [r[2] for r in rows]
+            roots += [part] * len(rows)
+            outside += [part != root] * len(rows)
+        keys = content_keys(shas)
+        keep = first_occurrences(keys)
+        keep = keep[np.argsort(np.asarray(path_rank, dtype=np.int64)[keep], kind="stable")]
+        slots: dict[str, np.ndarray] = {}
+        usable = np.ones(len(keep), dtype=bool)
+        for key, model_id in zip(keys_in_order, model_ids, strict=True):
+            rows = self.rows("SELECT sha256, slot FROM outputs WHERE model = ? ORDER BY sha256", (model_id,))
+            table = content_keys([r[0] for r in rows])
+            order = full_order(table)
+            pos, found = lookup(table[order], keys[keep])
+            usable &= found
+            slots[key] = np.array([r[1] for r in rows], dtype=np.int64)[order][pos] if rows else pos
+        keep = keep[usable]
+        kept = keys[keep]
+        labels = [r[0] for r in self.rows("SELECT sha256 FROM labels")]
+        sent = [r[0] for r in self.rows("SELECT DISTINCT sha256 FROM exported")]
+        chosen = keep.tolist()
+        return PoolRows(
+            image_ids=np.array(image_ids, dtype=np.int64)[keep],
+            roots=[roots[i] for i in chosen],
+            relpaths=[relpaths[i] for i in chosen],
+            sha256=[shas[i] for i in chosen],
+            slots={key: value[usable] for key, value in slots.items()},
+            labeled=member(labels, kept) | np.array(outside, dtype=bool)[keep],
+            exported=member(sent, kept),
+            keys=kept,
+        )
+
+    def pool_array(self, pool: PoolRows, model_key: str, name: str) -> np.ndarray:
+        """The model's array ``name`` aligned with the pool's rows: ``[N, *shape]``."""
+        return self.read_outputs(model_key, name, pool.slots[model_key])
 
     def pool(self, root: str, model_key: str, with_embeddings: bool = True) -> PoolArrays:
-        """Gather arrays for every present, embedded image under ``root``."""
-        rows = self.conn.execute(
-            f"""SELECT i.id, i.relpath, i.sha256, e.probs_segment, e.probs_row,
-                      e.embedding_segment, e.embedding_row,
-                      EXISTS (SELECT 1 FROM labels l WHERE l.sha256 = i.sha256),
-                      EXISTS (SELECT 1 FROM exported x WHERE x.sha256 = i.sha256)
-               FROM images i JOIN embeddings e ON e.sha256 = i.sha256 AND e.model_key = ?
-               WHERE i.root = ? AND i.status = 'present'
-               ORDER BY {REPRESENTATIVE_SQL}""",
-            (model_key, to_db(root)),
-        ).fetchall()
-        seen: set[str] = set()
-        unique = []
-        for row in rows:  # the first path of each content represents it (alselect.identity)
-            if row[2] not in seen:
-                seen.add(row[2])
-                unique.append(row)
-        unique.sort(key=lambda row: row[1])  # pool rows in the path order of their representatives
-        info = self.model(model_key) or {}
-        n = len(unique)
-        probs = self._gather([r[3] for r in unique], [r[4] for r in unique], info.get("num_classes") or 0)
+        """Probabilities (and embeddings) of one model for every present, embedded image under ``root``."""
+        rows = self.pool_rows(root, [model_key])
+        probs = self.pool_array(rows, model_key, "probs")
         emb = (
-            self._gather([r[5] for r in unique], [r[6] for r in unique], info.get("dim") or 0)
+            self.pool_array(rows, model_key, "embedding")
             if with_embeddings
-            else np.empty((n, 0), dtype=ARRAY_DTYPE)
+            else np.empty((len(rows.relpaths), 0), dtype=np.float32)
         )
         return PoolArrays(
-            image_ids=np.array([r[0] for r in unique], dtype=np.int64),
-            relpaths=[from_db(r[1]) for r in unique],
-            sha256=[r[2] for r in unique],
+            image_ids=rows.image_ids,
+            relpaths=rows.relpaths,
+            sha256=rows.sha256,
             probs=probs,
             embeddings=emb,
-            labeled=np.array([bool(r[7]) for r in unique], dtype=bool),
-            exported=np.array([bool(r[8]) for r in unique], dtype=bool),
+            labeled=rows.labeled,
+            exported=rows.exported,
         )
-
-    def _gather(self, segments: list[int], rows: list[int], width: int) -> np.ndarray:
-        seg_ids = np.asarray(segments, dtype=np.int64)
-        row_ids = np.asarray(rows, dtype=np.int64)
-        out = np.empty((len(seg_ids), width), dtype=ARRAY_DTYPE)
-        for seg_id in np.unique(seg_ids):
-            file, dtype, seg_width, committed = self.conn.execute(
-                "SELECT file, dtype, width, rows FROM segments WHERE id = ?", (int(seg_id),)
-            ).fetchone()
-            mask = seg_ids == seg_id
-            if seg_width != width:
-                raise StoreError(f"segment {file} has width {seg_width}, expected {width}")
-            out[mask] = read_rows(self.path / file, dtype, width, committed, row_ids[mask])
-        return out
 
     # -- runs, labels, exports ----------------------------------------------------------------
 
@@ -453,20 +638,28 @@ class Store:
         budget: int | None,
         pool_size: int,
         labeled_count: int,
-        items: Sequence[tuple[int, str, str, float, int | None, float | None]],
+        ranking: Ranking,
         version: str,
         command: str | None,
+        models: Sequence[Mapping[str, Any]] = (),
     ) -> int:
-        """Store a run and its ranked ``(image_id, relpath, sha256, score, predicted, confidence)``.
+        """Store a run and its ranking (a file under ``rankings/``, written before the commit).
 
-        Rankings of all but the latest ``KEEP_RUN_RANKINGS`` runs are deleted (1M images ≈ 130 MB each).
+        ``models`` names every model the run read, with its role (``{"key", "role"}``: the task
+        model, ensemble members, the embedding model). Rankings of all but the latest
+        ``KEEP_RUN_RANKINGS`` runs are deleted (56 bytes per image); run metadata is kept forever.
         """
+        run_id = int(self.scalar("SELECT COALESCE(MAX(id), 0) + 1 FROM runs"))
+        file = f"rankings/run-{run_id:08d}.npy"
+        write_ranking(self.path / file, ranking)
+        self._fault("after-ranking")
         with self.transaction() as conn:
-            cursor = conn.execute(
-                """INSERT INTO runs (created_at, root, model_key, strategy, params, budget, pool_size,
-                                     labeled_count, selected, alselect_version, command)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            conn.execute(
+                """INSERT INTO runs (id, created_at, root, model_key, strategy, params, budget, pool_size,
+                                     labeled_count, selected, alselect_version, command, models, ranking)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (
+                    run_id,
                     utcnow(),
                     to_db(root),
                     model_key,
@@ -475,31 +668,52 @@ class Store:
                     budget,
                     pool_size,
                     labeled_count,
-                    len(items),
+                    len(ranking),
                     version,
                     None if command is None else to_db(command),
+                    json.dumps([dict(m) for m in models]) if models else None,
+                    file,
                 ),
             )
-            run_id = int(cursor.lastrowid or 0)
-            conn.executemany(
-                """INSERT INTO run_items (run_id, rank, image_id, relpath, sha256, score, predicted,
-                                          confidence) VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
-                [
-                    (run_id, rank, image_id, to_db(relpath), *rest)
-                    for rank, (image_id, relpath, *rest) in enumerate(items, start=1)
-                ],
-            )
-            # Rankings are large (one row per pool image); keep the last few, run metadata forever.
-            conn.execute(
-                "DELETE FROM run_items WHERE run_id NOT IN (SELECT id FROM runs ORDER BY id DESC LIMIT ?)",
+            kept = "SELECT id FROM runs ORDER BY id DESC LIMIT ?"
+            old = conn.execute(
+                f"SELECT ranking FROM runs WHERE ranking IS NOT NULL AND id NOT IN ({kept})",
                 (KEEP_RUN_RANKINGS,),
-            )
+            ).fetchall()
+            conn.execute(f"UPDATE runs SET ranking = NULL WHERE id NOT IN ({kept})", (KEEP_RUN_RANKINGS,))
+            conn.execute(f"DELETE FROM run_items WHERE run_id NOT IN ({kept})", (KEEP_RUN_RANKINGS,))
+        for (stale,) in old:
+            with contextlib.suppress(FileNotFoundError):
+                (self.path / stale).unlink()
         return run_id
+
+    def ranking_records(self, run_id: int) -> np.ndarray | None:
+        """The run's ranking (``RANKING_DTYPE`` records, rank order), or None once it was pruned.
+
+        Runs recorded before ranking files existed are read from their ``run_items`` rows.
+        """
+        file = self.scalar("SELECT ranking FROM runs WHERE id = ?", (run_id,))
+        if file:
+            return read_ranking(self.path / file)
+        rows = self.rows(
+            "SELECT image_id, sha256, score, predicted, confidence FROM run_items "
+            "WHERE run_id = ? ORDER BY rank",
+            (run_id,),
+        )
+        if not rows:
+            return None
+        return Ranking(
+            image_ids=np.array([r[0] for r in rows], dtype=np.int64),
+            keys=content_keys([r[1] for r in rows]),
+            scores=np.array([r[2] for r in rows], dtype=np.float64),
+            predicted=np.array([-1 if r[3] is None else r[3] for r in rows], dtype=np.int32),
+            confidence=np.array([np.nan if r[4] is None else r[4] for r in rows], dtype=np.float32),
+        ).records()
 
     def latest_run(self) -> dict[str, Any] | None:
         row = self.conn.execute(
             "SELECT id, created_at, root, model_key, strategy, params, budget, pool_size, "
-            "labeled_count, selected FROM runs ORDER BY id DESC LIMIT 1"
+            "labeled_count, selected, models FROM runs ORDER BY id DESC LIMIT 1"
         ).fetchone()
         if row is None:
             return None
@@ -514,26 +728,67 @@ class Store:
             "pool_size",
             "labeled_count",
             "selected",
+            "models",
         )
         run = dict(zip(names, row, strict=True))
         run["params"] = json.loads(run["params"])
+        default = [{"key": run["model_key"], "role": "task"}]
+        run["models"] = json.loads(run["models"]) if run["models"] else default
         run["root"] = from_db(run["root"])
         return run
 
     def exportable_items(self, run_id: int, include_exported: bool) -> Iterator[tuple[Any, ...]]:
-        """Run items in rank order that are still present, unlabeled and (optionally) unexported."""
-        rows = self.conn.execute(
-            "SELECT r.rank, i.relpath, r.sha256, r.score, r.predicted, r.confidence "
-            + _exportable_from(include_exported)
-            + " ORDER BY r.rank",
-            (run_id,),
-        )
-        for rank, relpath, *rest in rows:
-            yield (rank, from_db(relpath), *rest)
+        """``(rank, relpath, sha256, score, predicted, confidence)`` of the run in rank order, for images
+        still present with the same content, unlabeled and (optionally) not exported before.
+
+        Reads the ranking in chunks, so the top N of a million-image run costs a few queries.
+        """
+        records = self.ranking_records(run_id)
+        if records is None:
+            return
+        for start in range(0, len(records), EXPORT_CHUNK):
+            chunk = records[start : start + EXPORT_CHUNK]
+            ids = chunk["image_id"].tolist()
+            shas = [key_hex(raw) for raw in chunk["sha256"].tolist()]
+            marks = ", ".join("?" * len(ids))
+            images = {
+                row[0]: (row[1], row[2])
+                for row in self.rows(
+                    f"SELECT id, relpath, sha256 FROM images WHERE id IN ({marks}) AND status = 'present'",
+                    ids,
+                )
+            }
+            wanted = sorted(set(shas))
+            hash_marks = ", ".join("?" * len(wanted))
+            skip = {
+                r[0] for r in self.rows(f"SELECT sha256 FROM labels WHERE sha256 IN ({hash_marks})", wanted)
+            }
+            if not include_exported:
+                skip |= {
+                    r[0]
+                    for r in self.rows(f"SELECT sha256 FROM exported WHERE sha256 IN ({hash_marks})", wanted)
+                }
+            scores = chunk["score"].tolist()
+            predicted = chunk["predicted"].tolist()
+            confidence = chunk["confidence"].tolist()
+            for offset, (image_id, sha) in enumerate(zip(ids, shas, strict=True)):
+                image = images.get(image_id)
+                if image is None or image[1] != sha or sha in skip:
+                    continue
+                label = predicted[offset]
+                conf = confidence[offset]
+                yield (
+                    start + offset + 1,
+                    from_db(image[0]),
+                    sha,
+                    scores[offset],
+                    None if label < 0 else label,
+                    None if conf != conf else conf,
+                )
 
     def count_exportable(self, run_id: int) -> int:
-        """How many of a run's items a plain ``export`` would still write (read-only)."""
-        return int(self.scalar("SELECT COUNT(*) " + _exportable_from(False), (run_id,)) or 0)
+        """How many of a run's images a plain ``export`` would still write (reads only)."""
+        return sum(1 for _ in self.exportable_items(run_id, include_exported=False))
 
     def record_export(self, run_id: int, fmt: str, destination: str, items: Sequence[tuple[str, int]]) -> int:
         """Record ``(sha256, rank)`` rows as exported so later exports skip them."""

@@ -32,8 +32,9 @@ def append_rows(path: Path, committed_rows: int, rows: np.ndarray) -> None:
             )
         if actual > expected:
             os.ftruncate(fd, expected)  # uncommitted tail of a killed writer
-        data = np.ascontiguousarray(rows, dtype=rows.dtype.newbyteorder("<")).tobytes()
-        written = os.pwrite(fd, data, expected)
+        contiguous = np.ascontiguousarray(rows, dtype=rows.dtype.newbyteorder("<"))
+        data = memoryview(contiguous.data).cast("B")
+        written = os.pwrite(fd, data, expected)  # the array's own buffer: no copy
         while written < len(data):
             written += os.pwrite(fd, data[written:], expected + written)
         os.fsync(fd)

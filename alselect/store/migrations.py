@@ -131,7 +131,89 @@ def m003_label_classes(conn: sqlite3.Connection) -> None:
 
 
 @migration
-def m004_images_link(conn: sqlite3.Connection) -> None:
+def m004_named_outputs(conn: sqlite3.Connection) -> None:
+    """Any named per-image arrays per (content, model), failures per (content, model), run models.
+
+    Before: exactly ``probs`` and ``embedding`` per (content, model), each with its own segment and
+    row. After: a model has a fixed set of named arrays written together, so one ``slot`` per
+    (content, model) locates the row in every array (``array_segments.first_slot`` + row). Old
+    segments are kept in place; each gets the slot its first row had (rows of a model's arrays
+    were always appended in step), and only rows whose two arrays agree on the slot carry over
+    (any other would be re-embedded). Images failed for a model's non-finite output become
+    present again: that failure belonged to one model, and is now recorded per model.
+    """
+    run_script(
+        conn,
+        """
+        ALTER TABLE models ADD COLUMN id INTEGER;
+        ALTER TABLE models ADD COLUMN slots INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE models ADD COLUMN outputs TEXT;
+        UPDATE models SET id = rowid;
+        CREATE UNIQUE INDEX models_id ON models (id);
+        CREATE TABLE array_segments (
+            id INTEGER PRIMARY KEY,
+            model_key TEXT NOT NULL REFERENCES models (key),
+            name TEXT NOT NULL,
+            file TEXT NOT NULL UNIQUE,
+            dtype TEXT NOT NULL,
+            shape TEXT NOT NULL,
+            first_slot INTEGER NOT NULL,
+            rows INTEGER NOT NULL DEFAULT 0,
+            sealed INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX array_segments_model ON array_segments (model_key, name, first_slot);
+        INSERT INTO array_segments (id, model_key, name, file, dtype, shape, first_slot, rows, sealed)
+            SELECT s.id, s.model_key, s.array, s.file, s.dtype, json_array(s.width),
+                   (SELECT COALESCE(SUM(p.rows), 0) FROM segments p
+                    WHERE p.model_key = s.model_key AND p.array = s.array AND p.id < s.id),
+                   s.rows, s.sealed
+            FROM segments s;
+        CREATE TABLE outputs (
+            model INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            slot INTEGER NOT NULL,
+            PRIMARY KEY (model, sha256)
+        ) WITHOUT ROWID;
+        INSERT INTO outputs (model, sha256, slot)
+            SELECT m.id, e.sha256, ps.first_slot + e.probs_row
+            FROM embeddings e
+            JOIN models m ON m.key = e.model_key
+            JOIN array_segments ps ON ps.id = e.probs_segment
+            JOIN array_segments es ON es.id = e.embedding_segment
+            WHERE ps.first_slot + e.probs_row = es.first_slot + e.embedding_row;
+        UPDATE models SET
+            slots = COALESCE((SELECT MAX(first_slot + rows) FROM array_segments a
+                              WHERE a.model_key = models.key), 0),
+            outputs = CASE WHEN num_classes IS NOT NULL AND dim IS NOT NULL THEN
+                json_object('embedding', json_object('dtype', 'float32', 'shape', json_array(dim)),
+                            'probs', json_object('dtype', 'float32', 'shape', json_array(num_classes)))
+                END;
+        UPDATE array_segments SET sealed = 1
+            WHERE first_slot + rows < (SELECT slots FROM models m WHERE m.key = array_segments.model_key);
+        DROP TABLE embeddings;
+        DROP TABLE segments;
+        CREATE TABLE output_failures (
+            model INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            failed_at TEXT NOT NULL,
+            PRIMARY KEY (model, sha256)
+        ) WITHOUT ROWID;
+        UPDATE images SET status = 'present', reason = NULL
+            WHERE status = 'failed' AND reason LIKE 'model output not finite%';
+        ALTER TABLE runs ADD COLUMN models TEXT
+        """,
+    )
+
+
+@migration
+def m005_ranking_files(conn: sqlite3.Connection) -> None:
+    """A run's ranking is an array file (``rankings/run-<id>.npy``); older runs keep ``run_items``."""
+    run_script(conn, "ALTER TABLE runs ADD COLUMN ranking TEXT")
+
+
+@migration
+def m006_images_link(conn: sqlite3.Connection) -> None:
     """Whether a path reaches its file through a symlink: a real path represents duplicate content."""
     run_script(conn, "ALTER TABLE images ADD COLUMN link INTEGER NOT NULL DEFAULT 0")
 

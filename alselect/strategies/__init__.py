@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+from alselect.errors import UsageError
 from alselect.plugins import import_submodules
 from alselect.strategies.base import (
     PoolInputs,
@@ -25,10 +29,41 @@ __all__ = [
     "parse_params",
     "register",
     "registry",
+    "strategy_from_options",
     "top_k",
 ]
 
 import_submodules(__name__, __path__)
+
+
+def strategy_from_options(
+    name: str,
+    *,
+    seed: int = 0,
+    params: Mapping[str, Any] | None = None,
+    prefilter: str | None = None,
+    balance_classes: bool = False,
+) -> Strategy:
+    """The strategy the command line asks for: ``name`` with ``--param``s, then composition.
+
+    ``prefilter`` is ``STRATEGY:TOP`` (e.g. ``entropy:5000``): that strategy's TOP best
+    candidates are what ``name`` chooses from. ``balance_classes`` fills the batch round-robin
+    over predicted classes. Any mistake is a usage error.
+    """
+    strategy = build_strategy(name, seed=seed, params=params)
+    if prefilter is None and not balance_classes:
+        return strategy
+    from alselect.strategies.compose import compose
+
+    first = None
+    if prefilter is not None:
+        by, sep, top = prefilter.rpartition(":")
+        if not sep or not by or not top.strip().isdigit() or int(top) < 1:
+            raise UsageError(f"--prefilter expects STRATEGY:TOP such as entropy:5000, got {prefilter!r}")
+        first = (build_strategy(by, seed=seed), int(top))
+        if first[0].batch_aware:
+            raise UsageError(f"--prefilter needs a strategy that scores each image, not {by!r}")
+    return compose(strategy, prefilter=first, balance_classes=balance_classes)
 
 
 def available() -> dict[str, type[Strategy]]:
