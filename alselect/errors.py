@@ -39,3 +39,7 @@ class NothingUsableError(AlselectError):
     """A run found nothing usable (the folder vanished, every image failed): exit code 3 for cron."""
 
     exit_code = 3
+
+
+class OutputClosedError(AlselectError):
+    """The reader of stdout went away mid-write (broken pipe): nothing was recorded."""

@@ -108,7 +108,7 @@ def store_status(store: Store, list_failed: bool = False) -> dict[str, Any]:
             "pool_size": latest["pool_size"],
             "labeled": latest["labeled_count"],
             "selected": latest["selected"],
-            "unexported": store.count_exportable(latest["id"]),
+            "unexported": store.run_item_states(latest["id"])["open"],
         },
     }
     if list_failed:

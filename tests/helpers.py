@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import subprocess
 import sys
 import textwrap
@@ -17,9 +18,9 @@ from alselect.embed import EmbedOptions
 from alselect.export import export_latest
 from alselect.pipeline import ModelSpec, ScoreResult, score_folder
 from alselect.store import Store
+from tests.conftest import REPO
 
 MakeImages = Callable[..., list[Path]]
-REPO = Path(__file__).resolve().parent.parent
 needs_proc = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
 FAST = EmbedOptions(device="cpu", batch_size=4, workers=0)
 
@@ -51,6 +52,65 @@ def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
         main(list(args))
     out, err = capsys.readouterr()
     return int(stop.value.code or 0), out, err
+
+
+# Legal on Linux, hostile to URLs, CSV, shells, XML, and platform name rules.
+HOSTILE_NAMES = [
+    "plain.png",
+    "with space.png",
+    "hash#1.png",
+    "percent%20literal.png",
+    "plus+sign.png",
+    "amp&and=eq;semi.png",
+    "comma,name.png",
+    'double"quote.png',
+    "single'quote.png",
+    "café/日本語 ñ.png",
+    "emoji 🐝.png",
+    "question?mark.png",
+    "star*glob.png",
+    "colon:x.png",
+    "back\\slash.png",
+    "dollar$bang!.png",
+    "<angle>&amp;.png",
+    "sub dir/inner #%+&.png",
+    " leading space.png",
+    "tab\there.png",
+    "x" * 150 + ".png",
+]
+
+
+def hostile_store(base: Path, checkpoint: Path) -> tuple[Path, Path]:
+    """Score a folder ``base/pool`` holding every hostile name; returns ``(store, resolved folder)``."""
+    from tests.conftest import write_image
+
+    folder = base / "pool"
+    for seed, name in enumerate(HOSTILE_NAMES):
+        write_image(folder / name, seed=seed, size=(24 + seed, 20))
+    score(base / "store", folder, checkpoint)
+    return base / "store", folder.resolve()
+
+
+def exported_count(store: Path) -> int:
+    with Store.open(store) as handle:
+        return int(handle.scalar("SELECT COUNT(DISTINCT sha256) FROM exported") or 0)
+
+
+def exports(store: Path) -> list[tuple[str, str, int]]:
+    with Store.open(store) as handle:
+        return [tuple(r) for r in handle.rows("SELECT format, destination, count FROM exports ORDER BY id")]
+
+
+def run_alselect(*args: str, stdout: int = subprocess.PIPE) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "alselect", *args],
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        timeout=120,
+    )
 
 
 def decode_peak_growth(path: Path, image_size: int = 224, resize_size: int = 256) -> int:

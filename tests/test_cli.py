@@ -66,6 +66,8 @@ import sys
 from alselect.cli import main
 for argv in (["--help"], ["strategies"], ["--store", {str(tmp_path / "s")!r}, "status"],
              ["--store", {str(tmp_path / "s")!r}, "export"],
+             ["--store", {str(tmp_path / "s")!r}, "export", "-f", "label-studio", "--ls-print-config"],
+             ["--store", {str(tmp_path / "s")!r}, "preview", "-o", {str(tmp_path / "p.png")!r}],
              ["--store", {str(tmp_path / "s")!r}, "label", {str(tmp_path / "none.txt")!r}]):
     try:
         main(argv)

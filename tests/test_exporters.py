@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -13,7 +14,7 @@ import pytest
 from alselect.errors import AlselectError, UsageError
 from alselect.exporters import CSV_COLUMNS, ExportRow, atomic_output, exporter_registry, get_exporter
 
-HEADER = "rank,path,score,strategy,model,predicted_label,confidence,sha256"
+HEADER = "rank,path,score,strategy,model,predicted_label,confidence,sha256,folder,uri"
 
 HOSTILE_PATHS = [
     "plain/a.png",
@@ -41,6 +42,8 @@ def make_rows(paths: list[str]) -> list[ExportRow]:
             predicted_label=["ant", "bee", "chat, noir"][i % 3],
             confidence=None if i % 2 else 0.5 + i / 100,
             sha256=f"{i:064x}",
+            folder='/data/pool, "quoted" #1',
+            uri="" if i % 3 else f"https://host/pool/{i}.png",
         )
         for i, path in enumerate(paths)
     ]
@@ -66,11 +69,23 @@ def expected_record(row: ExportRow) -> dict[str, str]:
         "predicted_label": row.predicted_label,
         "confidence": "" if row.confidence is None else format(row.confidence, ".8g"),
         "sha256": row.sha256,
+        "folder": row.folder,
+        "uri": row.uri,
     }
 
 
 def test_registry_has_the_documented_formats() -> None:
-    assert {"csv", "tsv", "jsonl", "paths"} <= set(exporter_registry())
+    assert set(exporter_registry()) == {
+        "csv", "tsv", "jsonl", "paths",
+        "label-studio", "cvat", "labelbox", "superannotate", "sagemaker", "fiftyone",
+    }  # fmt: skip
+
+
+def test_columns_are_only_ever_appended() -> None:
+    """The CSV contract: the first release's eight columns keep their places; new ones come after."""
+    first_release = ("rank", "path", "score", "strategy", "model", "predicted_label", "confidence", "sha256")
+    assert CSV_COLUMNS[: len(first_release)] == first_release
+    assert CSV_COLUMNS[len(first_release) :] == ("folder", "uri")
 
 
 def test_csv_header_is_exact() -> None:
@@ -145,7 +160,7 @@ def test_confidence_none_is_an_empty_field() -> None:
     row = ExportRow(rank=1, path="x.png", score=0.5, strategy="random", model="m",
                     predicted_label="", confidence=None, sha256="")  # fmt: skip
     text, _ = write("csv", [row])
-    assert text.split("\r\n")[1] == "1,x.png,0.5,random,m,,,"
+    assert text.split("\r\n")[1] == "1,x.png,0.5,random,m,,,,,"
     assert read_dicts(text, "excel")[0]["confidence"] == ""
 
 
@@ -169,6 +184,8 @@ def test_jsonl_one_object_per_line_with_csv_columns() -> None:
             assert record["confidence"] == float(format(row.confidence, ".8g"))
         assert record["sha256"] == row.sha256
         assert record["predicted_label"] == row.predicted_label
+        assert record["folder"] == row.folder
+        assert record["uri"] == (row.uri or None)
 
 
 def test_jsonl_numbers_are_json_numbers() -> None:
@@ -177,7 +194,7 @@ def test_jsonl_numbers_are_json_numbers() -> None:
     text, _ = write("jsonl", [row])
     assert text == (
         '{"rank": 3, "path": "a.png", "score": 0.33333333, "strategy": "margin", "model": "m", '
-        '"predicted_label": "bee", "confidence": null, "sha256": ""}\n'
+        '"predicted_label": "bee", "confidence": null, "sha256": "", "folder": "", "uri": null}\n'
     )
 
 
@@ -190,11 +207,17 @@ def test_jsonl_keeps_non_ascii_as_utf8() -> None:
 
 
 def test_paths_one_per_line_skipping_line_breaks() -> None:
-    rows = make_rows(["a.png", "with\nnewline.png", "café ñ.png", "with\rcr.png", "tab\there.png", "z.png"])
+    paths = ["a.png", "with\nnewline.png", "café ñ.png", "with\rcr.png", "tab\there.png", "z.png"]
+    rows = [dataclasses.replace(row, uri="") for row in make_rows(paths)]
     text, written = write("paths", rows)
     assert text == "a.png\ncafé ñ.png\ntab\there.png\nz.png\n"
     assert [r.path for r in written] == ["a.png", "café ñ.png", "tab\there.png", "z.png"]
     assert all(r in rows for r in written)
+
+
+def test_paths_prints_uris_when_there_are_some() -> None:
+    rows = [dataclasses.replace(row, uri=f"s3://b/p/{row.path}") for row in make_rows(["a b.png", "c.png"])]
+    assert write("paths", rows)[0] == "s3://b/p/a b.png\ns3://b/p/c.png\n"
 
 
 def test_unknown_format_lists_known_formats() -> None:

@@ -13,7 +13,7 @@ from tests.helpers import MakeImages, cli
 def command_names() -> list[str]:
     import typer
 
-    from alselect.cli import info_cmds, model_cmds, output_cmds, store_cmds  # noqa: F401  (register commands)
+    from alselect.cli import info_cmds, model_cmds, output_cmds, preview_cmds, store_cmds  # noqa: F401
     from alselect.cli.app import app
 
     return sorted(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
@@ -31,7 +31,7 @@ def _eighty_columns(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_every_command_is_covered() -> None:
-    assert command_names() == ["embed", "export", "gc", "label", "score", "status", "strategies"]
+    assert command_names() == ["embed", "export", "gc", "label", "preview", "score", "status", "strategies"]
 
 
 @pytest.mark.parametrize("command", ["", *command_names()])
@@ -46,6 +46,7 @@ def test_help_is_plain_fits_80_columns_and_has_examples(
     assert not re.search(r"<(bool|str|int|path|float|int range)>", text), "type placeholders"
     assert not re.search(r" [.,;:)](\s|$)", text, re.M), "a stray space before punctuation"
     assert "--no-" not in text
+    assert "\\[" not in text, "a rich-markup escape shown literally"
     assert "default: no-" not in text
     examples = text.split("Examples:", 1)
     assert len(examples) == 2, "no examples"
@@ -130,7 +131,7 @@ def test_quiet_after_the_command_silences_score(
     ],
 )
 def test_hoist_global_options(args: list[str], expected: list[str]) -> None:
-    from alselect.cli import info_cmds, model_cmds, output_cmds, store_cmds  # noqa: F401  (register commands)
+    from alselect.cli import info_cmds, model_cmds, output_cmds, preview_cmds, store_cmds  # noqa: F401
     from alselect.cli.app import build_command, hoist_global_options
 
     assert hoist_global_options(build_command(args), args) == expected

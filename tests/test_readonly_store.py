@@ -78,6 +78,12 @@ def test_reading_commands_work_and_writing_commands_refuse_on_an_immutable_store
         assert code == 0, err
         assert len(out.splitlines()) == 4  # header + 3 rows
 
+        code, _, err = cli(
+            capsys, "--store", str(scored), "preview", "--top", "4", "-o", str(tmp_path / "p.png")
+        )
+        assert code == 0, err
+        assert (tmp_path / "p.png").stat().st_size > 0
+
         for args in (
             ["export", "--top", "3"],
             ["label", str(listing)],

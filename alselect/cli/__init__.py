@@ -11,14 +11,27 @@ import traceback
 
 import typer
 
-from alselect.errors import AlselectError
+from alselect.errors import AlselectError, OutputClosedError
+
+
+def _discard_stdout() -> None:
+    """The reader is gone: send what is still buffered for stdout to /dev/null, so that Python's
+    final flush does not print a second, confusing error."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def main(argv: list[str] | None = None) -> None:
-    from alselect.cli import info_cmds, model_cmds, output_cmds, store_cmds  # noqa: F401  (register commands)
-    from alselect.cli.app import build_command, click_module, err, hoist_global_options
+    from alselect.cli import (  # noqa: F401  (register commands)
+        info_cmds,
+        model_cmds,
+        output_cmds,
+        preview_cmds,
+        store_cmds,
+    )
+    from alselect.cli.app import build_command, click_module, err, hoist_global_options, set_invocation
 
     args = list(sys.argv[1:] if argv is None else argv)
+    set_invocation(args)
     verbose = "--verbose" in args or "-v" in args
     command = build_command(args)
     args = hoist_global_options(command, args)
@@ -40,14 +53,12 @@ def main(argv: list[str] | None = None) -> None:
         err(f"alselect: error: {exc.format_message()}")
         code = exc.exit_code
     except AlselectError as exc:
+        if isinstance(exc, OutputClosedError):
+            _discard_stdout()
         if verbose:
             traceback.print_exc()
         err(f"alselect: error: {exc}")
         code = exc.exit_code
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        err("alselect: error: output closed early; nothing was recorded")
-        code = 1
     except KeyboardInterrupt:
         err("alselect: interrupted")
         code = 130

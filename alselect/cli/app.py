@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import shlex
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -44,6 +45,19 @@ app = typer.Typer(
     rich_markup_mode=None,  # plain help: wrapped at the terminal width, never cut off
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+_ARGV: list[str] = []
+
+
+def set_invocation(argv: list[str]) -> None:
+    """Remember the arguments ``main`` was called with (for run records and sidecars)."""
+    _ARGV[:] = argv
+
+
+def command_line() -> str:
+    """This invocation as a shell command line: ``alselect export --top 20 ...``."""
+    return shlex.join(["alselect", *_ARGV])
 
 
 @dataclass

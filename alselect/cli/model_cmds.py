@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from alselect.cli.app import app, examples, globals_of, help_field, reporter_for
+from alselect.cli.app import app, command_line, examples, globals_of, help_field, reporter_for
 from alselect.limits import DEFAULT_MAX_PIXELS
 from alselect.progress import Reporter
 
@@ -260,7 +258,7 @@ def score(
         mc=McDropout(samples=mc_samples, mode=mc_mode, rate=mc_dropout),
     )
     safeguards = _safeguards(allow_empty, max_failed)
-    command = shlex.join(["alselect", *sys.argv[1:]])
+    command = command_line()
     _check_inputs(folder, *model, embed_model)
     for other in labeled_dir or []:
         _check_inputs(other)

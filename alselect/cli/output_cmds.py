@@ -8,68 +8,174 @@ from typing import Annotated
 
 import typer
 
-from alselect.cli.app import app, data_stdout, examples, globals_of, reporter_for
-from alselect.errors import DataError
+from alselect.cli.app import app, command_line, data_stdout, examples, globals_of, reporter_for
+from alselect.errors import DataError, OutputClosedError
+
+PLATFORM = "Platform formats (see README: Labeling platforms)"
 
 
 @app.command(
     epilog=examples(
         ("the 500 images to annotate first, as CSV", "alselect export --top 500 -o batch.csv"),
         ("look at the next 20 without recording them as sent", "alselect export --top 20 --dry-run"),
-        ("absolute paths, one per line", "alselect export --format paths --absolute"),
+        ("a Label Studio import with the model's guesses", "alselect export -f label-studio --predictions"),
     )
 )
 def export(
     ctx: typer.Context,
-    top: Annotated[int | None, typer.Option(min=1, help="At most N images [default: all].")] = None,
+    top: Annotated[int | None, typer.Option(min=1, help="At most N images (default: all).")] = None,
     format: Annotated[
-        str, typer.Option("--format", "-f", metavar="FORMAT", help="csv, tsv, jsonl or paths.")
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            metavar="FORMAT",
+            help="csv, tsv, jsonl, paths, or a platform: label-studio, cvat, labelbox, superannotate, "
+            "sagemaker, fiftyone.",
+        ),
     ] = "csv",
     output: Annotated[
-        Path | None,
-        typer.Option("--output", "-o", help="Write here atomically instead of stdout ('-': stdout)."),
+        str | None,  # text, not Path: a trailing '/' (a folder for multi-file formats) must survive
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="PATH",
+            help="Write here atomically instead of stdout ('-': stdout). Formats that write several "
+            "files take a folder (DIR/) or a prefix.",
+        ),
     ] = None,
     include_exported: Annotated[bool, typer.Option(help="Also list images sent in earlier exports.")] = False,
     absolute: Annotated[bool, typer.Option(help="Absolute paths instead of folder-relative.")] = False,
     dry_run: Annotated[bool, typer.Option(help="Write the list but do not record it as exported.")] = False,
+    fail_if_empty: Annotated[
+        bool,
+        typer.Option(help="Exit 3, writing nothing, when there is nothing left to export (for cron)."),
+    ] = False,
+    uri_prefix: Annotated[
+        str | None,
+        typer.Option(
+            metavar="URI",
+            help="Base URI of the scored folder (s3://bucket/pool/, https://host/pool/): images become "
+            "this + their relative path (URL-encoded for http/https).",
+            rich_help_panel=PLATFORM,
+        ),
+    ] = None,
+    document_root: Annotated[
+        Path | None,
+        typer.Option(
+            "--ls-document-root",
+            "--document-root",
+            help="label-studio local-files URLs and cvat names are relative to this folder "
+            "(default: the scored folder).",
+            rich_help_panel=PLATFORM,
+        ),
+    ] = None,
+    predictions: Annotated[
+        bool,
+        typer.Option(
+            help="label-studio: add the model's top class as a prediction (pre-annotation).",
+            rich_help_panel=PLATFORM,
+        ),
+    ] = False,
+    ls_from_name: Annotated[
+        str,
+        typer.Option(
+            metavar="NAME", help="label-studio: the Choices control's name.", rich_help_panel=PLATFORM
+        ),
+    ] = "label",
+    ls_to_name: Annotated[
+        str,
+        typer.Option(metavar="NAME", help="label-studio: the Image object's name.", rich_help_panel=PLATFORM),
+    ] = "image",
+    ls_config: Annotated[
+        Path | None,
+        typer.Option(
+            help="label-studio: check predictions against this labeling config (XML) before writing; "
+            "needs label-studio-sdk (pip install 'alselect[label-studio]').",
+            rich_help_panel=PLATFORM,
+        ),
+    ] = None,
+    ls_print_config: Annotated[
+        bool,
+        typer.Option(
+            help="label-studio: print a classification labeling config matching the model's classes "
+            "and the --ls-*-name options, then exit (nothing is exported).",
+            rich_help_panel=PLATFORM,
+        ),
+    ] = False,
 ) -> None:
     """Write the latest run's ranking, best first, and remember it.
 
     Rank 1 = annotate first. Labeled images and those sent in earlier exports are left out.
     """
-    from alselect.export import export_latest
-    from alselect.exporters import get_exporter
+    from alselect.export import export_latest, run_info
+    from alselect.exporters import ExportOptions, get_exporter
     from alselect.store import Store
 
     get_exporter(format)  # an unknown format is a usage error, before the store is touched
-    if output is not None and str(output) == "-":
+    if output == "-":
         output = None  # the usual spelling of stdout, not a file named '-'
+    config_text = None
+    if ls_config is not None:
+        try:
+            config_text = ls_config.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"cannot read labeling config {ls_config}: {exc}") from exc
+    options = ExportOptions(
+        uri_prefix=uri_prefix,
+        absolute=absolute,
+        document_root=document_root,
+        predictions=predictions,
+        ls_from_name=ls_from_name,
+        ls_to_name=ls_to_name,
+        ls_config=config_text,
+    )
+    if ls_print_config:
+        from alselect.exporters.label_studio import classification_config
+
+        with Store.open(globals_of(ctx).store) as store:  # read only
+            run = run_info(store)
+        sys.stdout.write(classification_config(run.class_names, ls_from_name, ls_to_name))
+        return
 
     with (
         Store.open(globals_of(ctx).store, write=not dry_run) as store,  # a dry run only reads
         reporter_for(ctx) as reporter,
         data_stdout() as stdout,
     ):
-        result = export_latest(
-            store,
-            format,
-            top=top,
-            output=output,
-            stdout=lambda: stdout,
-            include_exported=include_exported,
-            absolute=absolute,
-            record=not dry_run,
-        )
+        try:
+            result = export_latest(
+                store,
+                format,
+                top=top,
+                output=output,
+                stdout=lambda: stdout,
+                include_exported=include_exported,
+                record=not dry_run,
+                options=options,
+                fail_if_empty=fail_if_empty,
+                command=command_line(),
+            )
+        except BrokenPipeError as exc:  # click would turn it into a silent exit 1
+            raise OutputClosedError(
+                "the reader closed stdout before the export was complete (broken pipe); nothing was "
+                "recorded as exported. To look at the next images without recording them: "
+                "'alselect export --dry-run | head'"
+            ) from exc
         if result.skipped_unwritable:
             reporter.warning(
-                f"{result.skipped_unwritable} path(s) cannot be written as {format} "
-                "(they contain a newline); use csv or jsonl"
+                f"{result.skipped_unwritable} image(s) left out and not recorded: their paths contain a "
+                f"line break, which {format} cannot hold; use csv or jsonl"
             )
+        if result.empty_reason:
+            reporter.warning(result.empty_reason)
         note = "" if result.recorded else " (not recorded)"
-        reporter.info(
-            f"exported {result.written} image(s) from run {result.run_id} to "
-            f"{'stdout' if result.destination == '-' else result.destination}{note}"
-        )
+        where = ", ".join(result.files) or ("stdout" if result.destination == "-" else result.destination)
+        reporter.info(f"exported {result.written} image(s) from run {result.run_id} to {where}{note}")
+        if result.sidecar:
+            reporter.info(f"run details in {result.sidecar}")
+        for line in result.notes:
+            reporter.info(line)
 
 
 @app.command(

@@ -1,18 +1,21 @@
-"""Export rows, the exporter registry, and atomic file output."""
+"""Export rows, the exporter registry, the options every writer sees, and atomic file output."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import re
 import secrets
 import stat
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, TextIO
+from typing import IO, Any, ClassVar, Literal, TextIO, overload
+from urllib.parse import quote
 
-from alselect.errors import AlselectError
+from alselect.errors import AlselectError, UsageError
 from alselect.fsutil import fsync_directory
 
 CSV_COLUMNS = (
@@ -24,12 +27,21 @@ CSV_COLUMNS = (
     "predicted_label",
     "confidence",
     "sha256",
+    "folder",
+    "uri",
 )
+
+SCORE_DIRECTION = "higher score = annotate first; rank 1 = annotate first"
 
 
 @dataclass(frozen=True)
 class ExportRow:
-    """One image to annotate; ``rank`` 1 = annotate first (contiguous within an export)."""
+    """One image to annotate; ``rank`` 1 = annotate first (contiguous within an export).
+
+    ``path`` is what the tabular formats print (folder-relative, or absolute with ``--absolute``);
+    ``relpath`` is always relative to ``folder``, the absolute scored folder; ``uri`` is the
+    image's URI when a ``--uri-prefix`` was given, else empty.
+    """
 
     rank: int
     path: str
@@ -39,6 +51,19 @@ class ExportRow:
     predicted_label: str
     confidence: float | None
     sha256: str
+    folder: str = ""
+    uri: str = ""
+    relpath: str | None = None
+
+    @property
+    def relative(self) -> str:
+        """The folder-relative path, with ``/`` separators."""
+        return self.path if self.relpath is None else self.relpath
+
+    @property
+    def file(self) -> Path:
+        """The image file on this machine."""
+        return Path(self.folder) / self.relative
 
     def values(self) -> dict[str, str]:
         """Column → text, numbers formatted deterministically."""
@@ -51,6 +76,8 @@ class ExportRow:
             "predicted_label": self.predicted_label,
             "confidence": format_number(self.confidence),
             "sha256": self.sha256,
+            "folder": self.folder,
+            "uri": self.uri,
         }
 
 
@@ -59,14 +86,204 @@ def format_number(value: float | None) -> str:
     return "" if value is None else format(float(value), ".8g")
 
 
+def join_uri(prefix: str, relpath: str) -> str:
+    """``prefix`` + the folder-relative path: percent-encoded for web URLs, verbatim for bucket URIs.
+
+    ``https://host/pool/`` + ``a b#1.jpg`` → ``https://host/pool/a%20b%231.jpg``. An ``s3://`` or
+    ``gs://`` URI names an object key, which AWS and Google tools take as is (``s3://b/a b.jpg``),
+    so only web URLs are encoded. A missing ``/`` at the end of the prefix is added.
+    """
+    if not prefix.endswith("/"):
+        prefix += "/"
+    if uri_scheme(prefix) in ("http", "https"):
+        return prefix + quote(relpath, safe="/")
+    return prefix + relpath
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """A number as JSON allows it: NaN and infinities become ``None`` (null)."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+def write_json_array(stream: TextIO, items: Sequence[Any]) -> None:
+    """A JSON array with one compact item per line: one document, still readable and diffable."""
+    stream.write("[\n" if items else "[")
+    for i, item in enumerate(items):
+        stream.write(json.dumps(item, ensure_ascii=False, allow_nan=False))
+        stream.write(",\n" if i + 1 < len(items) else "\n")
+    stream.write("]\n")
+
+
+def uri_scheme(uri: str) -> str:
+    """The lower-case scheme of ``uri`` (``s3``, ``https``...), or ``""`` for a plain path."""
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", uri)
+    return match.group(1).lower() if match else ""
+
+
+def relative_to_root(row: ExportRow, document_root: Path | None) -> str:
+    """The image's path relative to ``document_root`` (resolved; ``/`` separators), or its
+    folder-relative path when there is none. Used where a platform names files from a root of its
+    own (Label Studio's local-files root, CVAT's share root)."""
+    if document_root is None:
+        return row.relative
+    rel = os.path.relpath(row.file, document_root.resolve())
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep) or os.path.isabs(rel):
+        raise UsageError(f"image {row.file} is not under --ls-document-root {document_root}")
+    return rel.replace(os.sep, "/")
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """The scoring run an export comes from (for sidecars, model versions and label configs)."""
+
+    id: int = 0
+    created_at: str = ""
+    folder: str = ""
+    strategy: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+    budget: int | None = None
+    pool_size: int = 0
+    labeled_count: int = 0
+    selected: int = 0
+    command: str | None = None
+    alselect_version: str | None = None
+    model: str = ""
+    model_key: str = ""
+    checkpoint_sha256: str = ""
+    checkpoint_path: str = ""
+    classes: tuple[str, ...] | None = None
+    num_classes: int = 0
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The labels exports write: the checkpoint's class names, else ``"0"``..``"C-1"``."""
+        return self.classes or tuple(str(i) for i in range(self.num_classes))
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What a user may ask of any format; each writer reads the fields that concern it.
+
+    ``uri_prefix``: images' base URI (``s3://bucket/pool/``, ``https://host/pool/``).
+    ``document_root``: the folder image paths are made relative to, for Label Studio's local-files
+    URLs and CVAT manifest names (default: the scored folder). ``predictions``: add the model's top
+    class as a pre-annotation where the format has a place for it. ``ls_*``: Label Studio's
+    control (``from_name``) and object (``to_name``) names, and a labeling config (XML text) to
+    check predictions against.
+    """
+
+    uri_prefix: str | None = None
+    absolute: bool = False
+    document_root: Path | None = None
+    predictions: bool = False
+    ls_from_name: str = "label"
+    ls_to_name: str = "image"
+    ls_config: str | None = None
+
+
+@dataclass(frozen=True)
+class ExportContext:
+    """Everything a writer may need beyond the rows."""
+
+    options: ExportOptions = field(default_factory=ExportOptions)
+    run: RunInfo = field(default_factory=RunInfo)
+
+
+class FileSet:
+    """Where a multi-file format writes: ``-o DIR/`` (or an existing folder) puts each file in DIR
+    under its default name; any other ``-o PREFIX`` writes ``PREFIX.<name>``. Each file is atomic.
+    """
+
+    def __init__(self, target: Path, folder: bool) -> None:
+        self.target = target
+        self.folder = folder
+        self.written: list[Path] = []
+
+    @classmethod
+    def resolve(cls, output: Path | str, *, always_folder: bool = False) -> FileSet:
+        """``always_folder``: the format is a folder (a dataset directory), whatever ``-o`` looks like."""
+        text = os.fspath(output)
+        path = Path(text)
+        if always_folder or text.endswith(("/", os.sep)) or path.is_dir():
+            if not path.is_dir():
+                parent = path.absolute().parent
+                if not parent.is_dir():
+                    raise AlselectError(f"output folder does not exist: {parent}")
+                try:
+                    path.mkdir()
+                except OSError as exc:
+                    raise AlselectError(f"cannot create {path}: {exc.strerror}") from exc
+            return cls(path, folder=True)
+        if path.is_symlink() or path.exists():
+            raise AlselectError(
+                f"output {path} is a file, and this format writes several files: give a folder "
+                "(ending in /) or a prefix"
+            )
+        if not path.absolute().parent.is_dir():
+            raise AlselectError(f"output folder does not exist: {path.absolute().parent}")
+        return cls(path, folder=False)
+
+    def path(self, name: str) -> Path:
+        """Where the file called ``name`` goes (``DIR/name`` or ``PREFIX.name``)."""
+        return self.target / name if self.folder else self.target.with_name(f"{self.target.name}.{name}")
+
+    @contextlib.contextmanager
+    def open(self, name: str) -> Iterator[TextIO]:
+        path = self.path(name)
+        with atomic_output(path) as handle:
+            yield handle
+        self.written.append(path)
+
+    @property
+    def sidecar(self) -> Path:
+        return self.path("run.json")
+
+
 class Exporter:
-    """Writes rows to a text stream; ``write`` returns the rows it actually wrote."""
+    """A format. Single-stream formats implement ``write``; multi-file ones set ``layout`` and
+    implement ``write_files``. ``check`` refuses impossible exports before anything is written;
+    ``notes`` are lines for the user (stderr) after a successful write.
+    """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    # "stream": one text stream (stdout or one file); "files": several files (-o DIR/ or PREFIX);
+    # "folder": a dataset folder (-o DIR, created when missing).
+    layout: ClassVar[Literal["stream", "files", "folder"]] = "stream"
+    # URI schemes the format accepts in image references; empty: local paths, URIs optional.
+    uri_schemes: ClassVar[tuple[str, ...]] = ()
+    uri_required: ClassVar[bool] = False
+    takes_uri_prefix: ClassVar[bool] = True
 
-    def write(self, rows: Iterable[ExportRow], stream: TextIO) -> list[ExportRow]:
+    def check(self, rows: Sequence[ExportRow], context: ExportContext) -> None:
+        """Refuse (``DataError``/``UsageError``) what the platform would reject or mangle."""
+        prefix = context.options.uri_prefix
+        if prefix is not None and not self.takes_uri_prefix:
+            raise UsageError(
+                f"--uri-prefix does not apply to --format {self.name} (it refers to local files)"
+            )
+        if self.uri_required and prefix is None:
+            example = "s3://BUCKET/pool/" if "s3" in self.uri_schemes else "https://HOST/pool/"
+            raise UsageError(
+                f"--format {self.name} needs image URLs: pass --uri-prefix with the location the scored "
+                f"folder is served from (e.g. {example})"
+            )
+        if prefix is not None and self.uri_schemes and uri_scheme(prefix) not in self.uri_schemes:
+            allowed = ", ".join(f"{s}://" for s in self.uri_schemes)
+            raise UsageError(f"--format {self.name} takes {allowed} URIs, not {prefix!r} (--uri-prefix)")
+
+    def write(
+        self, rows: Iterable[ExportRow], stream: TextIO, context: ExportContext | None = None
+    ) -> list[ExportRow]:
         raise NotImplementedError
+
+    def write_files(
+        self, rows: Sequence[ExportRow], files: FileSet, context: ExportContext
+    ) -> list[ExportRow]:
+        raise NotImplementedError
+
+    def notes(self, rows: Sequence[ExportRow], context: ExportContext, written: Sequence[Path]) -> list[str]:
+        return []
 
 
 _REGISTRY: dict[str, type[Exporter]] = {}
@@ -114,15 +331,37 @@ def _create_temp(directory: Path, name: str) -> tuple[int, Path]:
     raise AlselectError(f"cannot create a temporary file in {directory}")
 
 
-@contextlib.contextmanager
-def atomic_output(path: Path) -> Iterator[TextIO]:
+def is_stream_target(path: Path) -> bool:
+    """True when ``-o path`` is written through in place (a FIFO, device or descriptor), not replaced."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        info = None
+    return _descriptor_alias(path)[1] or (
+        info is not None and not stat.S_ISREG(info.st_mode) and not stat.S_ISDIR(info.st_mode)
+    )
+
+
+@overload
+def atomic_output(
+    path: Path, binary: Literal[False] = False
+) -> contextlib.AbstractContextManager[TextIO]: ...
+@overload
+def atomic_output(path: Path, binary: Literal[True]) -> contextlib.AbstractContextManager[IO[bytes]]: ...
+def atomic_output(path: Path, binary: bool = False) -> contextlib.AbstractContextManager[IO[Any]]:
     """Write to a temp file beside ``path``, fsync, then rename over it; nothing on failure.
 
     A symlink is followed: the file it points at is replaced and the link kept. A target that is
     not a regular file (``/dev/stdout``, a terminal, a FIFO) is written in place, as a stream. A
     replaced file keeps its permission bits (and owner, where allowed); a new one gets
     ``0o666 & ~umask``. The folder is fsynced after the rename so the new file survives a crash.
+    Text is UTF-8 with no newline translation; ``binary`` yields a bytes handle.
     """
+    return _atomic_output(path, binary)
+
+
+@contextlib.contextmanager
+def _atomic_output(path: Path, binary: bool) -> Iterator[IO[Any]]:
     try:
         info: os.stat_result | None = os.stat(path)
     except FileNotFoundError:
@@ -133,7 +372,7 @@ def atomic_output(path: Path) -> Iterator[TextIO]:
         raise AlselectError(f"output {path} is a folder; name a file in it")
     fd_alias, is_alias = _descriptor_alias(path)
     if is_alias or (info is not None and not stat.S_ISREG(info.st_mode)):
-        yield from _write_in_place(path, fd_alias)
+        yield from _write_in_place(path, fd_alias, binary)
         return
     target = Path(os.path.realpath(path))
     directory = target.parent
@@ -144,7 +383,7 @@ def atomic_output(path: Path) -> Iterator[TextIO]:
     except OSError as exc:
         raise AlselectError(f"cannot write in {directory}: {exc.strerror}") from exc
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="") as handle:
+        with _fdopen(fd, binary) as handle:
             if info is not None:
                 _look_like(tmp, handle.fileno(), info)
             yield handle
@@ -160,6 +399,13 @@ def atomic_output(path: Path) -> Iterator[TextIO]:
     fsync_directory(directory)
 
 
+def _fdopen(fd: int, binary: bool) -> IO[Any]:
+    if binary:
+        return os.fdopen(fd, "wb")
+    # names that are not UTF-8 keep their original bytes (surrogate escapes), as in alselect.cli.app
+    return os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="")
+
+
 def _look_like(tmp: Path, fd: int, info: os.stat_result) -> None:
     """Give the replacement the permission bits (and, where allowed, the owner) of the replaced file."""
     created = os.fstat(fd)
@@ -169,7 +415,7 @@ def _look_like(tmp: Path, fd: int, info: os.stat_result) -> None:
     os.chmod(tmp, stat.S_IMODE(info.st_mode))
 
 
-def _write_in_place(path: Path, fd_alias: int | None) -> Iterator[TextIO]:
+def _write_in_place(path: Path, fd_alias: int | None, binary: bool) -> Iterator[IO[Any]]:
     """Stream to a device, FIFO or open descriptor: no temp file, no rename, no fsync."""
     try:
         if fd_alias is not None:
@@ -179,7 +425,7 @@ def _write_in_place(path: Path, fd_alias: int | None) -> Iterator[TextIO]:
     except OSError as exc:
         raise AlselectError(f"cannot write {path}: {exc.strerror}") from exc
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="") as handle:
+        with _fdopen(fd, binary) as handle:
             yield handle
             handle.flush()
     except OSError as exc:  # the reader went away (broken pipe), a full device

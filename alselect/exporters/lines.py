@@ -8,7 +8,7 @@ import re
 from collections.abc import Iterable
 from typing import TextIO
 
-from alselect.exporters.base import Exporter, ExportRow, register_exporter
+from alselect.exporters.base import ExportContext, Exporter, ExportRow, register_exporter
 
 
 @register_exporter
@@ -16,7 +16,9 @@ class JsonlExporter(Exporter):
     name = "jsonl"
     summary = "one JSON object per line with the csv columns (numbers as numbers)"
 
-    def write(self, rows: Iterable[ExportRow], stream: TextIO) -> list[ExportRow]:
+    def write(
+        self, rows: Iterable[ExportRow], stream: TextIO, context: ExportContext | None = None
+    ) -> list[ExportRow]:
         written = []
         for row in rows:
             text = row.values()
@@ -29,6 +31,8 @@ class JsonlExporter(Exporter):
                 "predicted_label": row.predicted_label,
                 "confidence": json_number(text["confidence"]),
                 "sha256": row.sha256,
+                "folder": row.folder,
+                "uri": row.uri or None,
             }
             stream.write(json_line(record))
             written.append(row)
@@ -57,13 +61,16 @@ def json_number(text: str) -> float | None:
 @register_exporter
 class PathsExporter(Exporter):
     name = "paths"
-    summary = "one path per line, no header (paths containing a newline are skipped)"
+    summary = "one path (or URI, with --uri-prefix) per line, no header; paths with a newline are skipped"
 
-    def write(self, rows: Iterable[ExportRow], stream: TextIO) -> list[ExportRow]:
+    def write(
+        self, rows: Iterable[ExportRow], stream: TextIO, context: ExportContext | None = None
+    ) -> list[ExportRow]:
         written = []
         for row in rows:
-            if "\n" in row.path or "\r" in row.path:
+            text = row.uri or row.path
+            if "\n" in text or "\r" in text:
                 continue
-            stream.write(row.path + "\n")
+            stream.write(text + "\n")
             written.append(row)
         return written

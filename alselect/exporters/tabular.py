@@ -6,7 +6,7 @@ import csv
 from collections.abc import Iterable
 from typing import TextIO
 
-from alselect.exporters.base import CSV_COLUMNS, Exporter, ExportRow, register_exporter
+from alselect.exporters.base import CSV_COLUMNS, ExportContext, Exporter, ExportRow, register_exporter
 
 
 @register_exporter
@@ -15,7 +15,9 @@ class CsvExporter(Exporter):
     summary = "UTF-8 CSV with header; paths with commas, quotes or newlines are quoted"
     dialect: type[csv.Dialect] | str = "excel"
 
-    def write(self, rows: Iterable[ExportRow], stream: TextIO) -> list[ExportRow]:
+    def write(
+        self, rows: Iterable[ExportRow], stream: TextIO, context: ExportContext | None = None
+    ) -> list[ExportRow]:
         # RFC 4180 CRLF: csv then quotes any field holding CR or LF (with a bare "\n"
         # terminator a lone CR stays unquoted, and readers split the row on it).
         writer = csv.DictWriter(stream, fieldnames=CSV_COLUMNS, dialect=self.dialect, lineterminator="\r\n")

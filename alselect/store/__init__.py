@@ -469,12 +469,13 @@ class Store:
         )
         slots = np.asarray(slots, dtype=np.int64)
         if not segments:
-            layout = (self.model(model_key) or {}).get("outputs") or {}
-            if name not in layout:
-                raise StoreError(f"model {model_key[:12]} has no stored {name!r} array")
-            spec = layout[name]
-            if len(slots):
-                raise StoreError(f"model {model_key[:12]}: {name!r} rows are missing")
+            info = self.model(model_key) or {}
+            spec = (info.get("outputs") or {}).get(name)
+            if len(slots) or (spec is None and info.get("outputs")):
+                raise StoreError(f"model {model_key[:12]} has no stored {name!r} rows")
+            if spec is None:  # nothing stored yet: an empty pool
+                width = info.get("num_classes") if name == "probs" else info.get("dim")
+                spec = {"dtype": "float32", "shape": [int(width or 0)]}
             return np.empty((0, *spec["shape"]), dtype=np.dtype(spec["dtype"]))
         shape = tuple(json.loads(segments[0][2]))
         dtype = np.dtype(segments[0][1])
@@ -713,7 +714,7 @@ class Store:
     def latest_run(self) -> dict[str, Any] | None:
         row = self.conn.execute(
             "SELECT id, created_at, root, model_key, strategy, params, budget, pool_size, "
-            "labeled_count, selected, models FROM runs ORDER BY id DESC LIMIT 1"
+            "labeled_count, selected, models, command, alselect_version FROM runs ORDER BY id DESC LIMIT 1"
         ).fetchone()
         if row is None:
             return None
@@ -729,6 +730,8 @@ class Store:
             "labeled_count",
             "selected",
             "models",
+            "command",
+            "alselect_version",
         )
         run = dict(zip(names, row, strict=True))
         run["params"] = json.loads(run["params"])
@@ -786,9 +789,30 @@ class Store:
                     None if conf != conf else conf,
                 )
 
-    def count_exportable(self, run_id: int) -> int:
-        """How many of a run's images a plain ``export`` would still write (reads only)."""
-        return sum(1 for _ in self.exportable_items(run_id, include_exported=False))
+    def run_item_states(self, run_id: int) -> dict[str, int]:
+        """How a run's ranked images stand now, in disjoint groups: ``gone`` (absent or changed since
+        the run), ``labeled``, ``exported`` (sent, not labeled yet), ``open`` (still to send)."""
+        records = self.ranking_records(run_id)
+        if records is None or not len(records):
+            return {"ranked": 0, "gone": 0, "labeled": 0, "exported": 0, "open": 0}
+        ranked_keys = content_keys([key_hex(raw) for raw in records["sha256"].tolist()])
+        root = self.scalar("SELECT root FROM runs WHERE id = ?", (run_id,))
+        rows = self.rows("SELECT id, sha256 FROM images WHERE root = ? AND status = 'present'", (root,))
+        ids = np.array([r[0] for r in rows], dtype=np.int64)
+        order = np.argsort(ids)
+        where = np.minimum(np.searchsorted(ids[order], records["image_id"]), max(len(ids) - 1, 0))
+        present_keys = content_keys([r[1] for r in rows])
+        gone = np.ones(len(records), dtype=bool)
+        if len(ids):
+            row = order[where]
+            gone = (ids[row] != records["image_id"]) | ~(present_keys[row] == ranked_keys).all(axis=1)
+        labeled = ~gone & member([r[0] for r in self.rows("SELECT sha256 FROM labels")], ranked_keys)
+        sent = member([r[0] for r in self.rows("SELECT DISTINCT sha256 FROM exported")], ranked_keys)
+        exported = ~gone & ~labeled & sent
+        counts = {"ranked": len(records), "gone": int(gone.sum()), "labeled": int(labeled.sum())}
+        counts["exported"] = int(exported.sum())
+        counts["open"] = counts["ranked"] - counts["gone"] - counts["labeled"] - counts["exported"]
+        return counts
 
     def record_export(self, run_id: int, fmt: str, destination: str, items: Sequence[tuple[str, int]]) -> int:
         """Record ``(sha256, rank)`` rows as exported so later exports skip them."""
