@@ -1,165 +1,192 @@
-"""Mark images as annotated from a list of paths or a CSV with a ``path``/``sha256`` column."""
+"""Mark images as annotated, with their class where the source gives one.
+
+Every input format (see ``alselect.annotations``) yields ``LabelRecord``s; this module is the one
+place that decides which stored image a record means, and it never guesses: a record names an
+image by content hash, by a path that lies in exactly one stored image location (absolute,
+relative to the working directory, to ``--folder``, or to the record's own ``folder``), or by a
+folder-relative path that only one content in the store has. Anything else is reported as
+unmatched or ambiguous and labels nothing.
+"""
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import os
-import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alselect.annotations import LabelRecord, ReadOptions, read_annotations
+from alselect.annotations.base import single_class
 from alselect.errors import DataError
 from alselect.store import Store
 from alselect.store.names import from_db, to_db
 
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 CHUNK = 500  # bound parameters per IN (...) query, under SQLite's oldest default limit of 999
+
+PathKey = tuple[str | None, str]  # (folder the path is relative to, None: the working directory; path)
 
 
 @dataclass
 class LabelResult:
+    """What ``import_labels`` did. ``unknown``, ``ambiguous`` and ``conflicting`` hold the refs of
+    records that labeled nothing (or, for conflicting classes, labeled without a class)."""
+
+    format: str
     requested: int
     newly_labeled: int
     already_labeled: int
+    with_class: int = 0
+    reclassified: int = 0
     unknown: list[str] = field(default_factory=list)
     ambiguous: list[str] = field(default_factory=list)
+    conflicting: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        """Whether every record was matched to one image without a conflicting class."""
+        return not (self.unknown or self.ambiguous or self.conflicting)
 
 
-def parse_label_input(text: str) -> tuple[list[str], list[str]]:
-    """Split input into ``(paths, sha256s)``.
-
-    A first line naming a ``path`` or ``sha256`` column makes it a CSV or TSV, and a first
-    non-empty line holding a JSON object makes it JSON Lines (earlier exports in any of these
-    formats work as is); otherwise every non-empty line not starting with ``#`` is a path. A
-    valid sha256 wins over the path of the same record. ``text`` must be exact: a CR inside a
-    quoted CSV field is part of the path.
-    """
-    text = text.lstrip("\ufeff")
-    first = text.split("\n", 1)[0].rstrip("\r")
-    for dialect in ("excel", "excel-tab"):
-        header = next(csv.reader([first], dialect=dialect), [])
-        if "path" in header or "sha256" in header:
-            return split_records(csv.DictReader(io.StringIO(text, newline=""), dialect=dialect))
-    records = json_lines(text)
-    if records is not None:
-        return split_records(records)
-    lines = [line.rstrip("\r") for line in text.split("\n")]
-    return [line for line in lines if line.strip() and not line.startswith("#")], []
-
-
-def json_lines(text: str) -> list[dict[str, object]] | None:
-    """Records of a JSON Lines text, or ``None`` when its first non-empty line is no JSON object."""
-    lines = [(number, line) for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
-    if not lines or not lines[0][1].lstrip().startswith("{"):
-        return None
-    records = []
-    for number, line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if not isinstance(record, dict):
-            if number == lines[0][0]:
-                return None  # a plain list whose first path happens to start with "{"
-            raise DataError(f"line {number} of the JSON Lines input is not a JSON object: {line[:60]!r}")
-        records.append(record)
-    return records
-
-
-def split_records(records: Iterable[Mapping[str, object]]) -> tuple[list[str], list[str]]:
-    """``(paths, sha256s)`` from table or JSON records: a valid ``sha256`` wins over ``path``."""
-    paths, shas = [], []
-    for record in records:
-        sha = record.get("sha256")
-        sha = sha.strip().lower() if isinstance(sha, str) else ""
-        path = record.get("path")
-        if SHA256_RE.match(sha):
-            shas.append(sha)
-        elif isinstance(path, str) and path:
-            paths.append(path)
-    return paths, shas
-
-
-def import_labels(store: Store, text: str, source: str, cwd: str | None = None) -> LabelResult:
-    """Label every listed image by content hash, so renamed copies stay labeled.
-
-    Paths are resolved with ``resolve_paths`` against ``cwd`` (the working directory by default).
-    """
-    paths, shas = parse_label_input(text)
-    if not paths and not shas:
-        raise DataError(f"{source}: no paths found (one path per line, or a CSV with a path column)")
-    found, unknown, ambiguous = resolve_paths(store, paths, cwd)
-    known = hashes_in(store, "images", shas)
-    unknown += [sha for sha in shas if sha not in known]
-    wanted = set(found.values()) | known
-    already = len(hashes_in(store, "labels", wanted))
-    added = store.add_labels(wanted, source)
+def import_labels(
+    store: Store,
+    text: str,
+    source: str,
+    *,
+    fmt: str | None = None,
+    folder: str | None = None,
+    uri_prefix: str | None = None,
+    cwd: str | None = None,
+) -> LabelResult:
+    """Label every image the input names, by content hash (renamed copies stay labeled), with the
+    class the input gives. ``fmt`` forces a reader (default: detect from content); ``folder`` is
+    what relative paths without a folder of their own are relative to (default: the working
+    directory ``cwd``, then the stored folder-relative paths); ``uri_prefix`` is the prefix the
+    export put before paths in image URLs."""
+    annotations = read_annotations(text, fmt, ReadOptions(uri_prefix=uri_prefix))
+    if not annotations.records and not annotations.skipped:
+        raise DataError(f"{source}: nothing to label in it (no paths, content hashes or annotated items)")
+    cwd = os.getcwd() if cwd is None else cwd
+    if folder is not None:
+        check_folder(store, folder, cwd)
+    records = annotations.records
+    found, unknown, ambiguous = resolve_records(store, records, cwd, folder)
+    classes, conflicting = merge_classes(records, found)
+    wanted = set(found.values())
+    before = stored_labels(store, wanted)
+    added = store.add_labels(wanted, source, classes)
     return LabelResult(
-        requested=len(paths) + len(shas),
+        format=annotations.format,
+        requested=len(records),
         newly_labeled=added,
-        already_labeled=already,
+        already_labeled=len(before),
+        with_class=len(classes),
+        reclassified=sum(1 for sha, label in classes.items() if before.get(sha) not in (None, label)),
         unknown=unknown,
         ambiguous=ambiguous,
+        conflicting=conflicting,
+        skipped=annotations.skipped,
+        notes=annotations.notes,
     )
 
 
-def resolve_paths(
-    store: Store, paths: Sequence[str], cwd: str | None = None
-) -> tuple[dict[str, str], list[str], list[str]]:
-    """Map user-given paths to content hashes: ``(found, unknown, ambiguous)``.
+def resolve_records(
+    store: Store, records: Sequence[LabelRecord], cwd: str, folder: str | None = None
+) -> tuple[dict[int, str], list[str], list[str]]:
+    """``(found, unknown, ambiguous)``: record index -> content hash, and the refs (each once) of
+    records that name no stored image, or a path that several stored contents have."""
+    known = stored_hashes(store, (r.sha256 for r in records if r.sha256))
+    keys: dict[int, PathKey] = {
+        index: (record.folder if record.folder is not None else folder, record.path)
+        for index, record in enumerate(records)
+        if record.sha256 is None and record.path is not None
+    }
+    by_path, several = resolve_paths(store, keys.values(), cwd)
+    found: dict[int, str] = {}
+    unknown: dict[str, None] = {}
+    ambiguous: dict[str, None] = {}
+    for index, record in enumerate(records):
+        key = keys.get(index)
+        sha = (record.sha256 if record.sha256 in known else None) if key is None else by_path.get(key)
+        if sha is not None:
+            found[index] = sha
+        elif key in several:
+            ambiguous[record.ref] = None
+        else:
+            unknown[record.ref] = None
+    return found, list(unknown), list(ambiguous)
 
-    A path is first taken as a file path (absolute, or relative to ``cwd``) and looked up
-    exactly in the stored folder it lies in, after resolving symlinks the way the folder walk
-    sees them. A relative path that is not found so, and is not an existing file inside a
-    stored folder, is then taken as a folder-relative path (as exports write them): the latest
-    run's folder wins, otherwise a single folder must hold it (present images preferred), or
-    several folders the same content; anything else is ambiguous and not labeled.
+
+def merge_classes(records: Sequence[LabelRecord], found: dict[int, str]) -> tuple[dict[str, str], list[str]]:
+    """``(classes, conflicting)``: content hash -> the class its records agree on; the refs (each
+    once) of records giving one image different classes (that image is labeled without a class)."""
+    by_sha: dict[str, list[LabelRecord]] = {}
+    for index, sha in found.items():
+        if records[index].label is not None:  # class-less records neither set nor contradict a class
+            by_sha.setdefault(sha, []).append(records[index])
+    classes: dict[str, str] = {}
+    conflicting: dict[str, None] = {}
+    for sha, group in by_sha.items():
+        label, mixed = single_class([record.label for record in group])
+        if label is not None:
+            classes[sha] = label
+        elif mixed:
+            conflicting.update((record.ref, None) for record in group if record.label is not None)
+    return classes, list(conflicting)
+
+
+def check_folder(store: Store, folder: str, cwd: str) -> None:
+    """``--folder`` must be a scored folder, or lie inside or above one: a typo labels nothing."""
+    real = os.path.realpath(os.path.join(cwd, folder))
+    inside = real.rstrip(os.sep) + os.sep
+    for root in stored_roots(store):
+        if root == real or root.startswith(inside) or real.startswith(root.rstrip(os.sep) + os.sep):
+            return
+    raise DataError(f"--folder {folder}: no scored folder is at, inside or above {real}")
+
+
+def resolve_paths(store: Store, keys: Iterable[PathKey], cwd: str) -> tuple[dict[PathKey, str], set[PathKey]]:
+    """Map ``(folder, path)`` keys to content hashes: ``(found, ambiguous)``.
+
+    The path is taken as a file path (absolute, or relative to ``folder``, else to ``cwd``) and
+    looked up exactly in the stored folder it lies in, after resolving symlinks the way the folder
+    walk sees them. Only a relative path without a folder that is not found so, and is not an
+    existing file inside a stored folder, is then taken as a folder-relative path as exports
+    write them: it resolves when exactly one content is stored under that relative path (in one
+    folder, or the same file in several); several contents make it ambiguous. Which folder was
+    scored last plays no part.
     """
-    cwd = os.getcwd() if cwd is None else cwd
     locator = RootLocator(stored_roots(store))
-    located: dict[str, list[tuple[str, str]]] = {}
-    as_relpath: dict[str, str] = {}
-    for raw in dict.fromkeys(paths):
-        if not usable(raw):
+    located: dict[PathKey, list[tuple[str, str]]] = {}
+    as_relpath: dict[PathKey, str] = {}
+    for key in dict.fromkeys(keys):
+        base, raw = key
+        if not usable(raw) or (base is not None and not usable(base)):
             continue
-        full = os.path.join(cwd, raw)
-        located[raw] = candidates = locator.candidates(full)
+        full = os.path.join(cwd, base or "", raw)
+        located[key] = candidates = locator.candidates(full)
         relpath = raw
         while relpath.startswith("./"):
             relpath = relpath[2:]
-        if relpath and not os.path.isabs(raw) and not (candidates and os.path.lexists(full)):
-            as_relpath[raw] = relpath
+        if base is None and relpath and not os.path.isabs(raw) and not (candidates and os.path.lexists(full)):
+            as_relpath[key] = relpath
     exact = lookup_exact(store, {c for candidates in located.values() for c in candidates})
-    found: dict[str, str] = {}
-    for raw, candidates in located.items():
+    found: dict[PathKey, str] = {}
+    for key, candidates in located.items():
         hits = [exact[c] for c in candidates if c in exact]
         if hits:
-            found[raw] = next((sha for sha, status in hits if status == "present"), hits[0][0])
-    pending = {raw: relpath for raw, relpath in as_relpath.items() if raw not in found}
-    by_relpath = lookup_relpaths(store, set(pending.values()))
-    run = store.latest_run()
-    latest = run["root"] if run else None
-    unknown: list[str] = []
-    ambiguous: list[str] = []
-    for raw in dict.fromkeys(paths):
-        if raw in found:
-            continue
-        rows = by_relpath.get(pending[raw], []) if raw in pending else []
-        in_latest = [sha for root, sha, _ in rows if root == latest]
-        preferred = [row for row in rows if row[2] == "present"] or rows
-        contents = {sha for _, sha, _ in preferred}
-        if in_latest:
-            found[raw] = in_latest[0]
-        elif len(contents) == 1:
-            found[raw] = contents.pop()
+            found[key] = next((sha for sha, status in hits if status == "present"), hits[0][0])
+    pending = {key: relpath for key, relpath in as_relpath.items() if key not in found}
+    contents_of = lookup_relpaths(store, set(pending.values()))
+    ambiguous: set[PathKey] = set()
+    for key, relpath in pending.items():
+        contents = contents_of.get(relpath, set())
+        if len(contents) == 1:
+            found[key] = next(iter(contents))
         elif contents:
-            ambiguous.append(raw)
-        else:
-            unknown.append(raw)
-    return found, unknown, ambiguous
+            ambiguous.add(key)
+    return found, ambiguous
 
 
 def usable(path: str) -> bool:
@@ -245,29 +272,34 @@ def lookup_exact(store: Store, pairs: Iterable[tuple[str, str]]) -> dict[tuple[s
     return found
 
 
-def lookup_relpaths(store: Store, relpaths: Iterable[str]) -> dict[str, list[tuple[str, str, str]]]:
-    """``relpath -> [(root, sha256, status)]`` over every folder (served by ``images_relpath``)."""
-    found: dict[str, list[tuple[str, str, str]]] = {}
+def lookup_relpaths(store: Store, relpaths: Iterable[str]) -> dict[str, set[str]]:
+    """``relpath -> {sha256}`` over every folder (served by the ``images_relpath`` index)."""
+    found: dict[str, set[str]] = {}
     for chunk in chunks(sorted(relpaths)):
-        for root, relpath, sha, status in store.rows(
-            "SELECT root, relpath, sha256, status FROM images "
-            f"WHERE relpath IN ({marks(chunk)}) AND sha256 IS NOT NULL ORDER BY root",
+        for relpath, sha in store.rows(
+            f"SELECT relpath, sha256 FROM images WHERE relpath IN ({marks(chunk)}) AND sha256 IS NOT NULL",
             [to_db(path) for path in chunk],
         ):
-            found.setdefault(from_db(relpath), []).append((from_db(root), sha, status))
+            found.setdefault(from_db(relpath), set()).add(sha)
     return found
 
 
-def hashes_in(store: Store, table: str, shas: Iterable[str]) -> set[str]:
-    """Which of ``shas`` appear in ``table``'s ``sha256`` column (``images`` or ``labels``)."""
+def stored_hashes(store: Store, shas: Iterable[str | None]) -> set[str]:
+    """Which of ``shas`` are the content of some stored image."""
     found: set[str] = set()
-    for chunk in chunks(sorted(set(shas))):
+    for chunk in chunks(sorted({sha for sha in shas if sha})):
         found.update(
             r[0]
-            for r in store.rows(
-                f"SELECT DISTINCT sha256 FROM {table} WHERE sha256 IN ({marks(chunk)})", chunk
-            )
+            for r in store.rows(f"SELECT DISTINCT sha256 FROM images WHERE sha256 IN ({marks(chunk)})", chunk)
         )
+    return found
+
+
+def stored_labels(store: Store, shas: Iterable[str]) -> dict[str, str | None]:
+    """``sha256 -> class or None`` for those of ``shas`` already labeled."""
+    found: dict[str, str | None] = {}
+    for chunk in chunks(sorted(set(shas))):
+        found.update(store.rows(f"SELECT sha256, label FROM labels WHERE sha256 IN ({marks(chunk)})", chunk))
     return found
 
 

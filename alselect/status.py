@@ -57,7 +57,7 @@ def folder_counts(store: Store, folder: str | None = None) -> list[FolderCounts]
 
 
 def store_status(store: Store, list_failed: bool = False) -> dict[str, Any]:
-    """Counts of files and images per folder and in total, models, runs, labels and exports."""
+    """Counts of files and images per folder and in total, models, runs, labels (per class), exports."""
     reasons = Counter[str]()
     failed = store.rows(
         "SELECT root, relpath, reason FROM images WHERE status = 'failed' ORDER BY root, relpath"
@@ -96,6 +96,12 @@ def store_status(store: Store, list_failed: bool = False) -> dict[str, Any]:
         "models": models,
         "runs": store.scalar("SELECT COUNT(*) FROM runs") or 0,
         "labeled": store.scalar("SELECT COUNT(*) FROM labels") or 0,
+        "label_classes": dict(
+            store.rows(
+                "SELECT label, COUNT(*) FROM labels WHERE label IS NOT NULL "
+                "GROUP BY label ORDER BY COUNT(*) DESC, label"
+            )
+        ),
         "exported": store.scalar("SELECT COUNT(DISTINCT sha256) FROM exported") or 0,
         "exports": store.scalar("SELECT COUNT(*) FROM exports") or 0,
         "latest_run": None

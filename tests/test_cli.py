@@ -61,6 +61,7 @@ def test_installed_executable_runs_the_readme_flow_on_sample_data(tmp_path: Path
 
 
 def test_light_commands_do_not_import_torch(tmp_path: Path) -> None:
+    (tmp_path / "tasks.json").write_text('[{"data": {"image": "a.png"}, "annotations": [{}]}]')
     code = f"""
 import sys
 from alselect.cli import main
@@ -68,7 +69,8 @@ for argv in (["--help"], ["strategies"], ["--store", {str(tmp_path / "s")!r}, "s
              ["--store", {str(tmp_path / "s")!r}, "export"],
              ["--store", {str(tmp_path / "s")!r}, "export", "-f", "label-studio", "--ls-print-config"],
              ["--store", {str(tmp_path / "s")!r}, "preview", "-o", {str(tmp_path / "p.png")!r}],
-             ["--store", {str(tmp_path / "s")!r}, "label", {str(tmp_path / "none.txt")!r}]):
+             ["--store", {str(tmp_path / "s")!r}, "label", {str(tmp_path / "none.txt")!r}],
+             ["--store", {str(tmp_path / "s")!r}, "label", {str(tmp_path / "tasks.json")!r}, "-f", "cvat"]):
     try:
         main(argv)
     except SystemExit:
@@ -239,7 +241,8 @@ def test_label_of_unknown_paths_only_is_an_error(
     listing = tmp_path / "done.txt"
     listing.write_text("nope.png\nalso/nope.png\n")
     code, _, err = cli(capsys, "--store", str(scored_store), "label", str(listing))
-    assert code == 1 and "none of the 2 listed image(s) are in the store" in err
+    assert code == 3 and len(err.strip().splitlines()) == 1
+    assert "none of the 2 listed image(s) could be labeled: 2 are not in the store (e.g. 'nope.png')" in err
 
 
 def test_strategies_lists_every_registered_strategy(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,12 +1,16 @@
-"""parse_label_input: plain path lists and alselect CSV exports."""
+"""Reading label inputs without a store: path lists, alselect exports, ``path,label`` tables."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 
+import pytest
+
+from alselect.annotations import LabelRecord, read_annotations
+from alselect.errors import DataError, UsageError
 from alselect.exporters import ExportRow, get_exporter
-from alselect.labels import parse_label_input
 
 
 def sha(text: str) -> str:
@@ -24,29 +28,45 @@ def csv_export(paths_and_shas: list[tuple[str, str]]) -> str:
     return stream.getvalue()
 
 
+def parse(text: str, fmt: str | None = None) -> tuple[list[str], list[str]]:
+    """``(paths, sha256s)`` of the records: a valid sha256 wins over the path of its record."""
+    records = read_annotations(text, fmt).records
+    return [r.path for r in records if r.path and not r.sha256], [r.sha256 for r in records if r.sha256]
+
+
+def formats(text: str) -> str:
+    return read_annotations(text).format
+
+
 def test_plain_list_one_path_per_line() -> None:
     text = "a.png\nsub/b.jpg\nc d/e f.png\n"
-    assert parse_label_input(text) == (["a.png", "sub/b.jpg", "c d/e f.png"], [])
+    assert parse(text) == (["a.png", "sub/b.jpg", "c d/e f.png"], [])
+    assert formats(text) == "paths"
 
 
-def test_plain_list_skips_blank_lines_and_comments() -> None:
-    text = "# annotated on monday\n\na.png\n   \n#b.png\nnot#comment.png\n\n# end\n"
-    assert parse_label_input(text) == (["a.png", "not#comment.png"], [])
+def test_plain_list_has_no_comment_syntax() -> None:
+    """Issue #5: ``#1.png`` is an image name, not a comment; blank lines cannot name an image."""
+    text = "#1.png\n\na.png\n   \n# annotated monday.png\nnot#comment.png\n\n"
+    assert parse(text) == (["#1.png", "a.png", "# annotated monday.png", "not#comment.png"], [])
 
 
-def test_plain_list_strips_crlf() -> None:
-    text = "a.png\r\nmy photos/b 1.png\r\n\r\n# note\r\nc.png"
-    assert parse_label_input(text) == (["a.png", "my photos/b 1.png", "c.png"], [])
+def test_plain_list_strips_crlf_but_keeps_other_blanks() -> None:
+    text = "a.png\r\nmy photos/b 1.png\r\n\r\n c.png \r\n#d.png"
+    assert parse(text) == (["a.png", "my photos/b 1.png", " c.png ", "#d.png"], [])
 
 
 def test_plain_list_keeps_non_ascii() -> None:
     paths = ["café/日本語 ñ.png", "emoji 🐝.png"]
-    assert parse_label_input("café/日本語 ñ.png\nemoji 🐝.png\n") == (paths, [])
+    assert parse("café/日本語 ñ.png\nemoji 🐝.png\n") == (paths, [])
 
 
-def test_empty_input() -> None:
-    assert parse_label_input("") == ([], [])
-    assert parse_label_input("\n# only a comment\n\n") == ([], [])
+def test_empty_input_has_no_records() -> None:
+    assert parse("") == ([], [])
+    assert parse("\n  \n\r\n") == ([], [])
+
+
+def test_path_records_name_themselves() -> None:
+    assert read_annotations("a.png\n").records == [LabelRecord("a.png", path="a.png")]
 
 
 def test_csv_export_round_trips_paths() -> None:
@@ -59,21 +79,17 @@ def test_csv_export_round_trips_paths() -> None:
         "tab\there.png",
         " spaced .png",
         "café ñ.png",
+        "#hash.png",
     ]
     text = csv_export([(p, "") for p in paths])
-    assert parse_label_input(text) == (paths, [])
+    assert parse(text) == (paths, [])
+    assert formats(text) == "csv"
 
 
 def test_csv_export_prefers_valid_sha256() -> None:
     digest_a, digest_c = sha("a"), sha("c")
-    text = csv_export(
-        [
-            ("a,1.png", digest_a),
-            ("b\n2.png", ""),
-            ("c.png", digest_c),
-        ]
-    )
-    assert parse_label_input(text) == (["b\n2.png"], [digest_a, digest_c])
+    text = csv_export([("a,1.png", digest_a), ("b\n2.png", ""), ("c.png", digest_c)])
+    assert parse(text) == (["b\n2.png"], [digest_a, digest_c])
 
 
 def test_csv_invalid_sha256_falls_back_to_path() -> None:
@@ -87,30 +103,109 @@ def test_csv_invalid_sha256_falls_back_to_path() -> None:
             ("good.png", good),
         ]
     )
-    assert parse_label_input(text) == (["short.png", "long.png", "nonhex.png", "spaced.png"], [good])
+    assert parse(text) == (["short.png", "long.png", "nonhex.png", "spaced.png"], [good])
 
 
 def test_csv_uppercase_sha256_is_normalised() -> None:
     good = sha("x")
-    text = f"path,sha256\r\nx.png,{good.upper()}\r\n"
-    assert parse_label_input(text) == ([], [good])
+    assert parse(f"path,sha256\r\nx.png,{good.upper()}\r\n") == ([], [good])
 
 
-def test_bom_is_ignored_for_csv() -> None:
+def test_bom_is_ignored() -> None:
     good = sha("bom")
-    text = "\ufeffrank,path,sha256\n1,a.png,\n2,b.png," + good + "\n"
-    assert parse_label_input(text) == (["a.png"], [good])
-
-
-def test_bom_is_ignored_for_plain_list() -> None:
-    assert parse_label_input("\ufeffa.png\nb.png\n") == (["a.png", "b.png"], [])
+    assert parse("\ufeffrank,path,sha256\n1,a.png,\n2,b.png," + good + "\n") == (["a.png"], [good])
+    assert parse("\ufeffa.png\nb.png\n") == (["a.png", "b.png"], [])
 
 
 def test_csv_with_only_a_path_column() -> None:
     text = 'path\r\na.png\r\n"b,c.png"\r\n"multi\nline.png"\r\n\r\nd e.png\r\n'
-    assert parse_label_input(text) == (["a.png", "b,c.png", "multi\nline.png", "d e.png"], [])
+    assert parse(text) == (["a.png", "b,c.png", "multi\nline.png", "d e.png"], [])
 
 
 def test_csv_with_only_a_sha256_column() -> None:
     first, second = sha("1"), sha("2")
-    assert parse_label_input(f"sha256\n{first}\n{second}\n") == ([], [first, second])
+    assert parse(f"sha256\n{first}\n{second}\n") == ([], [first, second])
+
+
+def test_a_path_list_whose_first_name_looks_like_a_header_stays_a_list() -> None:
+    text = "my,path,holiday.png\nb.png\n"
+    assert formats(text) == "paths"
+    assert parse(text) == (["my,path,holiday.png", "b.png"], [])
+
+
+def test_path_label_csv_carries_classes_and_folder() -> None:
+    text = 'path,label,folder\r\na.png,cat,/data/p\r\nb.png, dog ,\r\nc.png,,/data/q\r\n"d,1.png",42,\r\n'
+    assert read_annotations(text).records == [
+        LabelRecord("a.png", path="a.png", folder="/data/p", label="cat"),
+        LabelRecord("b.png", path="b.png", label="dog"),
+        LabelRecord("c.png", path="c.png", folder="/data/q"),
+        LabelRecord("d,1.png", path="d,1.png", label="42"),
+    ]
+
+
+def test_predicted_label_is_not_a_class() -> None:
+    records = read_annotations(csv_export([("a.png", "")])).records
+    assert records == [LabelRecord("a.png", path="a.png")]
+
+
+def test_a_row_without_path_or_sha256_is_named_by_its_number() -> None:
+    records = read_annotations("path,sha256,label\r\n,,cat\r\nb.png,,\r\n").records
+    assert [r.ref for r in records] == ["row 1", "b.png"]
+
+
+def test_tsv_with_quoted_tabs_and_newlines() -> None:
+    text = 'rank\tpath\tsha256\r\n1\t"tab\there.png"\t\r\n2\t"new\nline.png"\t\r\n3\tplain, comma.png\t\r\n'
+    assert parse(text) == (["tab\there.png", "new\nline.png", "plain, comma.png"], [])
+    assert formats(text) == "tsv"
+
+
+def test_jsonl_keeps_exact_paths_and_prefers_sha256() -> None:
+    good = hashlib.sha256(b"x").hexdigest()
+    records = [
+        {"path": "a\r\nb.png", "sha256": ""},
+        {"path": "line\u2028sep.png", "label": 3, "folder": "/p"},
+        {"path": "ignored.png", "sha256": good.upper(), "label": "cat"},
+        {"rank": 4, "label": True},
+    ]
+    text = "\ufeff" + "\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\r\n"
+    assert read_annotations(text).records == [
+        LabelRecord("a\r\nb.png", path="a\r\nb.png"),
+        LabelRecord("line\u2028sep.png", path="line\u2028sep.png", folder="/p", label="3"),
+        LabelRecord("ignored.png", sha256=good, path="ignored.png", label="cat"),
+        LabelRecord("object 4"),
+    ]
+
+
+def test_plain_list_starting_with_a_brace_or_bracket_stays_a_list() -> None:
+    assert parse("{draft}.png\nb.png\n") == (["{draft}.png", "b.png"], [])
+    assert parse('{"path": 1}x.png\n') == (['{"path": 1}x.png'], [])
+    assert parse("[1].png\n<2>.png\n") == (["[1].png", "<2>.png"], [])
+
+
+def test_jsonl_with_a_broken_later_line_is_an_error() -> None:
+    with pytest.raises(DataError, match="line 3"):
+        read_annotations('{"path": "a.png"}\n\n{"path": "b.png"\n')
+
+
+def test_jsonl_needs_a_path_or_sha256_key_to_be_recognised() -> None:
+    assert read_annotations('{"path": "a.png"}\n').format == "jsonl"
+    assert read_annotations('{"rank": 1, "sha256": ""}\n').format == "jsonl"
+    with pytest.raises(DataError, match="--format"):
+        read_annotations('{"source-ref": "s3://b/a.png"}\n')
+    assert read_annotations('{"source-ref": "s3://b/a.png"}\n', "jsonl").records == [LabelRecord("object 1")]
+
+
+def test_unrecognised_json_is_an_error_not_a_path_list() -> None:
+    with pytest.raises(DataError, match="--format"):
+        read_annotations('[\n  {"image": "a.png", "choice": "cat"}\n]\n')
+    with pytest.raises(DataError, match="--format"):
+        read_annotations("<annotation><filename>a.png</filename></annotation>\n")
+
+
+def test_format_can_be_forced() -> None:
+    assert parse("path,label\n", "paths") == (["path,label"], [])
+    assert parse("path\nx.png\n", "csv") == (["x.png"], [])
+    with pytest.raises(DataError, match="no 'path' or 'sha256' column"):
+        read_annotations("a.png\n", "csv")
+    with pytest.raises(UsageError, match="unknown label format 'xml'"):
+        read_annotations("a.png\n", "xml")

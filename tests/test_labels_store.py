@@ -8,12 +8,14 @@ import io
 import json
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from alselect.annotations import read_annotations
 from alselect.errors import DataError
 from alselect.export import export_latest
-from alselect.labels import LabelResult, import_labels, parse_label_input
+from alselect.labels import LabelResult, import_labels
 from alselect.store import Store, migrations
 from tests.conftest import write_image
 from tests.helpers import cli, export_text, score
@@ -28,9 +30,9 @@ def labeled(store_path: Path) -> set[str]:
         return {row[0] for row in store.rows("SELECT sha256 FROM labels")}
 
 
-def label(store_path: Path, text: str) -> LabelResult:
+def label(store_path: Path, text: str, **options: Any) -> LabelResult:
     with Store.open(store_path, write=True) as store:
-        return import_labels(store, text, "test")
+        return import_labels(store, text, "test", **options)
 
 
 @pytest.fixture
@@ -95,19 +97,33 @@ def test_path_through_a_symlinked_subfolder_inside_a_pool(
     assert labeled(store_path) == {digest(outside)}
 
 
-def test_bare_relpath_prefers_the_latest_runs_folder(
+def test_bare_relpath_in_two_folders_is_ambiguous_even_for_the_latest_run(
+    pools: tuple[Path, Path], store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue #5: a path-only list used to label the latest run's images, silently."""
+    monkeypatch.chdir(pools[0].parent / "elsewhere")
+    result = label(store_path, "img_0001.png\nimg_0002.png\n")
+    assert (result.newly_labeled, result.unknown) == (0, [])
+    assert result.ambiguous == ["img_0001.png", "img_0002.png"]
+    assert labeled(store_path) == set()
+
+
+def test_path_export_of_either_folder_labels_nothing_wrong(
     pools: tuple[Path, Path], store_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Yesterday's ``--format paths`` export of poolA, labeled after poolB was scored last."""
     pool_a, pool_b = pools
+    score(store_path, pool_a, tiny_checkpoint)
+    yesterday = export_text(store_path, "paths", top=3)
+    score(store_path, pool_b, tiny_checkpoint)
     monkeypatch.chdir(pool_a.parent / "elsewhere")
-    assert label(store_path, "img_0001.png\n").newly_labeled == 1
-    assert labeled(store_path) == {digest(pool_b / "img_0001.png")}
-    score(store_path, pool_a, tiny_checkpoint)  # poolA is now the latest run's folder
-    assert label(store_path, "img_0002.png\n").newly_labeled == 1
-    assert labeled(store_path) == {digest(pool_b / "img_0001.png"), digest(pool_a / "img_0002.png")}
+    result = label(store_path, yesterday)
+    # img_0000 is the same content in both folders; the other two are different images
+    assert (result.newly_labeled, sorted(result.ambiguous)) == (1, ["img_0001.png", "img_0002.png"])
+    assert labeled(store_path) == {digest(pool_a / "img_0000.png")}
 
 
-def test_relpath_in_several_folders_but_not_the_latest_is_ambiguous(
+def test_ambiguous_and_unknown_paths_are_reported_and_the_rest_labeled(
     pools: tuple[Path, Path],
     store_path: Path,
     tmp_path: Path,
@@ -126,17 +142,17 @@ def test_relpath_in_several_folders_but_not_the_latest_is_ambiguous(
     listing = tmp_path / "list.txt"
     listing.write_text("img_0002.png\nimg_0000.png\n")
     code, out, err = cli(capsys, "--store", str(store_path), "label", str(listing))
-    assert (code, out) == (0, "")
+    assert (code, out) == (4, "")  # partial: what matched was applied, the rest reported
     assert "labeled 0 image(s) (1 already labeled)" in err
     warnings = [line for line in err.splitlines() if "several folders" in line]
     assert len(warnings) == 1 and warnings[0].endswith(
-        "1 listed path(s) match images in several folders and "
-        "were not labeled (give absolute paths, or run from inside the image folder): 'img_0002.png'"
+        "1 listed path(s) match images in several folders and were not labeled (pass --folder DIR, "
+        "give absolute paths, or run from inside the image folder): 'img_0002.png'"
     )
 
     listing.write_text("img_0002.png\n")
     code, _, err = cli(capsys, "--store", str(store_path), "label", str(listing))
-    assert code == 1 and "match images in several folders" in err and len(err.strip().splitlines()) == 1
+    assert code == 3 and "match images in several folders" in err and len(err.strip().splitlines()) == 1
     assert labeled(store_path) == {digest(tmp_path / "poolA" / "img_0000.png")}
 
 
@@ -160,8 +176,8 @@ def test_tsv_and_jsonl_exports_label_the_exported_images(
     with Store.open(store_path, write=True) as store:
         export_latest(store, fmt, stdout=lambda: buffer, top=2)
     text = buffer.getvalue()
-    paths, shas = parse_label_input(text)
-    assert (paths, len(shas)) == ([], 2)
+    records = read_annotations(text).records
+    assert [bool(r.sha256) for r in records] == [True, True]
     monkeypatch.chdir(pools[0])  # even from inside poolA, the hashes name poolB's images
     result = label(store_path, text)
     assert (result.requested, result.newly_labeled, result.unknown) == (2, 2, [])
@@ -176,44 +192,25 @@ def rows_of(text: str, fmt: str) -> list[dict[str, str]]:
 
 
 @pytest.mark.parametrize("fmt", ["tsv", "jsonl"])
-def test_tsv_and_jsonl_path_only_records_resolve_against_the_latest_run(
+def test_tsv_and_jsonl_path_only_records_need_their_folder(
     pools: tuple[Path, Path], store_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
 ) -> None:
-    _, pool_b = pools
+    """Without a folder the paths are ambiguous (poolB was scored last: no matter); with one, exact."""
+    pool_a, _ = pools
     if fmt == "tsv":
         text = "rank\tpath\tsha256\r\n1\timg_0001.png\t\r\n2\timg_0002.png\tnot-a-hash\r\n"
+        with_folder = f"path\tfolder\r\nimg_0001.png\t{pool_a}\r\nimg_0002.png\t{pool_a}\r\n"
     else:
         text = '{"rank": 1, "path": "img_0001.png"}\n\n{"path": "img_0002.png", "sha256": null}\n'
-    monkeypatch.chdir(pools[0].parent / "elsewhere")
-    assert label(store_path, text).newly_labeled == 2
-    assert labeled(store_path) == {digest(pool_b / "img_0001.png"), digest(pool_b / "img_0002.png")}
-
-
-def test_parse_tsv_with_quoted_tabs_and_newlines() -> None:
-    text = 'rank\tpath\tsha256\r\n1\t"tab\there.png"\t\r\n2\t"new\nline.png"\t\r\n3\tplain, comma.png\t\r\n'
-    assert parse_label_input(text) == (["tab\there.png", "new\nline.png", "plain, comma.png"], [])
-
-
-def test_parse_jsonl_keeps_exact_paths_and_prefers_sha256() -> None:
-    good = hashlib.sha256(b"x").hexdigest()
-    records = [
-        {"path": "a\r\nb.png", "sha256": ""},
-        {"path": "line\u2028sep.png"},
-        {"path": "ignored.png", "sha256": good.upper()},
-        {"rank": 4},
-    ]
-    text = "\ufeff" + "\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\r\n"
-    assert parse_label_input(text) == (["a\r\nb.png", "line\u2028sep.png"], [good])
-
-
-def test_parse_plain_list_starting_with_a_brace_stays_a_list() -> None:
-    assert parse_label_input("{draft}.png\nb.png\n") == (["{draft}.png", "b.png"], [])
-    assert parse_label_input('{"path": 1}x.png\n') == (['{"path": 1}x.png'], [])
-
-
-def test_parse_jsonl_with_a_broken_later_line_is_an_error() -> None:
-    with pytest.raises(DataError, match="line 3"):
-        parse_label_input('{"path": "a.png"}\n\n{"path": "b.png"\n')
+        names = ("img_0001.png", "img_0002.png")
+        with_folder = "".join(json.dumps({"path": name, "folder": str(pool_a)}) + "\n" for name in names)
+    monkeypatch.chdir(pool_a.parent / "elsewhere")
+    result = label(store_path, text)
+    assert (result.newly_labeled, result.ambiguous) == (0, ["img_0001.png", "img_0002.png"])
+    assert labeled(store_path) == set()
+    result = label(store_path, with_folder)
+    assert (result.newly_labeled, result.complete) == (2, True)
+    assert labeled(store_path) == {digest(pool_a / "img_0001.png"), digest(pool_a / "img_0002.png")}
 
 
 def test_csv_path_with_a_bare_cr_labels_from_a_file(
@@ -302,8 +299,104 @@ def test_many_paths_are_looked_up_in_batches_and_odd_ones_are_unknown(
     monkeypatch.chdir(pool_a.parent / "elsewhere")
     bogus = [f"missing/{i:05d}.png" for i in range(1200)]
     odd = ["bad\udcffname.png", "nul\0.png"]
-    listed = [*bogus[:700], "img_0001.png", str(pool_a / "img_0002.png"), *bogus[700:], *odd, "img_0001.png"]
+    listed = [*bogus[:700], "../poolB/img_0001.png", str(pool_a / "img_0002.png"), *bogus[700:], *odd]
+    listed.append(listed[700])
     result = label(store_path, "".join(f"{path}\n" for path in listed))
     assert (result.requested, result.newly_labeled, result.ambiguous) == (len(listed), 2, [])
     assert result.unknown == [*bogus, *odd]
     assert labeled(store_path) == {digest(pool_b / "img_0001.png"), digest(pool_a / "img_0002.png")}
+
+
+def test_an_image_named_like_a_comment_is_labeled(
+    tmp_path: Path, store_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue #5: ``#1.png`` from a ``--format paths`` export was dropped as a comment line."""
+    pool = tmp_path / "pool"
+    hashed = write_image(pool / "#1.png", seed=1)
+    write_image(pool / "# two.png", seed=2)
+    write_image(pool / "plain.png", seed=3)
+    score(store_path, pool, tiny_checkpoint)
+    listing = export_text(store_path, "paths")
+    assert sorted(listing.splitlines()) == ["# two.png", "#1.png", "plain.png"]
+    monkeypatch.chdir(tmp_path)
+    result = label(store_path, listing)
+    assert (result.newly_labeled, result.unknown) == (3, [])
+    assert digest(hashed) in labeled(store_path)
+
+
+def test_folder_option_labels_exactly_that_folders_images(
+    pools: tuple[Path, Path], store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool_a, pool_b = pools
+    monkeypatch.chdir(pool_a.parent / "elsewhere")
+    result = label(store_path, "img_0001.png\n", folder=str(pool_a))
+    assert (result.newly_labeled, result.complete) == (1, True)
+    # relative --folder (to the working directory), and a folder above the scored one
+    result = label(store_path, "poolB/img_0002.png\n", folder="..")
+    assert (result.newly_labeled, result.complete) == (1, True)
+    assert labeled(store_path) == {digest(pool_a / "img_0001.png"), digest(pool_b / "img_0002.png")}
+
+
+def test_folder_option_never_looks_elsewhere(
+    pools: tuple[Path, Path], store_path: Path, tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    pool_a, pool_b = pools
+    write_image(pool_b / "only_b.png", seed=77)
+    score(store_path, pool_b, tiny_checkpoint)
+    result = label(store_path, "only_b.png\nimg_0001.png\n", folder=str(pool_a))
+    assert (result.newly_labeled, result.unknown, result.ambiguous) == (1, ["only_b.png"], [])
+    assert labeled(store_path) == {digest(pool_a / "img_0001.png")}
+
+
+def test_a_folder_column_wins_over_the_folder_option(pools: tuple[Path, Path], store_path: Path) -> None:
+    pool_a, pool_b = pools
+    text = f"path,folder\r\nimg_0001.png,{pool_b}\r\nimg_0002.png,\r\n"
+    result = label(store_path, text, folder=str(pool_a))
+    assert (result.newly_labeled, result.complete) == (2, True)
+    assert labeled(store_path) == {digest(pool_b / "img_0001.png"), digest(pool_a / "img_0002.png")}
+
+
+def test_a_folder_that_holds_no_scored_images_is_an_error(
+    pools: tuple[Path, Path], store_path: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(DataError, match="no scored folder is at, inside or above"):
+        label(store_path, "img_0001.png\n", folder=str(tmp_path / "elsewhere"))
+    assert labeled(store_path) == set()
+
+
+def test_label_exit_statuses(
+    pools: tuple[Path, Path],
+    store_path: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """0 all matched; 4 some matched, the rest reported; 3 none matched; 1 bad --folder; 2 unknown format."""
+    pool_a, _ = pools
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    listing = tmp_path / "list.txt"
+    store = ("--store", str(store_path), "label")
+
+    listing.write_text("img_0001.png\n")
+    code, _, err = cli(capsys, *store, str(listing), "--folder", str(pool_a))
+    assert code == 0 and "labeled 1 image(s) (0 already labeled) from paths input" in err
+
+    listing.write_text("img_0001.png\nimg_0002.png\nnope.png\n")
+    code, _, err = cli(capsys, *store, str(listing))
+    assert code == 3 and len(err.strip().splitlines()) == 1, err
+    assert (
+        "none of the 3 listed image(s) could be labeled: 1 are not in the store (e.g. 'nope.png'); "
+        "2 match images in several folders (e.g. 'img_0001.png'; pass --folder DIR" in err
+    )
+
+    code, _, err = cli(capsys, *store, str(listing), "--folder", str(pool_a))
+    assert code == 4, err
+    assert "labeled 1 image(s) (1 already labeled)" in err
+    assert "warning: 1 listed image(s) are not in the store: 'nope.png'" in err
+
+    code, _, err = cli(capsys, *store, str(listing), "--folder", str(tmp_path / "elsewhere"))
+    assert code == 1 and "no scored folder is at, inside or above" in err
+
+    code, _, err = cli(capsys, *store, str(listing), "--format", "xml")
+    assert code == 2 and "unknown label format 'xml'" in err
+    assert labeled(store_path) == {digest(pool_a / "img_0001.png"), digest(pool_a / "img_0002.png")}

@@ -1,6 +1,7 @@
 """Command-line entry point: the only place errors become messages and exit codes.
 
-Exit codes: 0 success, 1 runtime error, 2 usage error, 130 interrupted.
+Exit codes: 0 success, 1 runtime error, 2 usage error, 3 nothing usable (no run recorded, nothing
+labeled), 4 partial (``label``: some items were not matched; the rest was applied), 130 interrupted.
 """
 
 from __future__ import annotations

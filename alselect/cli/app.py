@@ -29,6 +29,8 @@ import typer
 from alselect import __version__
 from alselect.progress import Reporter
 
+EXIT_PARTIAL = 4  # label: what could be matched was applied; some items matched no image or several
+
 app = typer.Typer(
     name="alselect",
     help="Pick which images to annotate next: embed a folder with your checkpoint, score it "

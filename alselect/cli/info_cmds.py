@@ -9,6 +9,7 @@ import typer
 
 from alselect.cli.app import app, data_stdout, examples, globals_of
 
+SHOWN_CLASSES = 20  # per-class label counts in the text view; --json has them all
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable JSON.")]
 
 
@@ -69,7 +70,16 @@ def _format_status(info: dict[str, Any]) -> str:
             f"ranked {run['selected']} of {run['pool_size']} image(s) ({run['labeled']} labeled); "
             f"{run['unexported']} still to export"
         )
-    lines.append(f"labeled:   {info['labeled']}")
+    classes = info["label_classes"]
+    with_class = sum(classes.values())
+    lines.append(
+        f"labeled:   {info['labeled']}"
+        + (f" ({with_class} with a class, {info['labeled'] - with_class} without)" if classes else "")
+    )
+    for name, count in list(classes.items())[:SHOWN_CLASSES]:
+        lines.append(f"  class:   {count} {name}")
+    if len(classes) > SHOWN_CLASSES:
+        lines.append(f"  class:   ... {len(classes) - SHOWN_CLASSES} more (--json lists all)")
     lines.append(f"exported:  {info['exported']} image(s) in {info['exports']} export(s)")
     for item in info.get("failed_images", []):
         lines.append(f"{item['folder']}/{item['path']}\t{item['reason']}")

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from alselect.cli.app import app, command_line, data_stdout, examples, globals_of, reporter_for
-from alselect.errors import DataError, OutputClosedError
+from alselect.cli.app import EXIT_PARTIAL, app, command_line, data_stdout, examples, globals_of, reporter_for
+from alselect.errors import DataError, NothingUsableError, OutputClosedError
+from alselect.progress import Reporter
+
+if TYPE_CHECKING:
+    from alselect.labels import LabelResult
 
 PLATFORM = "Platform formats (see README: Labeling platforms)"
 
@@ -182,19 +187,55 @@ def export(
     epilog=examples(
         ("an export, once its images are annotated", "alselect label batch.csv"),
         ("a list of paths, one per line", "find done/ -name '*.jpg' | alselect label -"),
+        ("a Label Studio JSON export, with classes", "alselect label project-1.json"),
     )
 )
 def label(
     ctx: typer.Context,
     source: Annotated[
         str,
-        typer.Argument(metavar="FILE", help="File of paths or CSV with a path column; - for stdin."),
+        typer.Argument(
+            metavar="FILE", help="A path list, an export, or a platform's annotation export; - for stdin."
+        ),
     ],
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            metavar="FORMAT",
+            help="auto (detect from content), paths, csv, tsv, jsonl, label-studio, cvat or coco.",
+        ),
+    ] = "auto",
+    folder: Annotated[
+        Path | None,
+        typer.Option(
+            "--folder",
+            metavar="DIR",
+            help="Relative paths are relative to DIR (a scored folder, or a folder above one); "
+            "a folder column in the input wins.",
+        ),
+    ] = None,
+    uri_prefix: Annotated[
+        str | None,
+        typer.Option(
+            "--uri-prefix",
+            metavar="URI",
+            help="The prefix given at export: image URLs starting with it map back.",
+        ),
+    ] = None,
 ) -> None:
-    """Mark images as annotated so they are never selected again."""
+    """Mark images as annotated so they are never selected again.
+
+    Records their class too, where the input has one. Exit 3: no item matched an image; 4: some
+    did, the others are reported.
+    """
+    from alselect.annotations import get_reader
     from alselect.labels import import_labels
     from alselect.store import Store
 
+    if format != "auto":
+        get_reader(format)  # an unknown format is a usage error, before anything is read
     if source == "-":
         text = sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape")
     else:
@@ -204,26 +245,67 @@ def label(
         except OSError as exc:
             raise DataError(f"cannot read label list {source}: {exc}") from exc
     with Store.open(globals_of(ctx).store, write=True) as store, reporter_for(ctx) as reporter:
-        result = import_labels(store, text, source)
-        if result.newly_labeled + result.already_labeled == 0 and (result.unknown or result.ambiguous):
-            if not result.ambiguous:
-                raise DataError(
-                    f"none of the {result.requested} listed image(s) are in the store, "
-                    f"e.g. {result.unknown[0]!r}"
-                )
-            raise DataError(
-                f"none of the {result.requested} listed image(s) could be labeled: "
-                f"{len(result.ambiguous)} match images in several folders, e.g. {result.ambiguous[0]!r} "
-                f"(give absolute paths, or run from inside the image folder)"
-                + (f"; {len(result.unknown)} are not in the store" if result.unknown else "")
-            )
-        reporter.info(f"labeled {result.newly_labeled} image(s) ({result.already_labeled} already labeled)")
+        result = import_labels(
+            store,
+            text,
+            source,
+            fmt=format,
+            folder=None if folder is None else str(folder),
+            uri_prefix=uri_prefix,
+        )
+        report_labels(result, reporter)
+    if not result.complete:
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+def sample(refs: list[str]) -> str:
+    return ", ".join(repr(ref) for ref in refs[:3]) + (", ..." if len(refs) > 3 else "")
+
+
+AMBIGUOUS_HINT = "pass --folder DIR, give absolute paths, or run from inside the image folder"
+
+
+def report_labels(result: LabelResult, reporter: Reporter) -> None:
+    """One info line, then one line per kind of problem; nothing matched at all is an error (exit 3),
+    after the reader's notes (they often say why)."""
+    if result.newly_labeled + result.already_labeled == 0 and not result.complete:
+        for note in result.notes:
+            reporter.warning(note)
+        problems = []
         if result.unknown:
-            sample = ", ".join(repr(p) for p in result.unknown[:3])
-            reporter.warning(f"{len(result.unknown)} listed image(s) are not in the store: {sample}")
+            problems.append(f"{len(result.unknown)} are not in the store (e.g. {result.unknown[0]!r})")
         if result.ambiguous:
-            sample = ", ".join(repr(p) for p in result.ambiguous[:3])
-            reporter.warning(
-                f"{len(result.ambiguous)} listed path(s) match images in several folders and were not "
-                f"labeled (give absolute paths, or run from inside the image folder): {sample}"
+            problems.append(
+                f"{len(result.ambiguous)} match images in several folders "
+                f"(e.g. {result.ambiguous[0]!r}; {AMBIGUOUS_HINT})"
             )
+        listed = f"none of the {result.requested} listed image(s) could be labeled"
+        raise NothingUsableError(f"{listed}: {'; '.join(problems)}")
+    summary = f"labeled {result.newly_labeled} image(s) ({result.already_labeled} already labeled)"
+    if result.with_class:
+        summary += f"; {result.with_class} with a class"
+        if result.reclassified:
+            summary += f", {result.reclassified} of them changed"
+    reporter.info(f"{summary} from {result.format} input")
+    if result.skipped:
+        reasons = Counter(reason for _, reason in result.skipped)
+        reporter.info(
+            f"{len(result.skipped)} item(s) are not labels and were left out: "
+            + ", ".join(f"{count} {reason}" for reason, count in reasons.most_common())
+            + f" (e.g. {result.skipped[0][0]!r})"
+        )
+    for note in result.notes:
+        reporter.warning(note)
+    if result.unknown:
+        count = len(result.unknown)
+        reporter.warning(f"{count} listed image(s) are not in the store: {sample(result.unknown)}")
+    if result.ambiguous:
+        reporter.warning(
+            f"{len(result.ambiguous)} listed path(s) match images in several folders and were not "
+            f"labeled ({AMBIGUOUS_HINT}): {sample(result.ambiguous)}"
+        )
+    if result.conflicting:
+        reporter.warning(
+            f"{len(result.conflicting)} listed image(s) were given different classes and are labeled "
+            f"without a class: {sample(result.conflicting)}"
+        )

@@ -277,10 +277,6 @@ def test_annotations_exported_from_label_studio_label_the_images(server: Server,
         [sys.executable, "-m", "alselect", "--store", str(project.store), "label", str(export_file)],
         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
-    if done.returncode != 0 and "none of the" in done.stderr:
-        # Reading platform exports comes with the `label` work on another branch; until it is merged
-        # the export is taken for a path list. Remove this guard once it is.
-        pytest.xfail(f"alselect label does not read Label Studio exports yet: {done.stderr.strip()[:160]}")
     assert done.returncode == 0, done.stderr
     status = subprocess.run(
         [sys.executable, "-m", "alselect", "--store", str(project.store), "status", "--json"],
