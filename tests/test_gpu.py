@@ -38,3 +38,15 @@ def test_cuda_embeddings_match_cpu(
     assert cpu.relpaths == cuda.relpaths
     np.testing.assert_allclose(cuda.probs, cpu.probs, atol=1e-4)
     np.testing.assert_allclose(cuda.embeddings, cpu.embeddings, rtol=1e-3, atol=1e-3)
+
+
+def test_batchbald_on_cuda_matches_cpu() -> None:
+    from alselect.strategies.batchbald import batchbald
+
+    rng = np.random.default_rng(0)
+    mc = rng.dirichlet(np.full(6, 0.5), size=(3000, 16))
+    excluded = np.zeros(3000, dtype=bool)
+    cpu = batchbald(mc, excluded, 12, num_samples=2000, seed=1, device="cpu")
+    cuda = batchbald(mc, excluded, 12, num_samples=2000, seed=1, device="cuda")
+    assert cuda.indices.tolist() == cpu.indices.tolist()
+    np.testing.assert_allclose(cuda.gains, cpu.gains, rtol=1e-9, atol=1e-12)

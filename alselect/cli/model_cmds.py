@@ -76,15 +76,18 @@ MaxPixels = Annotated[
     ),
 ]
 Strategy = Annotated[
-    str,
-    typer.Option("--strategy", "-s", metavar="NAME", help="{strategies} (see 'alselect strategies')."),
+    str, typer.Option("--strategy", "-s", metavar="NAME", help="Acquisition strategy: one of those below.")
 ]
 
 
 def _strategy_names() -> str:
+    """The strategy names, wrapped at commas only (a name such as kl-disagreement stays whole)."""
+    import textwrap
+
     from alselect.strategies import available
 
-    return ", ".join(available())
+    lines = textwrap.wrap(", ".join(available()), 74, break_on_hyphens=False, break_long_words=False)
+    return "\n".join(f"  {line}" for line in lines)
 
 
 help_field("strategies", _strategy_names)
@@ -175,7 +178,8 @@ def embed(
 
 
 @app.command(
-    epilog=examples(
+    epilog="\b\nStrategies ('alselect strategies' says what each needs and scores):\n{strategies}\n\n"
+    + examples(
         ("rank every unlabeled image", "alselect score photos/ -m model.pt -s entropy"),
         (
             "nightly: rank 500 images not sent before",
