@@ -18,11 +18,16 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", 
 
 @dataclass(frozen=True)
 class FoundFile:
-    """One candidate image: path relative to the root (``/`` separators), size, mtime in ns."""
+    """One candidate image: path relative to the root (``/`` separators), size, mtime in ns.
+
+    ``link``: the path reaches the file through a symlink (the file's own name or a folder on the
+    way), so among paths to the same content a real one is preferred (see ``alselect.identity``).
+    """
 
     relpath: str
     size: int
     mtime_ns: int
+    link: bool = False
 
 
 @dataclass
@@ -30,7 +35,6 @@ class WalkProblems:
     """Things skipped while walking that the user should hear about."""
 
     unreadable_dirs: list[str] = field(default_factory=list)
-    undecodable_names: int = 0
     symlink_loops: int = 0
 
 
@@ -50,14 +54,19 @@ def walk_images(root: Path, problems: WalkProblems | None = None) -> Iterator[Fo
     A symlink back to one of its own ancestors is a loop and is skipped (as ``find -L`` does);
     other aliases are walked, and duplicate contents are merged later by hash. Hidden files and
     folders (leading ``.``) are skipped: they hold caches, checkpoints and macOS resource forks.
-    Names that are not valid UTF-8 are counted and skipped.
+    Names that are not valid UTF-8 are kept as ``os.fsdecode`` gives them (surrogate escapes): they
+    open the right file, and the store keeps them losslessly (``alselect.store.names``).
     """
     problems = problems if problems is not None else WalkProblems()
-    yield from _walk(root, "", frozenset(), problems)
+    yield from _walk(root, "", frozenset(), problems, via_link=False)
 
 
 def _walk(
-    directory: Path, prefix: str, ancestors: frozenset[tuple[int, int]], problems: WalkProblems
+    directory: Path,
+    prefix: str,
+    ancestors: frozenset[tuple[int, int]],
+    problems: WalkProblems,
+    via_link: bool,
 ) -> Iterator[FoundFile]:
     try:
         info = directory.stat()
@@ -75,28 +84,18 @@ def _walk(
         name = entry.name
         if name.startswith("."):
             continue
-        if not _is_utf8(name):
-            problems.undecodable_names += 1
-            continue
         relpath = f"{prefix}{name}"
         try:
+            link = via_link or entry.is_symlink()
             if entry.is_dir():  # follows symlinks; loops are caught by the ancestor set
-                yield from _walk(Path(entry.path), relpath + "/", inside, problems)
+                yield from _walk(Path(entry.path), relpath + "/", inside, problems, link)
                 continue
             if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
                 continue
             stat = entry.stat()
         except OSError:
             continue  # dangling symlink or a file removed mid-walk
-        yield FoundFile(relpath=relpath, size=stat.st_size, mtime_ns=stat.st_mtime_ns)
-
-
-def _is_utf8(name: str) -> bool:
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:  # surrogate-escaped bytes from a non-UTF-8 file name
-        return False
-    return True
+        yield FoundFile(relpath=relpath, size=stat.st_size, mtime_ns=stat.st_mtime_ns, link=link)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from alselect.errors import AlselectError, UsageError
 from alselect.images import OUT_OF_MEMORY, ImageDecodeError, load_image_geometry
+from alselect.limits import DEFAULT_MAX_PIXELS, PREFETCH_BATCHES, check_batch_memory, default_workers
 from alselect.preprocess import Preprocess
 from alselect.progress import NULL_REPORTER, Reporter
 
@@ -47,13 +48,14 @@ class EmbedOptions:
     device: str = "auto"
     batch_size: int = 64
     workers: int | None = None  # None: min(4, CPU count); 0: decode in this process
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images fail as decompression bombs
 
     def worker_count(self) -> int:
         if self.workers is not None:
             if self.workers < 0:
                 raise UsageError(f"--workers must be >= 0, got {self.workers}")
             return self.workers
-        return min(4, os.cpu_count() or 1)
+        return default_workers()
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -79,11 +81,16 @@ Decoded = tuple[int, "np.ndarray | None", "str | None", "np.ndarray | None"]
 
 class _ImageFiles(Dataset[Decoded]):
     def __init__(
-        self, paths: Sequence[Path], preprocess: Preprocess, expected_sha256: Sequence[str] | None = None
+        self,
+        paths: Sequence[Path],
+        preprocess: Preprocess,
+        expected_sha256: Sequence[str] | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.paths = paths
         self.preprocess = preprocess
         self.expected_sha256 = expected_sha256
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -91,7 +98,9 @@ class _ImageFiles(Dataset[Decoded]):
     def __getitem__(self, index: int) -> Decoded:
         expected = None if self.expected_sha256 is None else self.expected_sha256[index]
         try:
-            pixels, geometry = load_image_geometry(self.paths[index], self.preprocess, expected)
+            pixels, geometry = load_image_geometry(
+                self.paths[index], self.preprocess, expected, max_pixels=self.max_pixels
+            )
             return index, pixels, None, geometry
         except ImageDecodeError as exc:
             return index, None, str(exc), None
@@ -174,7 +183,7 @@ def _loader(dataset: Dataset[Decoded], batch_size: int, workers: int, device: to
         collate_fn=_keep_as_list,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
-        prefetch_factor=4 if workers > 0 else None,
+        prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
         worker_init_fn=functools.partial(_die_with_parent, os.getpid()) if workers > 0 else None,
     )
 
@@ -206,14 +215,13 @@ def run_model(
     handed to ``on_batch`` are decoded in this process instead; a ``MemoryError`` there fails
     that file with "out of memory while decoding".
     """
-    if options.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {options.batch_size}")
+    workers = options.worker_count()
+    check_batch_memory(options.batch_size, preprocess.image_size, workers)
     if expected_sha256 is not None and len(expected_sha256) != len(paths):
         raise ValueError(f"expected_sha256 has {len(expected_sha256)} entries for {len(paths)} paths")
     device = resolve_device(options.device)
     model.to(device)
-    workers = options.worker_count()
-    dataset = _ImageFiles(paths, preprocess, expected_sha256)
+    dataset = _ImageFiles(paths, preprocess, expected_sha256, options.max_pixels)
     mean = torch.tensor(preprocess.mean, device=device).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(preprocess.std, device=device).view(1, 3, 1, 1) * 255.0
     total = len(paths)

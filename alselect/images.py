@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import io
-import warnings
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, cast
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from alselect.limits import DEFAULT_MAX_PIXELS
 from alselect.preprocess import Preprocess
 
 CHANGED_WHILE_READING = "changed while reading"
@@ -31,22 +34,33 @@ class ImageDecodeError(Exception):
     """The file is not a usable image; ``str(exc)`` is the reason recorded in the store."""
 
 
-def load_image(path: Path, preprocess: Preprocess, expected_sha256: str | None = None) -> np.ndarray:
+def load_image(
+    path: Path,
+    preprocess: Preprocess,
+    expected_sha256: str | None = None,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
     """Decode, apply EXIF orientation, convert to RGB, resize + centre-crop (or letterbox).
 
     Returns ``uint8 [3, S, S]`` with ``S = preprocess.image_size``. JPEGs are decoded at a
     reduced DCT scale (``draft``) when that still leaves at least ``resize_size`` pixels.
-    Raises ``ImageDecodeError`` for empty, truncated, corrupt, unreadable or bomb files.
+    Raises ``ImageDecodeError`` for empty, truncated, corrupt or unreadable files, and for
+    images of more than ``max_pixels`` pixels (decompression bombs), refused before decoding.
 
     With ``expected_sha256`` the file is read once, those bytes are hashed and, when they match,
     decoded; otherwise ``ImageDecodeError("changed while reading")`` is raised, so a file edited
     after it was hashed never has the new content stored under the old hash.
     """
-    return load_image_geometry(path, preprocess, expected_sha256)[0]
+    return load_image_geometry(path, preprocess, expected_sha256, max_pixels=max_pixels)[0]
 
 
 def load_image_geometry(
-    path: Path, preprocess: Preprocess, expected_sha256: str | None = None
+    path: Path,
+    preprocess: Preprocess,
+    expected_sha256: str | None = None,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``load_image`` plus the image's ``GEOMETRY`` (``int32 [4]``, see ``GEOMETRY``)."""
     try:
@@ -55,20 +69,22 @@ def load_image_geometry(
         raise decode_error(exc) from None
     if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256.lower():
         raise ImageDecodeError(CHANGED_WHILE_READING)
-    return decode_image_geometry(data, preprocess)
+    return decode_image_geometry(data, preprocess, max_pixels=max_pixels)
 
 
-def decode_image(data: bytes, preprocess: Preprocess) -> np.ndarray:
+def decode_image(data: bytes, preprocess: Preprocess, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """``load_image`` for the bytes of a file already in memory."""
-    return decode_image_geometry(data, preprocess)[0]
+    return decode_image_geometry(data, preprocess, max_pixels=max_pixels)[0]
 
 
-def decode_image_geometry(data: bytes, preprocess: Preprocess) -> tuple[np.ndarray, np.ndarray]:
+def decode_image_geometry(
+    data: bytes, preprocess: Preprocess, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, np.ndarray]:
     """``load_image_geometry`` for the bytes of a file already in memory."""
     try:
         if not data:
             raise ImageDecodeError("empty file")
-        return _decode(io.BytesIO(data), preprocess)
+        return _decode(io.BytesIO(data), preprocess, max_pixels)
     except Exception as exc:  # decode_error passes ImageDecodeError through
         raise decode_error(exc) from None
 
@@ -93,33 +109,76 @@ def decode_error(exc: Exception) -> ImageDecodeError:
     return ImageDecodeError(f"cannot decode: {type(exc).__name__}: {exc}")
 
 
-def _decode(source: IO[bytes], preprocess: Preprocess) -> tuple[np.ndarray, np.ndarray]:
+class _PillowLimitOff:
+    """Pillow's own bomb limit, off while alselect decodes; ``_decode`` applies ``max_pixels`` itself.
+
+    Pillow's limit (``Image.MAX_IMAGE_PIXELS``, 89 MP, an error at twice that) is one global that
+    also fails ordinary 90 MP camera photos. It is lifted only while at least one decode runs in
+    this process and restored after the last one, so other code in the process keeps its setting.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active = 0
+        self._saved: int | None = None
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._active == 0:
+                self._saved = Image.MAX_IMAGE_PIXELS
+                Image.MAX_IMAGE_PIXELS = None
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._active -= 1
+                if self._active == 0:
+                    Image.MAX_IMAGE_PIXELS = self._saved
+
+
+_pillow_limit_off = _PillowLimitOff()
+
+
+def check_pixels(size: tuple[int, int], max_pixels: int) -> None:
+    """Refuse an image whose header declares more than ``max_pixels`` pixels."""
+    width, height = size
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            f"decompression bomb: {width}x{height} = {_pixels(width * height)} is over the limit of "
+            f"{_pixels(max_pixels)} (--max-pixels)"
+        )
+
+
+def _pixels(count: int) -> str:
+    return f"{count / 1e6:,.0f} MP" if count >= 10_000_000 else f"{count:,} pixels"
+
+
+def _decode(source: IO[bytes], preprocess: Preprocess, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
     letterbox = preprocess.resize == "letterbox"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(source) as img:
-            full = img.size
-            if img.format == "JPEG":
-                img.draft("RGB", (preprocess.resize_size, preprocess.resize_size))
-            drafted = img.size
-            ImageOps.exif_transpose(img, in_place=True)  # in place: no full-size copy
-            if img.size != drafted:  # EXIF orientation swapped the sides
-                full = (full[1], full[0])
-            # Large images are first box-reduced to no less than twice the target size, so they are
-            # converted and resampled at a fraction of their size; the bilinear resize that follows
-            # still shrinks by 2x or more, which keeps the result close to a direct resize.
-            source_size = img.size
-            side = max(source_size) if letterbox else min(source_size)
-            factor = side // (2 * max(preprocess.resize_size, preprocess.image_size, 1))
-            rgb = to_rgb(img, factor)
-            reduced_by = factor if rgb.size != source_size else 1  # 1 where the mode has no reduce
-            if letterbox:
-                out, content = letterbox_resize(
-                    rgb, preprocess, source_size=source_size, reduced_by=reduced_by
-                )
-            else:
-                out = resize_and_crop(rgb, preprocess, source_size=source_size, reduced_by=reduced_by)
-                content = (preprocess.image_size, preprocess.image_size)
+    with _pillow_limit_off(), Image.open(source) as img:
+        check_pixels(img.size, max_pixels)
+        full = img.size
+        if img.format == "JPEG":
+            img.draft("RGB", (preprocess.resize_size, preprocess.resize_size))
+        drafted = img.size
+        ImageOps.exif_transpose(img, in_place=True)  # in place: no full-size copy
+        if img.size != drafted:  # EXIF orientation swapped the sides
+            full = (full[1], full[0])
+        # Large images are first box-reduced to no less than twice the target size, so they are
+        # converted and resampled at a fraction of their size; the bilinear resize that follows
+        # still shrinks by 2x or more, which keeps the result close to a direct resize.
+        source_size = img.size
+        side = max(source_size) if letterbox else min(source_size)
+        factor = side // (2 * max(preprocess.resize_size, preprocess.image_size, 1))
+        rgb = to_rgb(img, factor)
+        reduced_by = factor if rgb.size != source_size else 1  # 1 where the mode has no reduce
+        if letterbox:
+            out, content = letterbox_resize(rgb, preprocess, source_size=source_size, reduced_by=reduced_by)
+        else:
+            out = resize_and_crop(rgb, preprocess, source_size=source_size, reduced_by=reduced_by)
+            content = (preprocess.image_size, preprocess.image_size)
     geometry = np.array([full[1], full[0], content[0], content[1]], dtype=np.int32)
     return np.ascontiguousarray(np.asarray(out, dtype=np.uint8).transpose(2, 0, 1)), geometry
 
@@ -128,7 +187,8 @@ def to_rgb(img: Image.Image, factor: int = 1) -> Image.Image:
     """RGB view of any mode: 16-bit and float greyscale are scaled, alpha is dropped.
 
     With ``factor >= 2`` the result is also box-reduced ``factor`` times (``Image.reduce``),
-    before the conversion where the mode allows it.
+    before the conversion where the mode allows it, else strip by strip: a strip of rows is
+    converted, reduced and pasted, so no full-size converted copy ever exists next to the image.
     """
     if img.mode in _SCALED_GREY:
         return _scaled_grey(img, max(factor, 1)).convert("RGB")
@@ -136,10 +196,22 @@ def to_rgb(img: Image.Image, factor: int = 1) -> Image.Image:
         reduced = _reduce(img, factor)
         if reduced is not img:
             img, factor = reduced, 1
+    if factor < 2:
+        return _converted(img)
+    width, height = img.size
+    rows = factor * max(1, _STRIP_PIXELS // (factor * factor * max(width, 1)))  # whole blocks per strip
+    out = Image.new("RGB", (-(-width // factor), -(-height // factor)))
+    for top in range(0, height, rows):
+        strip = _converted(img.crop((0, top, width, min(top + rows, height))))
+        out.paste(_reduce(strip, factor), (0, top // factor))
+    return out
+
+
+def _converted(img: Image.Image) -> Image.Image:
+    """``img`` in RGB; a palette's transparent entries go through RGBA as Pillow requires."""
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
-    rgb = img if img.mode == "RGB" else img.convert("RGB")
-    return _reduce(rgb, factor)
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def _reduce(img: Image.Image, factor: int) -> Image.Image:

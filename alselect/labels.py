@@ -19,6 +19,7 @@ from alselect.annotations import LabelRecord, ReadOptions, read_annotations
 from alselect.annotations.base import single_class
 from alselect.errors import DataError
 from alselect.store import Store
+from alselect.store.names import from_db, to_db
 
 CHUNK = 500  # bound parameters per IN (...) query, under SQLite's oldest default limit of 999
 
@@ -189,14 +190,8 @@ def resolve_paths(store: Store, keys: Iterable[PathKey], cwd: str) -> tuple[dict
 
 
 def usable(path: str) -> bool:
-    """Whether a path can be a stored one: no NUL, encodable as UTF-8 (as the walk requires)."""
-    if not path or "\0" in path:
-        return False
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    """Whether a path can be a stored one: no NUL (names that are not UTF-8 are fine)."""
+    return bool(path) and "\0" not in path
 
 
 class RootLocator:
@@ -257,7 +252,7 @@ def stored_roots(store: Store) -> list[str]:
                SELECT (SELECT MIN(root) FROM images WHERE root > r.root) FROM r WHERE r.root IS NOT NULL
            ) SELECT root FROM r WHERE root IS NOT NULL"""
     )
-    return [str(row[0]) for row in rows]
+    return [from_db(str(row[0])) for row in rows]
 
 
 def lookup_exact(store: Store, pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, str]]:
@@ -271,9 +266,9 @@ def lookup_exact(store: Store, pairs: Iterable[tuple[str, str]]) -> dict[tuple[s
             for relpath, sha, status in store.rows(
                 "SELECT relpath, sha256, status FROM images "
                 f"WHERE root = ? AND relpath IN ({marks(chunk)}) AND sha256 IS NOT NULL",
-                [root, *chunk],
+                [to_db(root), *map(to_db, chunk)],
             ):
-                found[(root, relpath)] = (sha, status)
+                found[(root, from_db(relpath))] = (sha, status)
     return found
 
 
@@ -283,9 +278,9 @@ def lookup_relpaths(store: Store, relpaths: Iterable[str]) -> dict[str, set[str]
     for chunk in chunks(sorted(relpaths)):
         for relpath, sha in store.rows(
             f"SELECT relpath, sha256 FROM images WHERE relpath IN ({marks(chunk)}) AND sha256 IS NOT NULL",
-            chunk,
+            [to_db(path) for path in chunk],
         ):
-            found.setdefault(relpath, set()).add(sha)
+            found.setdefault(from_db(relpath), set()).add(sha)
     return found
 
 

@@ -18,6 +18,7 @@ from alselect.discover import resolve_root
 from alselect.embed import EmbedOptions, OutputModel, resolve_device, run_model
 from alselect.errors import NothingUsableError, UsageError
 from alselect.images import CHANGED_WHILE_READING
+from alselect.limits import check_batch_memory
 from alselect.mc_dropout import (
     DEFAULT_HEAD_RATE,
     DEFAULT_SAMPLES,
@@ -29,8 +30,10 @@ from alselect.mc_dropout import (
 )
 from alselect.preprocess import Preprocess
 from alselect.progress import NULL_REPORTER, Reporter
+from alselect.status import FolderCounts, folder_counts
 from alselect.store import PoolRows, Store, model_display_name
 from alselect.store.keys import content_keys
+from alselect.store.names import to_db
 from alselect.store.rankings import Ranking
 from alselect.strategies import PoolInputs, Strategy, build_strategy
 from alselect.sync import SyncResult, sync_folder
@@ -89,6 +92,7 @@ class EmbedResult:
     already_embedded: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
     failed_before: int = 0  # contents skipped because they failed in an earlier run
+    counts: FolderCounts | None = None  # files, images and duplicates in the folder after the scan
 
     def failure_summary(self) -> str | None:
         """One line: how many images failed and why, or None when all decoded."""
@@ -148,6 +152,7 @@ def prepare_model(spec: ModelSpec) -> PreparedModel:
         )
     settings = TaskSettings(task, spec.max_detections)
     preprocess = model.preprocess.override(spec.image_size, spec.mean, spec.std)
+    model.check_input_size(preprocess.image_size)
     key = model.sha256
     shaped = task == DETECTION and spec.max_detections != DEFAULT_MAX_DETECTIONS
     if preprocess != model.preprocess or shaped:
@@ -190,6 +195,8 @@ def embed_folder(
     resolve_device(options.device)  # fail before any work when the device is missing
     root = resolve_root(folder)
     prepared = prepare_model(spec)
+    # before the scan: options that cannot fit in memory are a usage error, not an OOM kill
+    check_batch_memory(options.batch_size, prepared.preprocess.image_size, options.worker_count())
     register(store, prepared)
     sync = sync_folder(store, root, reporter, allow_empty=safeguards.allow_empty)
     result = embed_synced(store, root, sync, prepared, options, reporter, retry_failed)
@@ -225,6 +232,7 @@ def embed_synced(
     result = EmbedResult(sync=sync, model_key=prepared.key, model_display=prepared.display)
     if retry_failed:
         store.retry_failures(key, prepared.key)
+    result.counts = next(iter(folder_counts(store, key)), None)
     todo = store.missing_outputs(key, prepared.key)
     result.failed_before = store.output_failure_count(key, prepared.key)
     result.already_embedded = int(
@@ -232,7 +240,7 @@ def embed_synced(
             "SELECT COUNT(DISTINCT i.sha256) FROM images i JOIN outputs o "
             "ON o.sha256 = i.sha256 AND o.model = (SELECT id FROM models WHERE key = ?) "
             "WHERE i.root = ? AND i.status = 'present'",
-            (prepared.key, key),
+            (prepared.key, to_db(key)),
         )
         or 0
     )
@@ -377,6 +385,8 @@ def score_folder(
     mc_pass = full_pass_model(task[0], models.mc.samples) if mc_mode == "full" else None
     extras = [m for m in (embedder, mc_pass) if m is not None]
     everyone = list({p.key: p for p in [*task, *extras]}.values())
+    for prepared in everyone:  # before any scan: options too big for memory are a usage error
+        check_batch_memory(options.batch_size, prepared.preprocess.image_size, options.worker_count())
     for prepared in everyone:
         register(store, prepared)
 

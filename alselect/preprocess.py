@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from alselect.errors import CheckpointError, UsageError
+from alselect.limits import MAX_IMAGE_SIZE, check_image_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -57,6 +58,8 @@ class Preprocess:
             resize = int(meta.get("resize_size", size))
             mean = _triple(meta.get("mean", IMAGENET_MEAN), "mean")
             std = _triple(meta.get("std", IMAGENET_STD), "std")
+            if not 1 <= size <= MAX_IMAGE_SIZE:
+                raise ValueError(f"image_size {size} is outside 1..{MAX_IMAGE_SIZE}")
             mode = str(meta.get("resize", "crop"))
             if mode not in RESIZE_MODES:
                 raise ValueError(f"resize must be crop or letterbox, got {mode!r}")
@@ -75,8 +78,7 @@ class Preprocess:
         """Apply command-line overrides; a new ``image_size`` keeps the resize/crop ratio."""
         size, resize = self.image_size, self.resize_size
         if image_size is not None:
-            if image_size < 1:
-                raise UsageError(f"--image-size must be positive, got {image_size}")
+            check_image_size(image_size)
             resize = round(image_size * self.resize_size / self.image_size)
             size = image_size
         new_mean = _triple(mean, "--mean") if mean is not None else self.mean

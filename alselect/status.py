@@ -1,16 +1,63 @@
-"""A summary of what a store holds, for ``alselect status``."""
+"""A summary of what a store holds, for ``alselect status`` and the ``score`` summary.
+
+Counts follow the identity rules of ``alselect.identity`` and add up: per folder, the files found
+at the last scan are ``present + failed``; the present files hold ``distinct`` images plus
+``duplicates`` (files whose content another present file already has); ``absent`` counts paths
+seen before whose content is no longer anywhere in the folder, and ``moved`` the old paths of
+content still in the folder under another path (moved, renamed, or a removed copy).
+"""
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from alselect.store import Store, model_display_name
+from alselect.store.names import from_db, to_db
+
+
+@dataclass(frozen=True)
+class FolderCounts:
+    folder: str
+    present: int
+    distinct: int
+    duplicates: int
+    failed: int
+    absent: int
+    moved: int
+
+    @property
+    def files(self) -> int:
+        """Files found at the last scan."""
+        return self.present + self.failed
+
+
+_STILL_HERE = (
+    "EXISTS (SELECT 1 FROM images p WHERE p.root = i.root AND p.sha256 = i.sha256 AND p.status = 'present')"
+)
+
+
+def folder_counts(store: Store, folder: str | None = None) -> list[FolderCounts]:
+    """Counts per image folder (one folder, or all in path order)."""
+    where, params = ("WHERE i.root = ?", [to_db(folder)]) if folder is not None else ("", [])
+    rows = store.rows(
+        f"""SELECT i.root, COALESCE(SUM(i.status = 'present'), 0),
+                   COUNT(DISTINCT CASE WHEN i.status = 'present' THEN i.sha256 END),
+                   COALESCE(SUM(i.status = 'failed'), 0),
+                   COALESCE(SUM(i.status = 'absent' AND NOT {_STILL_HERE}), 0),
+                   COALESCE(SUM(i.status = 'absent' AND {_STILL_HERE}), 0)
+            FROM images i {where} GROUP BY i.root ORDER BY i.root""",
+        params,
+    )
+    return [
+        FolderCounts(from_db(root), present, distinct, present - distinct, failed, absent, moved)
+        for root, present, distinct, failed, absent, moved in rows
+    ]
 
 
 def store_status(store: Store, list_failed: bool = False) -> dict[str, Any]:
-    """Counts of images by status (failed by reason), models, runs, labels (per class) and exports."""
-    by_status = dict(store.rows("SELECT status, COUNT(*) FROM images GROUP BY status"))
+    """Counts of files and images per folder and in total, models, runs, labels (per class), exports."""
     reasons = Counter[str]()
     failed = store.rows(
         "SELECT root, relpath, reason FROM images WHERE status = 'failed' ORDER BY root, relpath"
@@ -20,30 +67,32 @@ def store_status(store: Store, list_failed: bool = False) -> dict[str, Any]:
     models = [
         {
             "model": model_display_name(ckpt, key),
-            "checkpoint": path,
+            "checkpoint": from_db(path),
             "kind": kind,
             "classes": num_classes,
             "dim": dim,
             "embedded": count,
-            "failed": failed,
+            "failed": model_failures,
         }
-        for key, ckpt, path, kind, num_classes, dim, count, failed in store.rows(
+        for key, ckpt, path, kind, num_classes, dim, count, model_failures in store.rows(
             "SELECT m.key, m.checkpoint_sha256, m.path, m.kind, m.num_classes, m.dim, "
             "(SELECT COUNT(*) FROM outputs o WHERE o.model = m.id), "
             "(SELECT COUNT(*) FROM output_failures f WHERE f.model = m.id) "
             "FROM models m ORDER BY m.added_at"
         )
     ]
+    folders = folder_counts(store)
+    totals = {
+        name: sum(getattr(f, name) for f in folders)
+        for name in ("present", "absent", "failed", "distinct", "duplicates", "moved")
+    }
     latest = store.latest_run()
     status: dict[str, Any] = {
         "store": str(store.path),
-        "images": {
-            "present": by_status.get("present", 0),
-            "absent": by_status.get("absent", 0),
-            "failed": by_status.get("failed", 0),
-        },
+        "read_only": store.read_only,
+        "images": totals,
         "failed_reasons": dict(reasons.most_common()),
-        "folders": [r[0] for r in store.rows("SELECT DISTINCT root FROM images ORDER BY root")],
+        "folders": [asdict(f) for f in folders],
         "models": models,
         "runs": store.scalar("SELECT COUNT(*) FROM runs") or 0,
         "labeled": store.scalar("SELECT COUNT(*) FROM labels") or 0,
@@ -63,11 +112,13 @@ def store_status(store: Store, list_failed: bool = False) -> dict[str, Any]:
             "created_at": latest["created_at"],
             "folder": latest["root"],
             "pool_size": latest["pool_size"],
+            "labeled": latest["labeled_count"],
             "selected": latest["selected"],
+            "unexported": store.run_item_states(latest["id"])["open"],
         },
     }
     if list_failed:
         status["failed_images"] = [
-            {"folder": root, "path": rel, "reason": reason} for root, rel, reason in failed
+            {"folder": from_db(root), "path": from_db(rel), "reason": reason} for root, rel, reason in failed
         ]
     return status

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,12 +16,17 @@ COMMIT_EVERY = 2000
 
 @dataclass
 class SyncResult:
-    """What a folder scan found; a ``moved`` file vanished under one name and appeared under another."""
+    """What a folder scan found. Every file found is in exactly one of new, moved, changed, restored
+    and unchanged (``found`` is their sum); ``vanished`` counts paths seen before and gone now whose
+    content is nowhere in the folder any more (a moved file's old path is not vanished: its content
+    is under the new path; see ``alselect.identity``)."""
 
     found: int = 0
     new: int = 0
     moved: int = 0
     changed: int = 0
+    restored: int = 0
+    unchanged: int = 0
     vanished: int = 0
     unreadable: list[tuple[str, str]] = field(default_factory=list)
     problems: WalkProblems = field(default_factory=WalkProblems)
@@ -67,31 +73,37 @@ def sync_folder(
                 "(is the disk mounted?); nothing changed, no run recorded (--allow-empty to accept)"
             )
 
-    reappeared = [
-        (rel, rec.sha256, rec.size, rec.mtime_ns, "present", None)
+    # Files not hashed again whose row still changes: back after being absent, or now (no longer)
+    # reached through a symlink.
+    kept = [
+        (
+            rel,
+            rec.sha256,
+            rec.size,
+            rec.mtime_ns,
+            "present" if rec.status == "absent" else rec.status,
+            rec.reason,
+            found[rel].link,
+        )
         for rel, rec in known.items()
-        if rec.status == "absent" and rel in found and not needs_hash(found[rel], rec)
+        if rel in found
+        and not needs_hash(found[rel], rec)
+        and (rec.status == "absent" or rec.link != found[rel].link)
     ]
-    if reappeared:
-        store.upsert_images(key, reappeared)
+    if kept:
+        store.upsert_images(key, kept)
 
     to_hash = [rel for rel, f in found.items() if needs_hash(f, known.get(rel))]
-    pending: list[tuple[str, str | None, int, int, str, str | None]] = []
-    new_shas: set[str] = set()
+    hashed: dict[str, str | None] = {}
+    pending: list[tuple[str, str | None, int, int, str, str | None, bool]] = []
     for done, (rel, sha, error) in enumerate(hash_files(root, to_hash, hash_threads), start=1):
         file = found[rel]
-        previous = known.get(rel)
-        if previous is None:
-            result.new += 1
-            if sha is not None:
-                new_shas.add(sha)
-        elif previous.sha256 != sha:
-            result.changed += 1
+        hashed[rel] = sha
         if error is not None:
             result.unreadable.append((rel, error))
-            pending.append((rel, None, file.size, file.mtime_ns, "failed", error))
+            pending.append((rel, None, file.size, file.mtime_ns, "failed", error, file.link))
         else:
-            pending.append((rel, sha, file.size, file.mtime_ns, "present", None))
+            pending.append((rel, sha, file.size, file.mtime_ns, "present", None, file.link))
         if len(pending) >= COMMIT_EVERY:
             store.upsert_images(key, pending)
             pending = []
@@ -100,8 +112,34 @@ def sync_folder(
         store.upsert_images(key, pending)
 
     gone = [rel for rel, rec in known.items() if rel not in found and rec.status != "absent"]
-    result.vanished = store.mark_absent(key, gone)
-    result.moved = sum(1 for rel in gone if known[rel].sha256 in new_shas)
-    result.new -= result.moved
-    result.vanished -= result.moved
+    store.mark_absent(key, gone)
+    _count(result, known, found, hashed, gone)
     return result
+
+
+def _count(
+    result: SyncResult,
+    known: dict[str, ImageRecord],
+    found: dict[str, FoundFile],
+    hashed: dict[str, str | None],
+    gone: list[str],
+) -> None:
+    """Sort every found file into one category and count the gone paths whose content is gone too."""
+    left_behind = Counter(known[rel].sha256 for rel in gone if known[rel].sha256)
+    for rel in found:
+        previous = known.get(rel)
+        sha = hashed.get(rel, previous.sha256 if previous else None)
+        if previous is None:
+            if sha is not None and left_behind[sha] > 0:  # the content of a path that is gone
+                left_behind[sha] -= 1
+                result.moved += 1
+            else:
+                result.new += 1
+        elif rel in hashed and sha != previous.sha256:
+            result.changed += 1
+        elif previous.status == "absent":
+            result.restored += 1
+        else:
+            result.unchanged += 1
+    here = {hashed.get(rel, known[rel].sha256 if rel in known else None) for rel in found} - {None}
+    result.vanished = sum(1 for rel in gone if known[rel].sha256 not in here)

@@ -7,6 +7,7 @@ import io
 import os
 import subprocess
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from alselect.store import Store
 from tests.conftest import REPO
 
 MakeImages = Callable[..., list[Path]]
+needs_proc = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
 FAST = EmbedOptions(device="cpu", batch_size=4, workers=0)
 
 
@@ -109,3 +111,56 @@ def run_alselect(*args: str, stdout: int = subprocess.PIPE) -> subprocess.Comple
         env=env,
         timeout=120,
     )
+
+
+def decode_peak_growth(path: Path, image_size: int = 224, resize_size: int = 256) -> int:
+    """Bytes by which a fresh process's peak RSS grows while ``load_image`` decodes ``path``.
+
+    VmHWM, not ru_maxrss: a child's ru_maxrss starts from the (large) pytest process it forked from.
+    """
+    script = textwrap.dedent(
+        """
+        import sys
+        from pathlib import Path
+        from alselect.images import load_image
+        from alselect.preprocess import Preprocess
+
+        def peak():
+            with open("/proc/self/status") as status:
+                return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+
+        before = peak()
+        load_image(Path(sys.argv[1]), Preprocess(image_size=int(sys.argv[2]), resize_size=int(sys.argv[3])))
+        print(peak() - before)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(path), str(image_size), str(resize_size)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    )
+    return int(done.stdout.strip())
+
+
+def cli_score(
+    capsys: pytest.CaptureFixture[str], store: Path, folder: Path, checkpoint: Path, *extra: str
+) -> str:
+    """``alselect --store STORE score FOLDER -m CHECKPOINT -s entropy --workers 0``; its stderr."""
+    code, _, err = cli(
+        capsys,
+        "--store",
+        str(store),
+        "score",
+        str(folder),
+        "-m",
+        str(checkpoint),
+        "-s",
+        "entropy",
+        "--workers",
+        "0",
+        *extra,
+    )
+    assert code == 0, err
+    return err

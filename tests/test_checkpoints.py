@@ -10,6 +10,7 @@ import hashlib
 import json
 import re
 import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -168,10 +169,10 @@ def jit_trace(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path, Path]:
-    """TinyNet exported once with a dynamic batch dim, saved with and without alselect.json."""
+    """TinyNet exported once with dynamic batch and image size, saved with and without alselect.json."""
     model = seeded(TinyNet)
-    dim = torch.export.Dim("batch", min=1, max=64)
-    program = torch.export.export(model, (batch(2, 8),), dynamic_shapes=({0: dim},))
+    dim, side = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("side", min=4, max=512)
+    program = torch.export.export(model, (batch(2, 8),), dynamic_shapes=({0: dim, 2: side, 3: side},))
     folder = tmp_path_factory.mktemp("export")
     with_meta, bare = folder / "with_meta.pt2", folder / "bare.pt2"
     torch.export.save(program, str(with_meta), extra_files={"alselect.json": json.dumps(META)})
@@ -470,7 +471,7 @@ def test_pickled_whole_module_refused_then_loaded_with_trust(tmp_path: Path) -> 
 def test_missing_file_and_directory(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not found"):
         load(tmp_path / "nope.pt")
-    with pytest.raises(CheckpointError, match="not a file"):
+    with pytest.raises(CheckpointError, match="is a folder, not a checkpoint file"):
         load(tmp_path)
 
 
@@ -639,3 +640,169 @@ def test_dict_probs_output_is_not_softmaxed_twice(tmp_path: Path) -> None:
     probs, _ = load(path).predict(x)
     with torch.no_grad():
         torch.testing.assert_close(probs, model(x)["probs"])
+
+
+# --- messages that say what is wrong: damaged vs untrusted, static exports, not-a-checkpoint --------
+
+
+def flip_bit(path: Path, member_suffix: str, offset: int = 0) -> Path:
+    """Flip one bit ``offset`` bytes into a zip member's stored data (as a bad disk or download would)."""
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith(member_suffix))
+    assert info.compress_type == zipfile.ZIP_STORED
+    data = bytearray(path.read_bytes())
+    start = (
+        info.header_offset
+        + 30
+        + int.from_bytes(data[info.header_offset + 26 : info.header_offset + 28], "little")
+    )
+    start += int.from_bytes(data[info.header_offset + 28 : info.header_offset + 30], "little")
+    data[start + offset] ^= 0x04
+    damaged = path.with_name("damaged-" + path.name)
+    damaged.write_bytes(bytes(data))
+    return damaged
+
+
+@pytest.mark.parametrize(
+    ("member", "offset"),
+    [("data.pkl", 40), ("data/0", 5)],  # the pickle (an opcode or a name), a weight
+    ids=["pickle", "weights"],
+)
+def test_bit_flipped_state_dict_is_damaged_not_untrusted(tmp_path: Path, member: str, offset: int) -> None:
+    path = tmp_path / "sd.pt"
+    torch.save(seeded(lambda: SmallCNN(num_classes=3)).state_dict(), path)
+    damaged = flip_bit(path, member, offset)
+    for trust in (False, True):
+        with pytest.raises(CheckpointError) as exc:
+            load(damaged, arch="small_cnn", num_classes=3, trust_checkpoint=trust)
+        text = str(exc.value)
+        assert "is damaged" in text and "fails its checksum" in text, text
+        assert "trust" not in text, text
+
+
+def test_damaged_legacy_pickle_does_not_advise_trust(tmp_path: Path) -> None:
+    """Files from torch.save(..., _use_new_zipfile_serialization=False) have no checksums."""
+    path = tmp_path / "legacy.pt"
+    torch.save({"w": torch.ones(2)}, path, _use_new_zipfile_serialization=False)
+    data = bytearray(path.read_bytes())
+    at = data.index(b"\x80\x02", 2)  # the second pickle (the object itself): damage its first opcode
+    data[at + 2] = 0x9F  # not a pickle opcode
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as exc:
+        load(path)
+    assert "is damaged or not a PyTorch checkpoint" in str(exc.value)
+    assert "trust" not in str(exc.value)
+
+
+def test_untrusted_pickle_names_the_class_and_the_flag(tmp_path: Path) -> None:
+    path = tmp_path / "with_config.pth"
+    torch.save(
+        {"state_dict": seeded(lambda: SmallCNN(num_classes=3)).state_dict(), "config": OpaqueConfig()}, path
+    )
+    with pytest.raises(CheckpointError) as exc:
+        load(path, arch="small_cnn", num_classes=3)
+    text = str(exc.value)
+    assert f"class {OpaqueConfig.__module__}.OpaqueConfig" in text and "--trust-checkpoint" in text
+    assert "damaged" not in text
+
+
+def export_static(tmp_path: Path, batch_size: int, size: int, name: str = "static.pt2", **extra: Any) -> Path:
+    program = torch.export.export(seeded(TinyNet), (batch(batch_size, size),))
+    path = tmp_path / name
+    torch.export.save(program, str(path), **extra)
+    return path
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 9])
+def test_static_batch_program_runs_in_chunks_of_its_batch_size(tmp_path: Path, n: int) -> None:
+    path = export_static(tmp_path, batch_size=4, size=8)
+    loaded = load(path)
+    assert (loaded.fixed_batch, loaded.input_size) == (4, 8)
+    assert loaded.preprocess.image_size == 8  # from the program: it takes nothing else
+    x = batch(n, 8, seed=n)
+    probs, embedding = loaded.predict(x)
+    model = seeded(TinyNet)
+    with torch.no_grad():
+        torch.testing.assert_close(probs, torch.softmax(model(x), dim=1), atol=ATOL, rtol=0)
+        torch.testing.assert_close(embedding, model(x), atol=ATOL, rtol=0)
+
+
+def test_static_size_program_checks_metadata_and_image_size_at_load(tmp_path: Path) -> None:
+    conflicting = export_static(
+        tmp_path, 2, 8, "meta.pt2", extra_files={"alselect.json": json.dumps({"image_size": 16})}
+    )
+    with pytest.raises(CheckpointError, match=r"takes 8x8 inputs but alselect.json says image_size 16"):
+        load(conflicting)
+    loaded = load(export_static(tmp_path, 2, 8))
+    with pytest.raises(
+        UsageError, match=r"only takes 8x8 inputs, but the image size is 16: drop --image-size"
+    ):
+        loaded.check_input_size(16)
+    with pytest.raises(
+        CheckpointError, match=r"refuses an input of shape \(2, 3, 16, 16\).*torch.export.Dim"
+    ):
+        loaded.predict(batch(2, 16))
+
+
+def test_program_alselect_cannot_feed_is_refused_at_load(tmp_path: Path) -> None:
+    grey = nn.Sequential(nn.Conv2d(1, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    program = torch.export.export(grey.eval(), (torch.randn(2, 1, 8, 8),))
+    torch.export.save(program, str(tmp_path / "grey.pt2"))
+    with pytest.raises(CheckpointError, match=r"input of shape \[2, 1, 8, 8\]; alselect feeds RGB"):
+        load(tmp_path / "grey.pt2")
+    wide = torch.export.export(seeded(TinyNet), (torch.randn(2, 3, 8, 12),))
+    torch.export.save(wide, str(tmp_path / "wide.pt2"))
+    with pytest.raises(CheckpointError, match=r"\[2, 3, 8, 12\] inputs; alselect feeds square crops"):
+        load(tmp_path / "wide.pt2")
+
+
+def folder_with_checkpoint(path: Path) -> None:
+    path.mkdir()
+    (path / "model.pt").write_bytes(b"x")
+
+
+def safetensors_file(path: Path) -> None:
+    header = b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+
+
+NOT_CHECKPOINTS: dict[str, tuple[Callable[[Path], object], str]] = {
+    "folder-with-checkpoint": (
+        folder_with_checkpoint,
+        "is a folder, not a checkpoint file; it holds model.pt: pass one of them",
+    ),
+    "empty-folder": (Path.mkdir, "is a folder, not a checkpoint file"),
+    "text": (
+        lambda p: p.write_text("name,label\nimg1.jpg,cat\n"),
+        "is a text file (it starts with 'name,label')",
+    ),
+    "safetensors": (safetensors_file, "is a safetensors file"),
+    "hdf5": (lambda p: p.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(100)), "is an HDF5 file"),
+    "png": (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100)), "is a PNG image"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOT_CHECKPOINTS))
+def test_model_that_is_not_a_checkpoint_says_what_it_is(tmp_path: Path, case: str) -> None:
+    make, needle = NOT_CHECKPOINTS[case]
+    path = tmp_path / "model"
+    make(path)
+    with pytest.raises(CheckpointError) as exc:
+        load(path)
+    assert needle in str(exc.value), str(exc.value)
+
+
+def test_image_size_a_static_program_cannot_take_is_a_usage_error_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.conftest import write_image
+    from tests.helpers import cli
+
+    write_image(tmp_path / "pool" / "a.png", seed=1)
+    path = export_static(tmp_path, 2, 8)
+    store = ["--store", str(tmp_path / "store")]
+    args = ["embed", str(tmp_path / "pool"), "-m", str(path), "--workers", "0", "--image-size", "16"]
+    code, out, err = cli(capsys, *store, *args)
+    assert code == 2 and out == "" and "only takes 8x8 inputs, but the image size is 16" in err, err
+    code, _, err = cli(capsys, *store, *args[:-2])
+    assert code == 0 and "embedded 1 " in err, err

@@ -118,7 +118,8 @@ def bad_state_dict(tmp_path: Path) -> Path:
     [
         ("missing folder", 1, "image folder not found"),
         ("missing checkpoint", 1, "checkpoint not found"),
-        ("malformed checkpoint", 1, "not a readable PyTorch checkpoint"),
+        ("checkpoint is a folder", 1, "is a folder, not a checkpoint file; it holds junk.pt, sd.pt"),
+        ("malformed checkpoint", 1, "junk.pt is a text file (it starts with 'this is not a checkpoint"),
         ("wrong num classes", 1, "checkpoint has 3 classes but --num-classes is 5"),
         ("state dict without arch", 1, "--arch"),
         ("unknown strategy", 2, "known strategies: " + ", ".join(available())),
@@ -156,6 +157,7 @@ def test_errors_are_one_line_with_the_documented_exit_code(
             "entropy",
         ],
         "missing checkpoint": [*score, "--model", str(tmp_path / "nope.pt")],
+        "checkpoint is a folder": [*score, "--model", str(tmp_path)],
         "malformed checkpoint": [*score, "--model", str(tmp_path / "junk.pt")],
         "wrong num classes": [
             *score,
@@ -225,7 +227,8 @@ def test_output_file_quiet_mode_label_and_status(
     import json
 
     info = json.loads(out)
-    assert info["images"] == {"present": 5, "absent": 0, "failed": 0}
+    expected = {"present": 5, "absent": 0, "failed": 0, "distinct": 5, "duplicates": 0, "moved": 0}
+    assert info["images"] == expected
     assert (info["labeled"], info["exported"], info["runs"]) == (2, 2, 1)
     assert info["latest_run"]["strategy"] == "entropy"
 
@@ -255,3 +258,20 @@ def test_python_dash_m_reports_version() -> None:
         [sys.executable, "-m", "alselect", "--version"], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0 and done.stdout.startswith("alselect ")
+
+
+def test_max_pixels_reaches_the_decoder(
+    tmp_path: Path, tiny_checkpoint: Path, make_images: MakeImages, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.conftest import write_image
+
+    make_images(tmp_path / "pool", 2)  # 24x20 = 480 pixels each
+    write_image(tmp_path / "pool" / "big.png", seed=7, size=(30, 30))  # 900 pixels
+    store = ["--store", str(tmp_path / "store")]
+    args = ["score", str(tmp_path / "pool"), "-m", str(tiny_checkpoint), "-s", "entropy", "--workers", "0"]
+    code, _, err = cli(capsys, *store, *args, "--max-pixels", "899")
+    assert code == 0, err
+    assert "1 image(s) skipped (1 decompression bomb)" in err
+    code, out, _ = cli(capsys, *store, "status", "--failed")
+    reason = "decompression bomb: 30x30 = 900 pixels is over the limit of 899 pixels (--max-pixels)"
+    assert out.count(reason) == 1 and "big.png" in out

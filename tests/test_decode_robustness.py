@@ -24,6 +24,7 @@ from alselect.embed import EmbedOptions, run_model
 from alselect.images import CHANGED_WHILE_READING, OUT_OF_MEMORY, ImageDecodeError, decode_image, load_image
 from alselect.preprocess import Preprocess
 from tests.conftest import REPO, write_image
+from tests.helpers import decode_peak_growth, needs_proc
 
 PP = Preprocess(image_size=16, resize_size=16)
 Reported = dict[int, str]  # index -> "ok" or the failure reason
@@ -158,35 +159,13 @@ def test_sixteen_bit_extremes_survive_the_reduce(tmp_path: Path) -> None:
     assert np.all(out[:, :7] == 0) and np.all(out[:, 9:] == 255)
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
+@needs_proc
 def test_sixteen_bit_decode_peak_memory_stays_near_the_image_size(tmp_path: Path) -> None:
-    """6000x6000 16-bit (72 MB of pixels): the float64 path peaked about 900 MB higher.
-
-    VmHWM, not ru_maxrss: a child's ru_maxrss starts from the (large) pytest process it forked from.
-    """
+    """6000x6000 16-bit (72 MB of pixels): the float64 path peaked about 900 MB higher."""
     path = tmp_path / "big16.png"
     side = np.arange(6000, dtype=np.uint16)
     Image.fromarray(np.add.outer(side * 3, side * 7)).save(path, compress_level=1)  # wraps mod 65536
-    script = textwrap.dedent(
-        """
-        import sys
-        from pathlib import Path
-        from alselect.images import load_image
-        from alselect.preprocess import Preprocess
-
-        def peak():
-            with open("/proc/self/status") as status:
-                return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
-
-        before = peak()
-        load_image(Path(sys.argv[1]), Preprocess(image_size=224, resize_size=256))
-        print(peak() - before)
-        """
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(path)], capture_output=True, text=True, check=True, cwd=REPO
-    )
-    growth = int(done.stdout.strip())
+    growth = decode_peak_growth(path)
     assert 6000 * 6000 * 2 / 2 < growth < 2.5 * 6000 * 6000 * 2, f"peak RSS grew by {growth / 2**20:.0f} MB"
 
 
@@ -231,7 +210,7 @@ def kill_worker_on(
     original = embed.load_image_geometry
 
     def deadly(
-        path: Path, preprocess: Preprocess, expected: str | None = None
+        path: Path, preprocess: Preprocess, expected: str | None = None, **options: Any
     ) -> tuple[np.ndarray, np.ndarray]:
         if path.name == name:
             if in_worker():
@@ -239,7 +218,7 @@ def kill_worker_on(
                 os.kill(os.getpid(), signal.SIGKILL)
             elif in_process is not None:
                 in_process()
-        return original(path, preprocess, expected)
+        return original(path, preprocess, expected, **options)
 
     monkeypatch.setattr(embed, "load_image_geometry", deadly)
 
@@ -338,7 +317,7 @@ def test_workers_die_with_a_killed_main_process(tmp_path: Path, tiny_checkpoint:
         import alselect.embed as embed
         from alselect.checkpoints import load_checkpoint
 
-        def stuck(path, preprocess, expected=None):  # a decode that takes "forever"
+        def stuck(path, preprocess, expected=None, **options):  # a decode that takes "forever"
             Path(sys.argv[2]).write_text(str(os.getpid()))
             time.sleep(120)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ from PIL import Image, JpegImagePlugin, features
 
 from alselect.images import ImageDecodeError, load_image
 from alselect.preprocess import Preprocess
+from tests.helpers import decode_peak_growth, needs_proc
 
 RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 255, 0)
 
@@ -300,14 +303,93 @@ def test_truncated_file(tmp_path: Path, suffix: str) -> None:
     assert reason(path).startswith("truncated or corrupt")
 
 
-@pytest.mark.parametrize("limit", [100, 300], ids=["error", "warning"])
-def test_decompression_bomb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: int) -> None:
-    # 400 pixels: over 2x the limit raises DecompressionBombError, between 1x and 2x only warns.
-    path = write_image(tmp_path / "bomb.png", seed=2, size=(20, 20))
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
-    assert reason(path).startswith("decompression bomb")
-    monkeypatch.undo()
+@pytest.mark.parametrize("limit", [100, 300, 399])
+def test_decompression_bomb_is_over_max_pixels(tmp_path: Path, limit: int) -> None:
+    path = write_image(tmp_path / "bomb.png", seed=2, size=(20, 20))  # 400 pixels
+    with pytest.raises(ImageDecodeError, match=r"^decompression bomb: 20x20 .* \(--max-pixels\)$"):
+        load_image(path, Preprocess(image_size=8, resize_size=8), max_pixels=limit)
+    assert load_image(path, Preprocess(image_size=8, resize_size=8), max_pixels=400).shape == (3, 8, 8)
+
+
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG that declares ``width x height`` RGB and holds one empty data chunk: a bomb's header."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def test_real_bomb_is_refused_by_default_before_decoding(tmp_path: Path) -> None:
+    """50000x50000 RGB would take 10 GB decoded; the 100-byte file is refused from its header."""
+    path = png_header_only(tmp_path / "bomb.png", 50000, 50000)
+    assert reason(path) == (
+        "decompression bomb: 50000x50000 = 2,500 MP is over the limit of 500 MP (--max-pixels)"
+    )
+
+
+def test_pillows_own_limit_neither_applies_nor_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_image(tmp_path / "ok.png", seed=3, size=(20, 20))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
     assert decode(path, 8).shape == (3, 8, 8)
+    assert Image.MAX_IMAGE_PIXELS == 10  # restored for the rest of the process
+
+
+def big_camera_jpeg(path: Path, width: int = 10000, height: int = 9000) -> Path:
+    """A 90 MP JPEG (10000x9000, just over Pillow's 89.5 MP bomb warning), made cheaply."""
+    gradient = Image.linear_gradient("L").resize((width // 10, height // 10)).resize((width, height))
+    Image.merge("RGB", [gradient, gradient.transpose(Image.Transpose.FLIP_LEFT_RIGHT), gradient]).save(
+        path, quality=80
+    )
+    return path
+
+
+@needs_proc
+def test_ninety_megapixel_camera_jpeg_decodes_in_little_memory(tmp_path: Path) -> None:
+    path = big_camera_jpeg(tmp_path / "DSC_0001.JPG")
+    out = decode(path, 224, 256)
+    assert out.shape == (3, 224, 224)
+    assert 40 < out[0].mean() < 215 and out[0].std() > 10  # the gradient, not a blank
+    growth = decode_peak_growth(path)
+    assert growth < 64 * 2**20, f"peak RSS grew by {growth / 2**20:.0f} MB (a full decode is 343 MB)"
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "P-transparent", "1", "PA"])
+@pytest.mark.parametrize("factor", [2, 3, 7])
+def test_strip_conversion_equals_converting_the_whole_image(mode: str, factor: int) -> None:
+    """Modes converted before the reduce go strip by strip; the pixels are exactly the same."""
+    from alselect import images
+
+    rng = np.random.default_rng(factor)
+    rgba = Image.fromarray(rng.integers(0, 256, (301, 203, 4), dtype=np.uint8), "RGBA")
+    img = {
+        "RGBA": rgba,
+        "LA": rgba.convert("LA"),
+        "P": rgba.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE),
+        "P-transparent": rgba.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE),
+        "1": rgba.convert("1"),
+        "PA": rgba.convert("PA"),
+    }[mode]
+    if mode == "P-transparent":
+        img.info["transparency"] = 5
+    expected = images._converted(img).reduce(factor)
+    old_strip = images._STRIP_PIXELS
+    try:
+        images._STRIP_PIXELS = 203 * factor * factor * 4  # several strips, the last one partial
+        out = images.to_rgb(img, factor)
+    finally:
+        images._STRIP_PIXELS = old_strip
+    assert out.mode == "RGB" and out.size == expected.size
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can read a chmod 000 file")

@@ -10,6 +10,7 @@ from alselect.checkpoints.base import (
     LoadedModel,
     registered_loaders,
 )
+from alselect.checkpoints.identify import check_checkpoint_path
 from alselect.discover import sha256_file
 from alselect.errors import CheckpointError
 from alselect.plugins import import_submodules
@@ -21,14 +22,11 @@ def load_checkpoint(path: str | Path, options: CheckpointOptions | None = None) 
     """Identify the format of ``path`` and load it on the CPU in eval mode."""
     options = options or CheckpointOptions()
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint is not a file: {path}")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint is empty: {path}")
+    check_checkpoint_path(path)
     import_submodules(__name__, __path__)
     ckpt = CheckpointFile(path, trust=options.trust_checkpoint)
+    if ckpt.damage:  # before any loader: torch.load itself never checks the zip checksums
+        raise CheckpointError(ckpt.damage)
     for _order, _name, loader in registered_loaders():
         model = loader(ckpt, options)
         if model is not None:

@@ -9,23 +9,10 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from types import ModuleType
 
 import typer
 
 from alselect.errors import AlselectError, OutputClosedError
-
-
-def _click_exceptions() -> ModuleType:
-    """The click that typer runs on: vendored as ``typer._click`` since typer 0.20-ish."""
-    try:
-        import typer._click.exceptions as vendored
-
-        return vendored
-    except ImportError:
-        import click.exceptions as upstream
-
-        return upstream
 
 
 def _discard_stdout() -> None:
@@ -42,13 +29,14 @@ def main(argv: list[str] | None = None) -> None:
         preview_cmds,
         store_cmds,
     )
-    from alselect.cli.app import app, err, set_invocation
+    from alselect.cli.app import build_command, click_module, err, hoist_global_options, set_invocation
 
     args = list(sys.argv[1:] if argv is None else argv)
     set_invocation(args)
     verbose = "--verbose" in args or "-v" in args
-    command = typer.main.get_command(app)
-    click = _click_exceptions()
+    command = build_command(args)
+    args = hoist_global_options(command, args)
+    click = click_module().exceptions
     try:
         code = command.main(args=args, prog_name="alselect", standalone_mode=False)
     except typer.Exit as exc:

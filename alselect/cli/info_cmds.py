@@ -7,36 +7,53 @@ from typing import Annotated, Any
 
 import typer
 
-from alselect.cli.app import app, globals_of
+from alselect.cli.app import app, data_stdout, examples, globals_of
 
 SHOWN_CLASSES = 20  # per-class label counts in the text view; --json has them all
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable JSON.")]
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        ("counts per folder, models, the latest run", "alselect status"),
+        ("every image that could not be used, and why", "alselect status --failed"),
+        ("the same for scripts", "alselect status --json"),
+    )
+)
 def status(
     ctx: typer.Context,
     as_json: Json = False,
     failed: Annotated[bool, typer.Option("--failed", help="List every failed image.")] = False,
 ) -> None:
-    """What the store holds: images, failures, models, runs, labels, exports."""
+    """Show what the store holds: images, models, runs, exports.
+
+    Reads the store only, so it works on a store you cannot write to.
+    """
     from alselect.status import store_status
     from alselect.store import Store
 
     with Store.open(globals_of(ctx).store) as store:
         info = store_status(store, list_failed=failed)
-    if as_json:
-        typer.echo(json.dumps(info, indent=2))
-        return
-    typer.echo(_format_status(info))
+    with data_stdout() as stdout:
+        stdout.write((json.dumps(info, indent=2) if as_json else _format_status(info)) + "\n")
 
 
 def _format_status(info: dict[str, Any]) -> str:
     images = info["images"]
-    lines = [
-        f"store:     {info['store']}",
-        f"images:    {images['present']} present, {images['absent']} absent, {images['failed']} failed",
-    ]
+    run = info["latest_run"]
+    lines = [f"store:     {info['store']}" + ("  (read-only for you)" if info["read_only"] else "")]
+    lines.append(
+        f"images:    {images['present']} present ({_images(images)}), {images['absent']} absent, "
+        f"{images['failed']} failed"
+    )
+    for folder in info["folders"]:
+        latest = "  (latest run)" if run and folder["folder"] == run["folder"] else ""
+        lines.append(f"folder:    {folder['folder']}{latest}")
+        moved = f"; {folder['moved']} old path(s) of moved files" if folder["moved"] else ""
+        lines.append(
+            f"  files:   {folder['present'] + folder['failed']} found: {folder['present']} present "
+            f"({_images(folder)}), {folder['failed']} failed; {folder['absent']} absent{moved}"
+        )
     for reason, count in info["failed_reasons"].items():
         lines.append(f"  failed:  {count} {reason}")
     for model in info["models"]:
@@ -47,11 +64,11 @@ def _format_status(info: dict[str, Any]) -> str:
             + f"  {model['checkpoint']}"
         )
     lines.append(f"runs:      {info['runs']}")
-    run = info["latest_run"]
     if run:
         lines.append(
-            f"latest:    run {run['id']} {run['strategy']} at {run['created_at']}, "
-            f"{run['selected']} ranked of {run['pool_size']}"
+            f"latest:    run {run['id']} {run['strategy']} at {run['created_at']} on {run['folder']}: "
+            f"ranked {run['selected']} of {run['pool_size']} image(s) ({run['labeled']} labeled); "
+            f"{run['unexported']} still to export"
         )
     classes = info["label_classes"]
     with_class = sum(classes.values())
@@ -69,9 +86,19 @@ def _format_status(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@app.command()
+def _images(counts: dict[str, Any]) -> str:
+    """``253 images, 2 duplicate files``: distinct contents, and files repeating one."""
+    return f"{counts['distinct']} image(s), {counts['duplicates']} duplicate file(s)"
+
+
+@app.command(
+    epilog=examples(
+        ("names, what each needs, what its score means", "alselect strategies"),
+        ("the same for scripts", "alselect strategies --json"),
+    )
+)
 def strategies(as_json: Json = False) -> None:
-    """List acquisition strategies: name, what they need, one-line summary."""
+    """List the acquisition strategies for 'score --strategy'."""
     from alselect.strategies import available
 
     rows = [

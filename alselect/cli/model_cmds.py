@@ -7,50 +7,90 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from alselect.cli.app import app, command_line, globals_of, reporter_for
+from alselect.cli.app import app, command_line, examples, globals_of, help_field, reporter_for
+from alselect.limits import DEFAULT_MAX_PIXELS
 from alselect.progress import Reporter
 
 if TYPE_CHECKING:
     from alselect.pipeline import EmbedResult, ModelSpec, Safeguards
 
-Folder = Annotated[Path, typer.Argument(help="Image folder (searched recursively).")]
+Folder = Annotated[Path, typer.Argument(metavar="DIR", help="Image folder (searched recursively).")]
 Model = Annotated[
     list[Path],
-    typer.Option("--model", "-m", help="Checkpoint file; give it several times for an ensemble."),
+    typer.Option(
+        "--model", "-m", metavar="CKPT", help="Checkpoint file; give it several times for an ensemble."
+    ),
 ]
 EmbedModel = Annotated[
     Path | None,
     typer.Option(
-        help="Separate checkpoint whose embeddings diversity strategies use (probs stay --model's)."
+        metavar="CKPT",
+        help="Separate checkpoint whose embeddings diversity strategies use (probs stay --model's).",
     ),
 ]
-EmbedArch = Annotated[str | None, typer.Option(help="Architecture of a plain state_dict --embed-model.")]
+EmbedArch = Annotated[
+    str | None, typer.Option(metavar="NAME", help="Architecture of a plain state_dict --embed-model.")
+]
 EmbedNumClasses = Annotated[
     int | None, typer.Option(min=1, help="Classes of a plain state_dict --embed-model.")
 ]
-RetryFailed = Annotated[bool, typer.Option(help="Try again images that failed to decode or score before.")]
+RetryFailed = Annotated[
+    bool, typer.Option("--retry-failed", help="Try again images that failed to decode or score before.")
+]
 AllowEmpty = Annotated[
-    bool, typer.Option(help="Accept a folder with no images where the store knew some (else exit 3).")
+    bool,
+    typer.Option(
+        "--allow-empty", help="Accept a folder with no images where the store knew some (else exit 3)."
+    ),
 ]
 MaxFailed = Annotated[
     str | None,
     typer.Option(
-        help="Exit 3 without recording a run when more than this share of images fails: 5% or 0.05."
+        metavar="SHARE",
+        help="Exit 3 without recording a run when more than this share of images fails: 5% or 0.05.",
     ),
 ]
-Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+Device = Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda or cuda:N.")]
 BatchSize = Annotated[int, typer.Option(min=1, help="Images per model call.")]
 Workers = Annotated[
-    int | None, typer.Option(min=0, help="Decoding processes [default: min(4, CPUs)]; 0 = none.")
+    int | None, typer.Option(min=0, help="Decoding processes (default: min(4, CPUs)); 0 = none.")
 ]
 ImageSize = Annotated[int | None, typer.Option(min=1, help="Crop size in pixels (overrides checkpoint).")]
-Mean = Annotated[str | None, typer.Option(help="Normalisation mean R,G,B (0–1 scale).")]
-Std = Annotated[str | None, typer.Option(help="Normalisation std R,G,B (0–1 scale).")]
+Mean = Annotated[str | None, typer.Option(metavar="R,G,B", help="Normalisation mean (0–1 scale).")]
+Std = Annotated[str | None, typer.Option(metavar="R,G,B", help="Normalisation std (0–1 scale).")]
 Arch = Annotated[
-    str | None, typer.Option(help="Architecture of a plain state_dict (small_cnn or torchvision).")
+    str | None,
+    typer.Option(metavar="NAME", help="Architecture of a plain state_dict: small_cnn or a torchvision name."),
 ]
 NumClasses = Annotated[int | None, typer.Option(min=1, help="Classes of a plain state_dict.")]
-Trust = Annotated[bool, typer.Option(help="Allow arbitrary unpickling (only for checkpoints you trust).")]
+Trust = Annotated[
+    bool,
+    typer.Option("--trust-checkpoint", help="Allow arbitrary unpickling (only for checkpoints you trust)."),
+]
+MaxPixels = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        help="Fail images with more pixels than this as decompression bombs (default: 500 million).",
+        show_default=False,
+    ),
+]
+Strategy = Annotated[
+    str, typer.Option("--strategy", "-s", metavar="NAME", help="Acquisition strategy: one of those below.")
+]
+
+
+def _strategy_names() -> str:
+    """The strategy names, wrapped at commas only (a name such as kl-disagreement stays whole)."""
+    import textwrap
+
+    from alselect.strategies import available
+
+    lines = textwrap.wrap(", ".join(available()), 74, break_on_hyphens=False, break_long_words=False)
+    return "\n".join(f"  {line}" for line in lines)
+
+
+help_field("strategies", _strategy_names)
 Task = Annotated[
     str | None,
     typer.Option(
@@ -87,7 +127,18 @@ def _spec(
     )
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        (
+            "embed with an alselect, TorchScript or torch.export checkpoint",
+            "alselect embed photos/ -m model.pt",
+        ),
+        (
+            "a plain state_dict needs its architecture",
+            "alselect embed photos/ -m weights.pth --arch resnet50 --num-classes 10",
+        ),
+    )
+)
 def embed(
     ctx: typer.Context,
     folder: Folder,
@@ -106,8 +157,13 @@ def embed(
     retry_failed: RetryFailed = False,
     allow_empty: AllowEmpty = False,
     max_failed: MaxFailed = None,
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
 ) -> None:
-    """Embed new or changed images (probabilities + penultimate features) into the store."""
+    """Embed new or changed images into the store.
+
+    Stores each image's class probabilities and penultimate features; files this model has
+    seen before (by content) are not run again.
+    """
     from alselect.embed import EmbedOptions
     from alselect.pipeline import embed_folder
     from alselect.store import Store
@@ -118,13 +174,14 @@ def embed(
     ]
     safeguards = _safeguards(allow_empty, max_failed)
     _check_inputs(folder, *model)
+    _check_memory(batch_size, workers, image_size)
     with Store.open(globals_of(ctx).store, write=True, create=True) as store, reporter_for(ctx) as reporter:
         results = [
             embed_folder(
                 store,
                 folder,
                 spec,
-                EmbedOptions(device, batch_size, workers),
+                EmbedOptions(device, batch_size, workers, max_pixels),
                 reporter,
                 retry_failed=retry_failed,
                 safeguards=safeguards,
@@ -136,38 +193,55 @@ def embed(
             _report_embed(reporter, result)
 
 
-@app.command()
+@app.command(
+    epilog="\b\nStrategies ('alselect strategies' says what each needs and scores):\n{strategies}\n\n"
+    + examples(
+        ("rank every unlabeled image", "alselect score photos/ -m model.pt -s entropy"),
+        (
+            "nightly: rank 500 images not sent before",
+            "alselect score photos/ -m model.pt -s margin --budget 500",
+        ),
+        ("then write what to annotate", "alselect export --top 500 -o batch.csv"),
+    )
+)
 def score(
     ctx: typer.Context,
     folder: Folder,
     model: Model,
-    strategy: Annotated[str, typer.Option("--strategy", "-s", help="See 'alselect strategies'.")],
-    budget: Annotated[int | None, typer.Option(min=1, help="Rank only the best N [default: all].")] = None,
+    strategy: Strategy,
+    budget: Annotated[int | None, typer.Option(min=1, help="Rank only the best N (default: all).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for strategies that draw at random.")] = 0,
     param: Annotated[
         list[str] | None,
-        typer.Option("--param", "-p", help="Strategy option KEY=VALUE (repeatable), e.g. --param beta=10."),
+        typer.Option(
+            "--param", "-p", metavar="KEY=VALUE", help="Strategy option (repeatable), e.g. --param beta=10."
+        ),
     ] = None,
     prefilter: Annotated[
         str | None,
-        typer.Option(help="STRATEGY:TOP: keep the TOP best by STRATEGY first, e.g. entropy:5000."),
+        typer.Option(metavar="STRATEGY:TOP", help="Keep the TOP best by STRATEGY first, e.g. entropy:5000."),
     ] = None,
     balance_classes: Annotated[
-        bool, typer.Option(help="Fill the batch round-robin over predicted classes.")
+        bool, typer.Option("--balance-classes", help="Fill the batch round-robin over predicted classes.")
     ] = False,
     embed_model: EmbedModel = None,
     embed_arch: EmbedArch = None,
     embed_num_classes: EmbedNumClasses = None,
     labeled_dir: Annotated[
         list[Path] | None,
-        typer.Option(help="Folder of already-labeled images (repeatable): context for coreset, DAL."),
+        typer.Option(
+            metavar="DIR", help="Folder of already-labeled images (repeatable): context for coreset, DAL."
+        ),
     ] = None,
     mc_samples: Annotated[
         int, typer.Option(min=1, help="MC-dropout passes T for strategies that need several predictions.")
     ] = 20,
     mc_mode: Annotated[
         str,
-        typer.Option(help="auto, full (T passes with the model's dropout) or head (on cached embeddings)."),
+        typer.Option(
+            metavar="MODE",
+            help="auto, full (T passes with the model's dropout) or head (on cached embeddings).",
+        ),
     ] = "auto",
     mc_dropout: Annotated[float, typer.Option(help="Dropout rate of head-only MC dropout.")] = 0.5,
     task: Task = None,
@@ -205,8 +279,12 @@ def score(
     retry_failed: RetryFailed = False,
     allow_empty: AllowEmpty = False,
     max_failed: MaxFailed = None,
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
 ) -> None:
-    """Embed what is missing, then rank every unlabeled image and record the run."""
+    """Rank the unlabeled images of a folder and record the run.
+
+    Embeds what is missing first; 'alselect export' then writes the ranking.
+    """
     from alselect.embed import EmbedOptions
     from alselect.pipeline import McDropout, ModelSpec, ScoreModels, score_folder
     from alselect.store import Store
@@ -239,6 +317,7 @@ def score(
     _check_inputs(folder, *model, embed_model)
     for other in labeled_dir or []:
         _check_inputs(other)
+    _check_memory(batch_size, workers, image_size)
     with Store.open(globals_of(ctx).store, write=True, create=True) as store, reporter_for(ctx) as reporter:
         result = score_folder(
             store,
@@ -246,7 +325,7 @@ def score(
             models,
             chosen,
             budget=budget,
-            options=EmbedOptions(device, batch_size, workers),
+            options=EmbedOptions(device, batch_size, workers, max_pixels),
             reporter=reporter,
             command=command,
             labeled_dirs=labeled_dir or [],
@@ -257,22 +336,38 @@ def score(
         reporter.close()
         for embedded in result.embeds:
             _report_embed(reporter, embedded)
+        counts = result.embeds[0].counts if result.embeds else None
+        duplicates = (
+            f"; {counts.duplicates} duplicate file(s) counted once" if counts and counts.duplicates else ""
+        )
         reporter.info(
             f"run {result.run_id}: {result.strategy} ranked {result.selected} of "
-            f"{result.pool_size} image(s) ({result.labeled} labeled); "
+            f"{result.pool_size} image(s) ({result.labeled} labeled){duplicates}; "
             "next: alselect export --top N"
         )
 
 
 def _check_inputs(folder: Path, *models: Path | None) -> None:
-    """Fail on a missing folder or checkpoint before a store is created for nothing."""
+    """Fail on a missing folder, or a checkpoint that is missing or no checkpoint, before any work."""
+    from alselect.checkpoints.identify import check_checkpoint_path
     from alselect.discover import resolve_root
-    from alselect.errors import CheckpointError
 
     resolve_root(folder)
     for model in models:
-        if model is not None and not model.is_file():
-            raise CheckpointError(f"checkpoint not found: {model}")
+        if model is not None:
+            check_checkpoint_path(model)
+
+
+def _check_memory(batch_size: int, workers: int | None, image_size: int | None) -> None:
+    """Options that cannot fit in memory are a usage error up front (``alselect.limits``).
+
+    Without ``--image-size`` the size comes from the checkpoint: checked once that is loaded.
+    """
+    from alselect.limits import check_batch_memory, check_image_size, default_workers
+
+    if image_size is not None:
+        check_image_size(image_size)
+        check_batch_memory(batch_size, image_size, default_workers() if workers is None else workers)
 
 
 def _safeguards(allow_empty: bool, max_failed: str | None) -> Safeguards:
@@ -298,10 +393,16 @@ def parse_share(text: str | None) -> float | None:
 
 
 def _report_embed(reporter: Reporter, result: EmbedResult) -> None:
-    sync = result.sync
+    sync, counts = result.sync, result.counts
+    images = (
+        f"{counts.distinct} image(s) in {counts.present} present file(s) ({counts.duplicates} duplicate(s)); "
+        if counts
+        else ""
+    )
     reporter.info(
         f"{sync.found} image file(s): {sync.new} new, {sync.moved} moved, {sync.changed} changed, "
-        f"{sync.vanished} vanished; embedded {result.embedded} with model {result.model_display} "
+        f"{sync.restored} restored, {sync.unchanged} unchanged; {sync.vanished} vanished; {images}"
+        f"embedded {result.embedded} with model {result.model_display} "
         f"({result.already_embedded} already embedded)"
     )
     summary = result.failure_summary()
@@ -313,5 +414,3 @@ def _report_embed(reporter: Reporter, result: EmbedResult) -> None:
             f"{len(problems.unreadable_dirs)} unreadable folder(s) skipped, "
             f"e.g. {problems.unreadable_dirs[0]}"
         )
-    if problems.undecodable_names:
-        reporter.warning(f"{problems.undecodable_names} file name(s) that are not valid UTF-8 skipped")

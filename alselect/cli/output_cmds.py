@@ -2,49 +2,39 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import sys
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, TextIO
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from alselect.cli.app import EXIT_PARTIAL, app, command_line, globals_of, reporter_for
+from alselect.cli.app import EXIT_PARTIAL, app, command_line, data_stdout, examples, globals_of, reporter_for
 from alselect.errors import DataError, NothingUsableError, OutputClosedError
 from alselect.progress import Reporter
 
 if TYPE_CHECKING:
     from alselect.labels import LabelResult
 
-
-@contextlib.contextmanager
-def utf8_stdout() -> Iterator[TextIO]:
-    """stdout as UTF-8 with no newline translation, detached afterwards (stdout stays open)."""
-    stream = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", newline="")
-    try:
-        yield stream
-    finally:
-        with contextlib.suppress(ValueError, OSError):
-            stream.flush()
-        with contextlib.suppress(ValueError):
-            stream.detach()
-
-
 PLATFORM = "Platform formats (see README: Labeling platforms)"
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        ("the 500 images to annotate first, as CSV", "alselect export --top 500 -o batch.csv"),
+        ("look at the next 20 without recording them as sent", "alselect export --top 20 --dry-run"),
+        ("a Label Studio import with the model's guesses", "alselect export -f label-studio --predictions"),
+    )
+)
 def export(
     ctx: typer.Context,
-    top: Annotated[int | None, typer.Option(min=1, help="At most N images \\[default: all].")] = None,
+    top: Annotated[int | None, typer.Option(min=1, help="At most N images (default: all).")] = None,
     format: Annotated[
         str,
         typer.Option(
             "--format",
             "-f",
+            metavar="FORMAT",
             help="csv, tsv, jsonl, paths, or a platform: label-studio, cvat, labelbox, superannotate, "
             "sagemaker, fiftyone.",
         ),
@@ -54,6 +44,7 @@ def export(
         typer.Option(
             "--output",
             "-o",
+            metavar="PATH",
             help="Write here atomically instead of stdout ('-': stdout). Formats that write several "
             "files take a folder (DIR/) or a prefix.",
         ),
@@ -68,6 +59,7 @@ def export(
     uri_prefix: Annotated[
         str | None,
         typer.Option(
+            metavar="URI",
             help="Base URI of the scored folder (s3://bucket/pool/, https://host/pool/): images become "
             "this + their relative path (URL-encoded for http/https).",
             rich_help_panel=PLATFORM,
@@ -79,7 +71,7 @@ def export(
             "--ls-document-root",
             "--document-root",
             help="label-studio local-files URLs and cvat names are relative to this folder "
-            "\\[default: the scored folder].",
+            "(default: the scored folder).",
             rich_help_panel=PLATFORM,
         ),
     ] = None,
@@ -91,16 +83,20 @@ def export(
         ),
     ] = False,
     ls_from_name: Annotated[
-        str, typer.Option(help="label-studio: the Choices control's name.", rich_help_panel=PLATFORM)
+        str,
+        typer.Option(
+            metavar="NAME", help="label-studio: the Choices control's name.", rich_help_panel=PLATFORM
+        ),
     ] = "label",
     ls_to_name: Annotated[
-        str, typer.Option(help="label-studio: the Image object's name.", rich_help_panel=PLATFORM)
+        str,
+        typer.Option(metavar="NAME", help="label-studio: the Image object's name.", rich_help_panel=PLATFORM),
     ] = "image",
     ls_config: Annotated[
         Path | None,
         typer.Option(
             help="label-studio: check predictions against this labeling config (XML) before writing; "
-            "needs label-studio-sdk (pip install 'alselect\\[label-studio]').",
+            "needs label-studio-sdk (pip install 'alselect[label-studio]').",
             rich_help_panel=PLATFORM,
         ),
     ] = None,
@@ -113,7 +109,10 @@ def export(
         ),
     ] = False,
 ) -> None:
-    """Write the latest run's ranking (rank 1 = annotate first) and remember what was sent."""
+    """Write the latest run's ranking, best first, and remember it.
+
+    Rank 1 = annotate first. Labeled images and those sent in earlier exports are left out.
+    """
     from alselect.export import export_latest, run_info
     from alselect.exporters import ExportOptions, get_exporter
     from alselect.store import Store
@@ -148,9 +147,9 @@ def export(
         return
 
     with (
-        Store.open(globals_of(ctx).store, write=True) as store,
+        Store.open(globals_of(ctx).store, write=not dry_run) as store,  # a dry run only reads
         reporter_for(ctx) as reporter,
-        utf8_stdout() as stdout,
+        data_stdout() as stdout,
     ):
         try:
             result = export_latest(
@@ -187,17 +186,27 @@ def export(
             reporter.info(line)
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        ("an export, once its images are annotated", "alselect label batch.csv"),
+        ("a list of paths, one per line", "find done/ -name '*.jpg' | alselect label -"),
+        ("a Label Studio JSON export, with classes", "alselect label project-1.json"),
+    )
+)
 def label(
     ctx: typer.Context,
     source: Annotated[
-        str, typer.Argument(help="A path list, an export, or a platform's annotation export; - for stdin.")
+        str,
+        typer.Argument(
+            metavar="FILE", help="A path list, an export, or a platform's annotation export; - for stdin."
+        ),
     ],
     format: Annotated[
         str,
         typer.Option(
             "--format",
             "-f",
+            metavar="FORMAT",
             help="auto (detect from content), paths, csv, tsv, jsonl, label-studio, cvat or coco.",
         ),
     ] = "auto",
@@ -205,17 +214,25 @@ def label(
         Path | None,
         typer.Option(
             "--folder",
+            metavar="DIR",
             help="Relative paths are relative to DIR (a scored folder, or a folder above one); "
             "a folder column in the input wins.",
         ),
     ] = None,
     uri_prefix: Annotated[
         str | None,
-        typer.Option("--uri-prefix", help="The prefix given at export: image URLs starting with it map back"),
+        typer.Option(
+            "--uri-prefix",
+            metavar="URI",
+            help="The prefix given at export: image URLs starting with it map back.",
+        ),
     ] = None,
 ) -> None:
-    """Mark images as annotated (with their class, where the input has one) so they are never
-    selected again. Exit 3: no item matched an image; 4: some did, the others are reported."""
+    """Mark images as annotated so they are never selected again.
+
+    Records their class too, where the input has one. Exit 3: no item matched an image; 4: some
+    did, the others are reported.
+    """
     from alselect.annotations import get_reader
     from alselect.labels import import_labels
     from alselect.store import Store
@@ -226,8 +243,9 @@ def label(
         text = sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape")
     else:
         try:
-            text = Path(source).read_bytes().decode("utf-8")  # exact text: a CR inside a CSV field stays
-        except (OSError, UnicodeDecodeError) as exc:
+            # exact text: a CR inside a CSV field stays; names that are not UTF-8 keep their bytes
+            text = Path(source).read_bytes().decode("utf-8", errors="surrogateescape")
+        except OSError as exc:
             raise DataError(f"cannot read label list {source}: {exc}") from exc
     with Store.open(globals_of(ctx).store, write=True) as store, reporter_for(ctx) as reporter:
         result = import_labels(

@@ -8,17 +8,28 @@ from typing import Annotated
 
 import typer
 
-from alselect.cli.app import app, globals_of, reporter_for
+from alselect.cli.app import app, examples, globals_of, reporter_for
 from alselect.errors import UsageError
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        ("a contact sheet of the next 20 images", "alselect preview -o next.png"),
+        (
+            "the next 40, eight per row, to an image viewer",
+            "alselect preview --top 40 --columns 8 -o - | display",
+        ),
+    )
+)
 def preview(
     ctx: typer.Context,
     output: Annotated[
         str,
         typer.Option(
-            "--output", "-o", help="Image file to write (.png, .jpg, .webp...); '-': PNG on stdout."
+            "--output",
+            "-o",
+            metavar="FILE",
+            help="Image file to write (.png, .jpg or .webp); '-': PNG on stdout.",
         ),
     ],
     top: Annotated[int, typer.Option(min=1, help="How many of the next images to show.")] = 20,
@@ -26,7 +37,10 @@ def preview(
     thumb_size: Annotated[int, typer.Option(min=16, help="Thumbnail square, in pixels.")] = 160,
     include_exported: Annotated[bool, typer.Option(help="Also show images sent in earlier exports.")] = False,
 ) -> None:
-    """Draw the images 'export' would send next, captioned with rank, score and predicted label."""
+    """Draw the next images 'export' would send, on one sheet.
+
+    Each thumbnail is captioned with its rank, score and predicted label. Reads the store only.
+    """
     from PIL import Image
 
     from alselect.exporters import atomic_output

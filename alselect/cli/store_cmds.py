@@ -7,10 +7,15 @@ from typing import Annotated
 
 import typer
 
-from alselect.cli.app import app, globals_of, reporter_for
+from alselect.cli.app import app, examples, globals_of, reporter_for
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        ("see what would be freed, changing nothing", "alselect gc --dry-run"),
+        ("keep only what the latest run used", "alselect gc --keep-runs 1"),
+    )
+)
 def gc(
     ctx: typer.Context,
     keep_runs: Annotated[int, typer.Option(min=0, help="Keep the models the latest K runs used.")] = 3,
@@ -24,7 +29,10 @@ def gc(
     dry_run: Annotated[bool, typer.Option(help="Say what would be dropped; change nothing.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON.")] = False,
 ) -> None:
-    """Drop the arrays of models no recent run used, compact the rest, report the bytes freed."""
+    """Free space: drop arrays no recent run used, compact the rest.
+
+    Drops the arrays of models no recent run used, compacts the rest, reports the bytes freed.
+    """
     from alselect.gc import collect
     from alselect.store import Store
 

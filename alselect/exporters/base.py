@@ -412,7 +412,10 @@ def _atomic_output(path: Path, binary: bool) -> Iterator[IO[Any]]:
 
 
 def _fdopen(fd: int, binary: bool) -> IO[Any]:
-    return os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline="")
+    if binary:
+        return os.fdopen(fd, "wb")
+    # names that are not UTF-8 keep their original bytes (surrogate escapes), as in alselect.cli.app
+    return os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="")
 
 
 def _look_like(tmp: Path, fd: int, info: os.stat_result) -> None:

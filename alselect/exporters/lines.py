@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable
 from typing import TextIO
 
@@ -35,9 +36,20 @@ class JsonlExporter(Exporter):
             }
             if row.detections is not None:  # detection runs
                 record["detections"] = row.detections
-            stream.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
+            stream.write(json_line(record))
             written.append(row)
         return written
+
+
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
+
+
+def json_line(record: dict[str, object]) -> str:
+    """One JSON object and a newline, UTF-8 as is; the bytes of a file name that are not UTF-8
+    (surrogate escapes) as ``\\udcXX`` escapes, so the line stays valid UTF-8 and ``json.loads``
+    gives back the name ``os.fsencode`` turns into the original bytes."""
+    text = json.dumps(record, ensure_ascii=False, allow_nan=False)
+    return _NOT_UTF8.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n"
 
 
 def json_number(text: str) -> float | None:

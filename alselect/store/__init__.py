@@ -17,10 +17,13 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from alselect.errors import StoreError
+from alselect.identity import REPRESENTATIVE_ORDER
 from alselect.store import migrations
 from alselect.store.arrays import append_rows, read_rows, rows_fit
+from alselect.store.connect import READ_WAL, WRITE, can_write, open_connection, open_mode, read_only_error
 from alselect.store.keys import content_keys, first_occurrences, full_order, key_hex, lookup, member
 from alselect.store.lock import WriterLock
+from alselect.store.names import from_db, to_db
 from alselect.store.rankings import Ranking, read_ranking, write_ranking
 
 DB_FILE = "alselect.db"
@@ -54,6 +57,7 @@ class ImageRecord(NamedTuple):
     mtime_ns: int
     status: str
     reason: str | None
+    link: bool = False
 
 
 @dataclass
@@ -61,8 +65,8 @@ class PoolArrays:
     """Embedded, present, decodable images of one folder for one model, ordered by path.
 
     Arrays are aligned: ``probs [N, C]``, ``embeddings [N, D]``, ``labeled [N]``, ``exported [N]``
-    (sent in any export). One row per
-    distinct content hash (the first path in sort order represents duplicates).
+    (sent in any export). One row per distinct content hash, represented by one of its paths as
+    ``alselect.identity`` says (a real path before a symlinked one, then path order).
     """
 
     image_ids: np.ndarray
@@ -127,6 +131,7 @@ class Store:
         self.path = path
         self.conn = conn
         self.lock = lock
+        self.read_only = False  # opened by a reader who cannot write (see alselect.store.connect)
         self._fault_counts: dict[str, int] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -140,7 +145,12 @@ class Store:
         create: bool = False,
         lock_timeout: float | None = None,
     ) -> Store:
-        """Open the store at ``path`` (``create`` makes a missing one); writers take the lock first."""
+        """Open the store at ``path`` (``create`` makes a missing one); writers take the lock first.
+
+        A reader who cannot write to the store (a shared store, a read-only mount) gets a connection
+        that never writes (see ``alselect.store.connect``); a writer who cannot write gets one
+        clear ``StoreError`` before anything is touched.
+        """
         path = Path(path) if path is not None else default_store_path()
         db_path = path / DB_FILE
         if not (write and create) and not db_path.exists():
@@ -151,10 +161,13 @@ class Store:
                 (path / "arrays").mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise StoreError(f"cannot create store at {path}: {exc}") from exc
+            if not can_write(path, db_path):
+                raise read_only_error(path)
             lock = WriterLock(path / LOCK_FILE, timeout=lock_timeout)
             lock.acquire()
+        mode = open_mode(path, db_path, write)
         try:
-            conn = sqlite3.connect(db_path, isolation_level=None, timeout=30.0)
+            conn = open_connection(db_path, mode)
             conn.execute("PRAGMA busy_timeout = 30000")
             if write:
                 conn.execute("PRAGMA journal_mode = WAL")
@@ -163,16 +176,28 @@ class Store:
             if write:
                 migrations.apply(conn)
             elif migrations.pending(conn):
+                if mode != WRITE:
+                    raise StoreError(
+                        f"store {path} was written by an older alselect and must be upgraded, which "
+                        "needs write access: ask its owner to run 'alselect status' once"
+                    )
                 _upgrade_briefly(path, conn)
         except sqlite3.DatabaseError as exc:
             if lock:
                 lock.release()
+            if mode == READ_WAL:
+                raise StoreError(
+                    f"store {path} is being written (its write-ahead log is not empty) and cannot be "
+                    f"read without write access ({exc}); try again when the writer has finished"
+                ) from exc
             raise StoreError(f"store database {db_path} is unreadable: {exc}") from exc
         except BaseException:
             if lock:
                 lock.release()
             raise
-        return cls(path, conn, lock)
+        store = cls(path, conn, lock)
+        store.read_only = mode != WRITE
+        return store
 
     def close(self) -> None:
         self.conn.close()
@@ -189,7 +214,7 @@ class Store:
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One atomic write; rolled back on any exception."""
         if self.lock is None:
-            raise StoreError("store opened read-only")
+            raise StoreError("store opened for reading only")
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield self.conn
@@ -214,29 +239,34 @@ class Store:
 
     def images_under(self, root: str) -> dict[str, ImageRecord]:
         rows = self.conn.execute(
-            "SELECT id, relpath, sha256, size, mtime_ns, status, reason FROM images WHERE root = ?",
-            (root,),
+            "SELECT id, relpath, sha256, size, mtime_ns, status, reason, link FROM images WHERE root = ?",
+            (to_db(root),),
         )
-        return {r[1]: ImageRecord._make(r) for r in rows}
+        records = (
+            ImageRecord(id_, from_db(rel), sha, size, mtime, status, reason, bool(link))
+            for id_, rel, sha, size, mtime, status, reason, link in rows
+        )
+        return {record.relpath: record for record in records}
 
-    def upsert_images(
-        self, root: str, rows: Sequence[tuple[str, str | None, int, int, str, str | None]]
-    ) -> None:
-        """Insert or update ``(relpath, sha256, size, mtime_ns, status, reason)`` rows."""
+    def upsert_images(self, root: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Insert or update ``(relpath, sha256, size, mtime_ns, status, reason[, link])`` rows."""
         now = utcnow()
         with self.transaction() as conn:
             conn.executemany(
-                """INSERT INTO images (root, relpath, sha256, size, mtime_ns, status, reason,
+                """INSERT INTO images (root, relpath, sha256, size, mtime_ns, status, reason, link,
                                        first_seen, last_seen)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT (root, relpath) DO UPDATE SET sha256 = excluded.sha256,
                      size = excluded.size, mtime_ns = excluded.mtime_ns, status = excluded.status,
-                     reason = excluded.reason, last_seen = excluded.last_seen""",
-                [(root, *row, now, now) for row in rows],
+                     reason = excluded.reason, link = excluded.link, last_seen = excluded.last_seen""",
+                [
+                    (to_db(root), to_db(row[0]), *row[1:6], int(len(row) > 6 and row[6]), now, now)
+                    for row in rows
+                ],
             )
 
     def mark_absent(self, root: str, relpaths: Iterable[str]) -> int:
-        items = [(root, p) for p in relpaths]
+        items = [(to_db(root), to_db(p)) for p in relpaths]
         with self.transaction() as conn:
             conn.executemany(
                 "UPDATE images SET status = 'absent', reason = NULL WHERE root = ? AND relpath = ?",
@@ -250,7 +280,7 @@ class Store:
             conn.executemany(
                 "UPDATE images SET status = 'failed', reason = ? "
                 "WHERE root = ? AND sha256 = ? AND status = 'present'",
-                [(reason, root, sha) for sha, reason in failures],
+                [(reason, to_db(root), sha) for sha, reason in failures],
             )
 
     # -- models ---------------------------------------------------------------------------------
@@ -275,7 +305,7 @@ class Store:
                 (
                     key,
                     checkpoint_sha256,
-                    path,
+                    to_db(path),
                     kind,
                     arch,
                     num_classes,
@@ -305,6 +335,7 @@ class Store:
         if row is None:
             return None
         info = dict(zip(names, row, strict=True))
+        info["path"] = from_db(info["path"])
         info["classes"] = json.loads(info["classes"]) if info["classes"] else None
         info["preprocess"] = json.loads(info["preprocess"])
         info["outputs"] = json.loads(info["outputs"]) if info["outputs"] else None
@@ -336,9 +367,9 @@ class Store:
                   AND NOT EXISTS (SELECT 1 FROM outputs o WHERE o.model = ?1 AND o.sha256 = i.sha256)
                   {failed}
                 GROUP BY i.sha256 ORDER BY MIN(i.relpath)""",
-            (model_id, root),
+            (model_id, to_db(root)),
         )
-        return [(r[0], r[1]) for r in rows]
+        return [(r[0], from_db(r[1])) for r in rows]
 
     def add_outputs(self, model_key: str, sha256: Sequence[str], arrays: Mapping[str, np.ndarray]) -> None:
         """Persist one batch of per-image arrays (``name -> [n, *shape]``) for ``sha256`` (n contents).
@@ -511,12 +542,12 @@ class Store:
             decode = conn.execute(
                 "UPDATE images SET status = 'present', reason = NULL "
                 "WHERE root = ? AND status = 'failed' AND sha256 IS NOT NULL",
-                (root,),
+                (to_db(root),),
             ).rowcount
             output = conn.execute(
                 """DELETE FROM output_failures WHERE model = ? AND sha256 IN
                    (SELECT sha256 FROM images WHERE root = ? AND status = 'present')""",
-                (model_id, root),
+                (model_id, to_db(root)),
             ).rowcount
         return int(decode + output)
 
@@ -527,7 +558,7 @@ class Store:
             self.scalar(
                 """SELECT COUNT(DISTINCT f.sha256) FROM output_failures f JOIN images i ON i.sha256 = f.sha256
                    WHERE f.model = ? AND i.root = ? AND i.status = 'present'""",
-                (model_id, root),
+                (model_id, to_db(root)),
             )
             or 0
         )
@@ -537,7 +568,8 @@ class Store:
     def pool_rows(self, root: str, model_keys: Sequence[str], labeled_roots: Sequence[str] = ()) -> PoolRows:
         """Present images under ``root`` that every model in ``model_keys`` has outputs for.
 
-        One row per content (the first path in sort order represents duplicates), path order. Then
+        One row per content, represented by one of its paths as ``alselect.identity`` says (a real
+        path before a symlinked one, then path order); rows in the path order of their representatives. Then
         the images of ``labeled_roots`` not already in the pool, all taken as labeled (a labeled
         set kept in another folder), also one per content. ``slots[key]`` locates each row in a
         model's arrays. Aligned by sorting content hashes as numbers: no per-image queries.
@@ -551,19 +583,27 @@ class Store:
         relpaths: list[str] = []
         shas: list[str] = []
         outside: list[bool] = []
+        path_rank: list[int] = []
         for part in [root, *(r for r in dict.fromkeys(labeled_roots) if r != root)]:
             rows = self.rows(
-                "SELECT id, relpath, sha256 FROM images WHERE root = ? AND status = 'present' "
-                "AND sha256 IS NOT NULL ORDER BY relpath",
-                (part,),
+                "SELECT id, relpath, sha256, link FROM images WHERE root = ? AND status = 'present' "
+                f"AND sha256 IS NOT NULL ORDER BY {', '.join(REPRESENTATIVE_ORDER)}",
+                (to_db(part),),
             )
+            # Each content's first row is its representative (alselect.identity); remember each
+            # row's place in path order to put the representatives back in path order below.
+            by_path = sorted(range(len(rows)), key=lambda i: rows[i][1])
+            rank = np.empty(len(rows), dtype=np.int64)
+            rank[by_path] = np.arange(len(path_rank), len(path_rank) + len(rows))
+            path_rank += rank.tolist()
             image_ids += [r[0] for r in rows]
-            relpaths += [r[1] for r in rows]
+            relpaths += [from_db(r[1]) for r in rows]
             shas += [r[2] for r in rows]
             roots += [part] * len(rows)
             outside += [part != root] * len(rows)
         keys = content_keys(shas)
         keep = first_occurrences(keys)
+        keep = keep[np.argsort(np.asarray(path_rank, dtype=np.int64)[keep], kind="stable")]
         slots: dict[str, np.ndarray] = {}
         usable = np.ones(len(keep), dtype=bool)
         for key, model_id in zip(keys_in_order, model_ids, strict=True):
@@ -647,7 +687,7 @@ class Store:
                 (
                     run_id,
                     utcnow(),
-                    root,
+                    to_db(root),
                     model_key,
                     strategy,
                     json.dumps(params, sort_keys=True),
@@ -656,7 +696,7 @@ class Store:
                     labeled_count,
                     len(ranking),
                     version,
-                    command,
+                    None if command is None else to_db(command),
                     json.dumps([dict(m) for m in models]) if models else None,
                     file,
                 ),
@@ -722,6 +762,7 @@ class Store:
         run["params"] = json.loads(run["params"])
         default = [{"key": run["model_key"], "role": "task"}]
         run["models"] = json.loads(run["models"]) if run["models"] else default
+        run["root"] = from_db(run["root"])
         return run
 
     def exportable_items(self, run_id: int, include_exported: bool) -> Iterator[tuple[Any, ...]]:
@@ -766,7 +807,7 @@ class Store:
                 conf = confidence[offset]
                 yield (
                     start + offset + 1,
-                    image[0],
+                    from_db(image[0]),
                     sha,
                     scores[offset],
                     None if label < 0 else label,
@@ -803,7 +844,7 @@ class Store:
         with self.transaction() as conn:
             cursor = conn.execute(
                 "INSERT INTO exports (run_id, format, destination, count, created_at) VALUES (?, ?, ?, ?, ?)",
-                (run_id, fmt, destination, len(items), utcnow()),
+                (run_id, fmt, to_db(destination), len(items), utcnow()),
             )
             export_id = int(cursor.lastrowid or 0)
             conn.executemany(
@@ -833,7 +874,7 @@ class Store:
                                    ELSE labels.source END,
                      labeled_at = CASE WHEN excluded.label IS NOT NULL THEN excluded.labeled_at
                                        ELSE labels.labeled_at END""",
-                [(sha, source, now, classes.get(sha)) for sha in sorted(wanted)],
+                [(sha, to_db(source), now, classes.get(sha)) for sha in sorted(wanted)],
             )
             after = conn.execute("SELECT COUNT(*) FROM labels").fetchone()[0]
         return int(after - before)

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
 
-from alselect.errors import StoreLockedError
+from alselect.errors import StoreError, StoreLockedError
 
 DEFAULT_TIMEOUT_S = 60.0
 _HELD_IN_THIS_PROCESS: set[str] = set()
@@ -48,7 +48,13 @@ class WriterLock:
         key = os.path.realpath(self.path)
         if key in _HELD_IN_THIS_PROCESS:
             raise StoreLockedError(f"store {self.path.parent} is already open for writing in this process")
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # EACCES, EROFS, EPERM: a store this user cannot write
+            raise StoreError(
+                f"cannot lock store {self.path.parent} for writing: {exc.strerror or exc} "
+                "(this command needs write access; 'alselect status' only reads)"
+            ) from None
         deadline = time.monotonic() + self.timeout
         while True:
             try:

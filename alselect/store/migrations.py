@@ -212,6 +212,12 @@ def m005_ranking_files(conn: sqlite3.Connection) -> None:
     run_script(conn, "ALTER TABLE runs ADD COLUMN ranking TEXT")
 
 
+@migration
+def m006_images_link(conn: sqlite3.Connection) -> None:
+    """Whether a path reaches its file through a symlink: a real path represents duplicate content."""
+    run_script(conn, "ALTER TABLE images ADD COLUMN link INTEGER NOT NULL DEFAULT 0")
+
+
 def run_script(conn: sqlite3.Connection, script: str) -> None:
     """Execute ``;``-separated DDL inside the caller's transaction (``executescript`` commits)."""
     for statement in script.split(";"):
@@ -220,9 +226,9 @@ def run_script(conn: sqlite3.Connection, script: str) -> None:
 
 
 def pending(conn: sqlite3.Connection) -> list[tuple[str, Migration]]:
-    """Migrations not yet applied; refuses a store written by a newer alselect."""
-    conn.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
-    applied = {row[0] for row in conn.execute("SELECT name FROM migrations")}
+    """Migrations not yet applied; refuses a store written by a newer alselect. Writes nothing."""
+    exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'migrations'")
+    applied = {row[0] for row in conn.execute("SELECT name FROM migrations")} if exists.fetchone() else set()
     known = {name for name, _ in MIGRATIONS}
     unknown = applied - known
     if unknown:
@@ -234,6 +240,7 @@ def pending(conn: sqlite3.Connection) -> list[tuple[str, Migration]]:
 
 def apply(conn: sqlite3.Connection) -> list[str]:
     """Apply pending migrations, each atomically with its record (autocommit connection)."""
+    conn.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
     done = []
     for name, func in pending(conn):
         conn.execute("BEGIN IMMEDIATE")
