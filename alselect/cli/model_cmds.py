@@ -13,6 +13,7 @@ from alselect.cli.app import app, globals_of, reporter_for
 from alselect.progress import Reporter
 
 if TYPE_CHECKING:
+    from alselect.embed import EmbedOptions
     from alselect.pipeline import EmbedResult, ModelSpec, Safeguards
 
 Folder = Annotated[Path, typer.Argument(help="Image folder (searched recursively).")]
@@ -53,6 +54,22 @@ Arch = Annotated[
 ]
 NumClasses = Annotated[int | None, typer.Option(min=1, help="Classes of a plain state_dict.")]
 Trust = Annotated[bool, typer.Option(help="Allow arbitrary unpickling (only for checkpoints you trust).")]
+Engine = Annotated[
+    str,
+    typer.Option(help="local, or ray: run the model on a Ray cluster (needs pip install 'alselect\\[ray]')."),
+]
+RayAddress = Annotated[
+    str | None,
+    typer.Option(help="Cluster to join: auto, HOST:PORT or ray://HOST:PORT (default: start a local one)."),
+]
+RayActors = Annotated[
+    int | None,
+    typer.Option(min=1, help="Model actors (default: one per GPU of the cluster, else half its CPUs)."),
+]
+RayGpusPerActor = Annotated[
+    float | None,
+    typer.Option(min=0, help="GPUs per model actor, may be fractional (default: 1 if the cluster has GPUs)."),
+]
 
 
 def _spec(
@@ -95,25 +112,35 @@ def embed(
     retry_failed: RetryFailed = False,
     allow_empty: AllowEmpty = False,
     max_failed: MaxFailed = None,
+    engine: Engine = "local",
+    ray_address: RayAddress = None,
+    ray_actors: RayActors = None,
+    ray_gpus_per_actor: RayGpusPerActor = None,
 ) -> None:
     """Embed new or changed images (probabilities + penultimate features) into the store."""
-    from alselect.embed import EmbedOptions
+    from alselect.embed import open_engine
     from alselect.pipeline import embed_folder
     from alselect.store import Store
 
     specs = [_spec(m, arch, num_classes, trust_checkpoint, image_size, mean, std) for m in model]
     safeguards = _safeguards(allow_empty, max_failed)
+    options = _options(device, batch_size, workers, engine, ray_address, ray_actors, ray_gpus_per_actor)
     _check_inputs(folder, *model)
-    with Store.open(globals_of(ctx).store, write=True, create=True) as store, reporter_for(ctx) as reporter:
+    with (
+        Store.open(globals_of(ctx).store, write=True, create=True) as store,
+        reporter_for(ctx) as reporter,
+        open_engine(options) as running,
+    ):
         results = [
             embed_folder(
                 store,
                 folder,
                 spec,
-                EmbedOptions(device, batch_size, workers),
+                options,
                 reporter,
                 retry_failed=retry_failed,
                 safeguards=safeguards,
+                engine=running,
             )
             for spec in specs
         ]
@@ -168,9 +195,12 @@ def score(
     retry_failed: RetryFailed = False,
     allow_empty: AllowEmpty = False,
     max_failed: MaxFailed = None,
+    engine: Engine = "local",
+    ray_address: RayAddress = None,
+    ray_actors: RayActors = None,
+    ray_gpus_per_actor: RayGpusPerActor = None,
 ) -> None:
     """Embed what is missing, then rank every unlabeled image and record the run."""
-    from alselect.embed import EmbedOptions
     from alselect.pipeline import McDropout, ModelSpec, ScoreModels, score_folder
     from alselect.store import Store
     from alselect.strategies import parse_params, strategy_from_options
@@ -186,6 +216,7 @@ def score(
         mc=McDropout(samples=mc_samples, mode=mc_mode, rate=mc_dropout),
     )
     safeguards = _safeguards(allow_empty, max_failed)
+    options = _options(device, batch_size, workers, engine, ray_address, ray_actors, ray_gpus_per_actor)
     command = shlex.join(["alselect", *sys.argv[1:]])
     _check_inputs(folder, *model, embed_model)
     for other in labeled_dir or []:
@@ -197,7 +228,7 @@ def score(
             models,
             chosen,
             budget=budget,
-            options=EmbedOptions(device, batch_size, workers),
+            options=options,
             reporter=reporter,
             command=command,
             labeled_dirs=labeled_dir or [],
@@ -223,6 +254,24 @@ def _check_inputs(folder: Path, *models: Path | None) -> None:
     for model in models:
         if model is not None and not model.is_file():
             raise CheckpointError(f"checkpoint not found: {model}")
+
+
+def _options(
+    device: str,
+    batch_size: int,
+    workers: int | None,
+    engine: str,
+    ray_address: str | None,
+    ray_actors: int | None,
+    ray_gpus_per_actor: float | None,
+) -> EmbedOptions:
+    from alselect.embed import EmbedOptions, RayOptions
+    from alselect.errors import UsageError
+
+    ray = RayOptions(ray_address, ray_actors, ray_gpus_per_actor)
+    if engine != "ray" and ray != RayOptions():
+        raise UsageError("--ray-address, --ray-actors and --ray-gpus-per-actor need --engine ray")
+    return EmbedOptions(device, batch_size, workers, engine=engine, ray=ray)
 
 
 def _safeguards(allow_empty: bool, max_failed: str | None) -> Safeguards:
