@@ -179,6 +179,9 @@ def quiet_ray_data(ray: Any) -> None:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             handler.addFilter(lambda record: record.levelno == logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
+    # Errors that matter reach alselect through the dataset it iterates; "unhandled" ones come from
+    # Ray Data's own fire-and-forget calls (its stats actor), as tracebacks on stderr
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     # a small to-do list has fewer chunks than the decode cap: nothing to act on
     warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
 
