@@ -1,10 +1,16 @@
-"""Batched inference over image files: decode in worker processes, run the model, hand back arrays."""
+"""Batched inference over image files: decode in worker processes, run the model, hand back arrays.
+
+Two engines produce the same ``(indices, outputs, failures)`` batches for the caller to store:
+``local`` (this module: DataLoader decode workers, the model in this process) and ``ray``
+(``alselect.ray_engine``: decode in Ray tasks, the model in an actor pool across a cluster).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import functools
+import importlib.util
 import os
 import signal
 import sys
@@ -21,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from alselect.errors import AlselectError, UsageError
 from alselect.images import OUT_OF_MEMORY, ImageDecodeError, load_image_geometry
-from alselect.limits import DEFAULT_MAX_PIXELS, PREFETCH_BATCHES, check_batch_memory, default_workers
+from alselect.limits import DEFAULT_MAX_PIXELS, check_batch_memory, default_workers
 from alselect.preprocess import Preprocess
 from alselect.progress import NULL_REPORTER, Reporter
 
@@ -41,14 +47,45 @@ class OutputModel(Protocol):
     def forward_outputs(self, batch: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
 
+ENGINES = ("local", "ray")
+RAY_INSTALL_HINT = "pip install 'alselect[ray]'"
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How the Ray engine runs.
+
+    ``address``: a running cluster (``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``); None starts a
+    local Ray instance for the run and shuts it down after. ``actors``: model actors (None: one per
+    ``gpus_per_actor`` GPUs of the cluster, or half its CPUs without GPUs). ``gpus_per_actor``:
+    None picks 1 when the cluster has GPUs and ``--device`` allows them, else 0.
+    """
+
+    address: str | None = None
+    actors: int | None = None
+    gpus_per_actor: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.actors is not None and self.actors < 1:
+            raise UsageError(f"--ray-actors must be at least 1, got {self.actors}")
+        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
+            raise UsageError(f"--ray-gpus-per-actor must be >= 0, got {self.gpus_per_actor}")
+
+
 @dataclass(frozen=True)
 class EmbedOptions:
-    """Where and how to run the model."""
+    """Where and how to run the model: device, batch size, decode workers, and the engine."""
 
     device: str = "auto"
     batch_size: int = 64
-    workers: int | None = None  # None: min(4, CPU count); 0: decode in this process
+    workers: int | None = None  # None: min(4, CPU count); 0: decode in this process (local engine)
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images fail as decompression bombs
+    engine: str = "local"  # "local" or "ray"
+    ray: RayOptions = RayOptions()
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise UsageError(f"--engine must be local or ray, got {self.engine!r}")
 
     def worker_count(self) -> int:
         if self.workers is not None:
@@ -56,6 +93,22 @@ class EmbedOptions:
                 raise UsageError(f"--workers must be >= 0, got {self.workers}")
             return self.workers
         return default_workers()
+
+    def check(self) -> None:
+        """Fail before any work: a missing local device, or a Ray engine that cannot run here."""
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.engine == "local":
+            resolve_device(self.device)
+            return
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UsageError(
+                f"--device {self.device}: with --engine ray use auto, cpu or cuda (Ray gives actors GPUs)"
+            )
+        if self.device == "cpu" and self.ray.gpus_per_actor:
+            raise UsageError("--device cpu and --ray-gpus-per-actor > 0 contradict each other")
+        if importlib.util.find_spec("ray") is None:
+            raise AlselectError(f"--engine ray needs Ray, which is not installed: {RAY_INSTALL_HINT}")
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -79,6 +132,53 @@ def resolve_device(spec: str) -> torch.device:
 Decoded = tuple[int, "np.ndarray | None", "str | None", "np.ndarray | None"]
 
 
+def decode_file(
+    path: Path,
+    preprocess: Preprocess,
+    expected_sha256: str | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[np.ndarray | None, str | None, np.ndarray | None]:
+    """``(pixels, None, geometry)`` or ``(None, reason, None)``: ``load_image_geometry`` with its
+    failure as the recorded reason.
+
+    Every engine decodes through here, so failures and their reasons are the same everywhere.
+    """
+    try:
+        pixels, geometry = load_image_geometry(path, preprocess, expected_sha256, max_pixels=max_pixels)
+        return pixels, None, geometry
+    except ImageDecodeError as exc:
+        return None, str(exc), None
+    except MemoryError:
+        return None, OUT_OF_MEMORY, None
+
+
+class BatchForward:
+    """The model on a device, fed ``uint8 [n, 3, S, S]`` pixels: normalises, runs, returns numpy arrays.
+
+    Shared by the engines so that a batch gives the same arrays whichever engine runs it.
+    """
+
+    def __init__(self, model: OutputModel, preprocess: Preprocess, device: torch.device) -> None:
+        self.model = model
+        self.device = device
+        model.to(device)
+        self.mean = torch.tensor(preprocess.mean, device=device).view(1, 3, 1, 1) * 255.0
+        self.std = torch.tensor(preprocess.std, device=device).view(1, 3, 1, 1) * 255.0
+
+    def __call__(self, pixels: np.ndarray, geometry: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """``pixels uint8 [n, 3, S, S]``; ``geometry int [n, 4]`` for models that need it."""
+        batch = torch.from_numpy(np.ascontiguousarray(pixels))
+        batch = batch.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
+        if getattr(self.model, "needs_geometry", False):
+            if geometry is None:
+                raise ValueError("this model needs each image's geometry")
+            sizes = torch.from_numpy(np.asarray(geometry, dtype=np.int64))
+            outputs = self.model.forward_outputs(batch, sizes)  # type: ignore[call-arg]
+        else:
+            outputs = self.model.forward_outputs(batch)
+        return {name: value.cpu().numpy() for name, value in outputs.items()}
+
+
 class _ImageFiles(Dataset[Decoded]):
     def __init__(
         self,
@@ -97,15 +197,7 @@ class _ImageFiles(Dataset[Decoded]):
 
     def __getitem__(self, index: int) -> Decoded:
         expected = None if self.expected_sha256 is None else self.expected_sha256[index]
-        try:
-            pixels, geometry = load_image_geometry(
-                self.paths[index], self.preprocess, expected, max_pixels=self.max_pixels
-            )
-            return index, pixels, None, geometry
-        except ImageDecodeError as exc:
-            return index, None, str(exc), None
-        except MemoryError:
-            return index, None, OUT_OF_MEMORY, None
+        return (index, *decode_file(self.paths[index], self.preprocess, expected, self.max_pixels))
 
 
 def _keep_as_list(batch: list[Decoded]) -> list[Decoded]:
@@ -183,7 +275,7 @@ def _loader(dataset: Dataset[Decoded], batch_size: int, workers: int, device: to
         collate_fn=_keep_as_list,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
-        prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
+        prefetch_factor=4 if workers > 0 else None,
         worker_init_fn=functools.partial(_die_with_parent, os.getpid()) if workers > 0 else None,
     )
 
@@ -215,34 +307,26 @@ def run_model(
     handed to ``on_batch`` are decoded in this process instead; a ``MemoryError`` there fails
     that file with "out of memory while decoding".
     """
+    if options.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {options.batch_size}")
     workers = options.worker_count()
     check_batch_memory(options.batch_size, preprocess.image_size, workers)
-    if expected_sha256 is not None and len(expected_sha256) != len(paths):
-        raise ValueError(f"expected_sha256 has {len(expected_sha256)} entries for {len(paths)} paths")
+    check_expected(paths, expected_sha256)
     device = resolve_device(options.device)
-    model.to(device)
+    forward = BatchForward(model, preprocess, device)
     dataset = _ImageFiles(paths, preprocess, expected_sha256, options.max_pixels)
-    mean = torch.tensor(preprocess.mean, device=device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(preprocess.std, device=device).view(1, 3, 1, 1) * 255.0
     total = len(paths)
     handed = 0
     reporter.progress("embed", 0, total)
-
-    with_geometry = bool(getattr(model, "needs_geometry", False))
 
     def hand_over(batch: list[Decoded]) -> None:
         nonlocal handed
         ok = [(i, arr, geometry) for i, arr, _, geometry in batch if arr is not None]
         failures = [(i, reason) for i, arr, reason, _ in batch if arr is None and reason is not None]
         if ok:
-            pixels = torch.from_numpy(np.stack([arr for _, arr, _ in ok]))
-            pixels = pixels.to(device, non_blocking=True).float().sub_(mean).div_(std)
-            if with_geometry:
-                sizes = torch.from_numpy(np.stack([g for _, _, g in ok if g is not None]).astype(np.int64))
-                outputs = model.forward_outputs(pixels, sizes)  # type: ignore[call-arg]
-            else:
-                outputs = model.forward_outputs(pixels)
-            on_batch([i for i, _, _ in ok], {k: v.cpu().numpy() for k, v in outputs.items()}, failures)
+            shapes = [g for _, _, g in ok if g is not None]
+            geometry = np.stack(shapes) if len(shapes) == len(ok) else None
+            on_batch([i for i, _, _ in ok], forward(np.stack([arr for _, arr, _ in ok]), geometry), failures)
         else:
             on_batch([], {}, failures)
         handed += len(batch)
@@ -270,3 +354,68 @@ def run_model(
     remaining: Dataset[Decoded] = Subset(dataset, range(handed, total)) if handed else dataset
     for batch in _loader(remaining, options.batch_size, 0, device):
         hand_over(batch)
+
+
+def check_expected(paths: Sequence[Path], expected_sha256: Sequence[str] | None) -> None:
+    if expected_sha256 is not None and len(expected_sha256) != len(paths):
+        raise ValueError(f"expected_sha256 has {len(expected_sha256)} entries for {len(paths)} paths")
+
+
+ModelSource = Callable[[], OutputModel]
+
+
+class Engine(Protocol):
+    """Produces ``on_batch(indices, outputs, failures)`` batches for ``paths``; see ``run_model``.
+
+    ``recipe`` (optional) rebuilds ``model`` in another process (a checkpoint path and how to load
+    it); an engine that runs the model elsewhere uses it rather than sending the object itself.
+    """
+
+    def run(
+        self,
+        model: OutputModel,
+        paths: Sequence[Path],
+        preprocess: Preprocess,
+        on_batch: BatchSink,
+        reporter: Reporter = NULL_REPORTER,
+        *,
+        expected_sha256: Sequence[str] | None = None,
+        recipe: ModelSource | None = None,
+    ) -> None: ...
+
+
+class LocalEngine:
+    """``run_model`` in this process (DataLoader decode workers, the model on ``options.device``)."""
+
+    def __init__(self, options: EmbedOptions) -> None:
+        self.options = options
+
+    def run(
+        self,
+        model: OutputModel,
+        paths: Sequence[Path],
+        preprocess: Preprocess,
+        on_batch: BatchSink,
+        reporter: Reporter = NULL_REPORTER,
+        *,
+        expected_sha256: Sequence[str] | None = None,
+        recipe: ModelSource | None = None,
+    ) -> None:
+        run_model(model, paths, preprocess, self.options, on_batch, reporter, expected_sha256=expected_sha256)
+
+
+@contextlib.contextmanager
+def open_engine(options: EmbedOptions) -> Iterator[Engine]:
+    """The engine ``options.engine`` names, for one command: a Ray engine connects on first use
+    (or starts a local Ray instance) and lets go of Ray when the block ends."""
+    options.check()
+    if options.engine == "local":
+        yield LocalEngine(options)
+        return
+    from alselect.ray_engine import RayEngine
+
+    engine = RayEngine(options)
+    try:
+        yield engine
+    finally:
+        engine.close()

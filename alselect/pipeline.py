@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import socket
 from collections import Counter
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +17,8 @@ import numpy as np
 from alselect import __version__
 from alselect.checkpoints import CheckpointOptions, LoadedModel, load_checkpoint
 from alselect.discover import resolve_root
-from alselect.embed import EmbedOptions, OutputModel, resolve_device, run_model
-from alselect.errors import NothingUsableError, UsageError
+from alselect.embed import EmbedOptions, Engine, OutputModel, open_engine
+from alselect.errors import CheckpointError, NothingUsableError, UsageError
 from alselect.images import CHANGED_WHILE_READING
 from alselect.limits import check_batch_memory
 from alselect.mc_dropout import (
@@ -66,9 +68,36 @@ class ModelSpec:
     max_detections: int = DEFAULT_MAX_DETECTIONS
 
 
+@dataclass(frozen=True)
+class ModelRecipe:
+    """How another process (a Ray actor) builds the same runner: load ``checkpoint`` (an absolute
+    path every node can read) with ``options``, insist on the driver's ``sha256``, and wrap it for
+    ``mc_samples`` MC-dropout passes where given. Small and picklable, unlike some loaded models
+    (TorchScript)."""
+
+    checkpoint: str
+    options: CheckpointOptions
+    sha256: str
+    mc_samples: int | None = None
+    settings: TaskSettings | None = None  # detectors and segmenters: their runner's settings
+
+    def __call__(self) -> OutputModel:
+        model = load_checkpoint(self.checkpoint, self.options)
+        if model.sha256 != self.sha256:
+            raise CheckpointError(
+                f"{self.checkpoint} on {socket.gethostname()} has sha256 {model.sha256[:12]}, not "
+                f"{self.sha256[:12]} as where alselect runs: every node must see the same checkpoint"
+            )
+        if self.mc_samples:
+            return FullPassModel(model, self.mc_samples)
+        runner = task_runner(model, self.settings) if self.settings is not None else None
+        return runner or model
+
+
 @dataclass
 class PreparedModel:
-    """A loaded checkpoint with its store key; ``runner`` (default: the model) computes its outputs.
+    """A loaded checkpoint with its store key; ``runner`` (default: the model) computes its outputs;
+    ``recipe`` rebuilds the runner elsewhere.
 
     ``task``: classification, detection or segmentation (detectors and segmenters have a runner).
     """
@@ -79,6 +108,7 @@ class PreparedModel:
     display: str
     runner: OutputModel | None = None
     task: str = CLASSIFICATION
+    recipe: ModelRecipe | None = None
 
 
 @dataclass
@@ -141,10 +171,8 @@ def prepare_model(spec: ModelSpec) -> PreparedModel:
     non-default number of boxes: then a hash of both, so outputs made differently never mix.
     """
     check_task(spec.task)
-    model = load_checkpoint(
-        spec.checkpoint,
-        CheckpointOptions(spec.arch, spec.num_classes, spec.trust_checkpoint, spec.task),
-    )
+    options = CheckpointOptions(spec.arch, spec.num_classes, spec.trust_checkpoint, spec.task)
+    model = load_checkpoint(spec.checkpoint, options)
     task = model.task or CLASSIFICATION
     if spec.task is not None and spec.task != task:
         raise UsageError(
@@ -162,8 +190,9 @@ def prepare_model(spec: ModelSpec) -> PreparedModel:
         key = hashlib.sha256(f"{model.sha256}:{settings_text}".encode()).hexdigest()
     display = model_display_name(model.sha256, key)
     runner = task_runner(model, settings)
+    recipe = ModelRecipe(str(Path(spec.checkpoint).resolve()), options, model.sha256, settings=settings)
     return PreparedModel(
-        model=model, preprocess=preprocess, key=key, display=display, runner=runner, task=task
+        model=model, preprocess=preprocess, key=key, display=display, runner=runner, task=task, recipe=recipe
     )
 
 
@@ -189,19 +218,35 @@ def embed_folder(
     *,
     retry_failed: bool = False,
     safeguards: Safeguards = Safeguards(),
+    engine: Engine | None = None,
 ) -> EmbedResult:
-    """Sync the folder and run the model over images not yet embedded with this model."""
+    """Sync the folder and run the model over images not yet embedded with this model.
+
+    ``engine`` (from ``open_engine``) lets several calls share one; by default the call opens the
+    engine ``options`` name for itself.
+    """
     options = options or EmbedOptions()
-    resolve_device(options.device)  # fail before any work when the device is missing
+    options.check()  # fail before any work when the device or the engine is missing
     root = resolve_root(folder)
     prepared = prepare_model(spec)
     # before the scan: options that cannot fit in memory are a usage error, not an OOM kill
     check_batch_memory(options.batch_size, prepared.preprocess.image_size, options.worker_count())
     register(store, prepared)
-    sync = sync_folder(store, root, reporter, allow_empty=safeguards.allow_empty)
-    result = embed_synced(store, root, sync, prepared, options, reporter, retry_failed)
+    with engine_for(options, engine) as running:  # an unreachable cluster fails before hashing
+        sync = sync_folder(store, root, reporter, allow_empty=safeguards.allow_empty)
+        result = embed_synced(store, root, sync, prepared, options, reporter, retry_failed, engine=running)
     check_failures([result], safeguards)
     return result
+
+
+@contextlib.contextmanager
+def engine_for(options: EmbedOptions, engine: Engine | None) -> Iterator[Engine]:
+    """``engine`` when the caller has one open, else the one ``options`` name, open for the block."""
+    if engine is not None:
+        yield engine
+        return
+    with open_engine(options) as opened:
+        yield opened
 
 
 def register(store: Store, prepared: PreparedModel) -> None:
@@ -226,8 +271,15 @@ def embed_synced(
     options: EmbedOptions,
     reporter: Reporter,
     retry_failed: bool = False,
+    *,
+    engine: Engine | None = None,
 ) -> EmbedResult:
-    """Run the model over the synced folder's images it has no outputs for; store them per batch."""
+    """Run the model over the synced folder's images it has no outputs for; store them per batch.
+
+    Whatever the engine, every batch goes through ``persist``: outputs that are not finite fail
+    for this model, the rest are appended, fsynced and registered in one transaction, and decode
+    failures are recorded for the content. ``failures`` end up in path order.
+    """
     key = str(root)
     result = EmbedResult(sync=sync, model_key=prepared.key, model_display=prepared.display)
     if retry_failed:
@@ -274,7 +326,17 @@ def embed_synced(
         result.embedded += len(indices)
 
     runner = prepared.runner or prepared.model
-    run_model(runner, paths, prepared.preprocess, options, persist, reporter, expected_sha256=shas)
+    with engine_for(options, engine) as running:
+        running.run(
+            runner,
+            paths,
+            prepared.preprocess,
+            persist,
+            reporter,
+            expected_sha256=shas,
+            recipe=prepared.recipe,
+        )
+    result.failures.sort()
     return result
 
 
@@ -352,6 +414,7 @@ def score_folder(
     retry_failed: bool = False,
     safeguards: Safeguards = Safeguards(),
     reduction: Reduction = TASK_DEFAULTS,
+    engine: Engine | None = None,
 ) -> ScoreResult:
     """Embed what is missing, score every present unlabeled image, record a ranked run.
 
@@ -360,6 +423,7 @@ def score_folder(
     already labeled (kept outside ``folder``): they are embedded too and enter the strategy as
     labeled rows (coreset covers them, DAL learns from them), never as candidates.
     ``reduction``: how a detector's boxes or a segmenter's pixels become per-image scores.
+    ``engine`` as for ``embed_folder``: every model's embedding in this run shares it.
     """
     strategy = (
         strategy_name
@@ -374,7 +438,7 @@ def score_folder(
     if not models.task:
         raise UsageError("scoring needs at least one --model")
     options = options or EmbedOptions()
-    resolve_device(options.device)
+    options.check()
     root = resolve_root(folder)
     extra_roots = [resolve_root(d) for d in labeled_dirs]
     task = [prepare_model(s) for s in models.task]
@@ -390,13 +454,17 @@ def score_folder(
     for prepared in everyone:
         register(store, prepared)
 
-    sync = sync_folder(store, root, reporter, allow_empty=safeguards.allow_empty)
-    results = [embed_synced(store, root, sync, p, options, reporter, retry_failed) for p in everyone]
-    check_failures(results, safeguards)
-    for other in extra_roots:
-        other_sync = sync_folder(store, other, reporter)
-        for prepared in everyone:
-            embed_synced(store, other, other_sync, prepared, options, reporter, retry_failed)
+    with engine_for(options, engine) as running:  # an unreachable cluster fails before hashing
+        sync = sync_folder(store, root, reporter, allow_empty=safeguards.allow_empty)
+        results = [
+            embed_synced(store, root, sync, p, options, reporter, retry_failed, engine=running)
+            for p in everyone
+        ]
+        check_failures(results, safeguards)
+        for other in extra_roots:
+            other_sync = sync_folder(store, other, reporter)
+            for p in everyone:
+                embed_synced(store, other, other_sync, p, options, reporter, retry_failed, engine=running)
 
     pool = store.pool_rows(str(root), [p.key for p in everyone], [str(r) for r in extra_roots])
     inputs = pool_inputs(
@@ -524,6 +592,7 @@ def full_pass_model(task: PreparedModel, samples: int) -> PreparedModel:
         key=mc_key(task.key, samples),
         display=f"{task.display}+mc{samples}",
         runner=FullPassModel(task.model, samples),
+        recipe=replace(task.recipe, mc_samples=samples) if task.recipe is not None else None,
     )
 
 

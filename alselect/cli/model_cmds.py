@@ -12,6 +12,7 @@ from alselect.limits import DEFAULT_MAX_PIXELS
 from alselect.progress import Reporter
 
 if TYPE_CHECKING:
+    from alselect.embed import EmbedOptions
     from alselect.pipeline import EmbedResult, ModelSpec, Safeguards
 
 Folder = Annotated[Path, typer.Argument(metavar="DIR", help="Image folder (searched recursively).")]
@@ -98,6 +99,22 @@ Task = Annotated[
     ),
 ]
 MaxDetections = Annotated[int, typer.Option(min=1, help="Detection: boxes kept per image (highest scores).")]
+Engine = Annotated[
+    str,
+    typer.Option(help="local, or ray: run the model on a Ray cluster (needs the ray extra of alselect)."),
+]
+RayAddress = Annotated[
+    str | None,
+    typer.Option(help="Cluster to join: auto, HOST:PORT or ray://HOST:PORT (default: start a local one)."),
+]
+RayActors = Annotated[
+    int | None,
+    typer.Option(min=1, help="Model actors (default: one per GPU of the cluster, else half its CPUs)."),
+]
+RayGpusPerActor = Annotated[
+    float | None,
+    typer.Option(min=0, help="GPUs per model actor, may be fractional (default: 1 if the cluster has GPUs)."),
+]
 
 
 def _spec(
@@ -158,13 +175,17 @@ def embed(
     allow_empty: AllowEmpty = False,
     max_failed: MaxFailed = None,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
+    engine: Engine = "local",
+    ray_address: RayAddress = None,
+    ray_actors: RayActors = None,
+    ray_gpus_per_actor: RayGpusPerActor = None,
 ) -> None:
     """Embed new or changed images into the store.
 
     Stores each image's class probabilities and penultimate features; files this model has
     seen before (by content) are not run again.
     """
-    from alselect.embed import EmbedOptions
+    from alselect.embed import open_engine
     from alselect.pipeline import embed_folder
     from alselect.store import Store
 
@@ -173,18 +194,26 @@ def embed(
         for m in model
     ]
     safeguards = _safeguards(allow_empty, max_failed)
+    options = _options(
+        device, batch_size, workers, engine, ray_address, ray_actors, ray_gpus_per_actor, max_pixels
+    )
     _check_inputs(folder, *model)
     _check_memory(batch_size, workers, image_size)
-    with Store.open(globals_of(ctx).store, write=True, create=True) as store, reporter_for(ctx) as reporter:
+    with (
+        Store.open(globals_of(ctx).store, write=True, create=True) as store,
+        reporter_for(ctx) as reporter,
+        open_engine(options) as running,
+    ):
         results = [
             embed_folder(
                 store,
                 folder,
                 spec,
-                EmbedOptions(device, batch_size, workers, max_pixels),
+                options,
                 reporter,
                 retry_failed=retry_failed,
                 safeguards=safeguards,
+                engine=running,
             )
             for spec in specs
         ]
@@ -280,12 +309,15 @@ def score(
     allow_empty: AllowEmpty = False,
     max_failed: MaxFailed = None,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
+    engine: Engine = "local",
+    ray_address: RayAddress = None,
+    ray_actors: RayActors = None,
+    ray_gpus_per_actor: RayGpusPerActor = None,
 ) -> None:
     """Rank the unlabeled images of a folder and record the run.
 
     Embeds what is missing first; 'alselect export' then writes the ranking.
     """
-    from alselect.embed import EmbedOptions
     from alselect.pipeline import McDropout, ModelSpec, ScoreModels, score_folder
     from alselect.store import Store
     from alselect.strategies import parse_params, strategy_from_options
@@ -313,6 +345,9 @@ def score(
         mc=McDropout(samples=mc_samples, mode=mc_mode, rate=mc_dropout),
     )
     safeguards = _safeguards(allow_empty, max_failed)
+    options = _options(
+        device, batch_size, workers, engine, ray_address, ray_actors, ray_gpus_per_actor, max_pixels
+    )
     command = command_line()
     _check_inputs(folder, *model, embed_model)
     for other in labeled_dir or []:
@@ -325,7 +360,7 @@ def score(
             models,
             chosen,
             budget=budget,
-            options=EmbedOptions(device, batch_size, workers, max_pixels),
+            options=options,
             reporter=reporter,
             command=command,
             labeled_dirs=labeled_dir or [],
@@ -368,6 +403,25 @@ def _check_memory(batch_size: int, workers: int | None, image_size: int | None) 
     if image_size is not None:
         check_image_size(image_size)
         check_batch_memory(batch_size, image_size, default_workers() if workers is None else workers)
+
+
+def _options(
+    device: str,
+    batch_size: int,
+    workers: int | None,
+    engine: str,
+    ray_address: str | None,
+    ray_actors: int | None,
+    ray_gpus_per_actor: float | None,
+    max_pixels: int,
+) -> EmbedOptions:
+    from alselect.embed import EmbedOptions, RayOptions
+    from alselect.errors import UsageError
+
+    ray = RayOptions(ray_address, ray_actors, ray_gpus_per_actor)
+    if engine != "ray" and ray != RayOptions():
+        raise UsageError("--ray-address, --ray-actors and --ray-gpus-per-actor need --engine ray")
+    return EmbedOptions(device, batch_size, workers, max_pixels, engine=engine, ray=ray)
 
 
 def _safeguards(allow_empty: bool, max_failed: str | None) -> Safeguards:
