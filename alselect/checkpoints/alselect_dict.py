@@ -4,13 +4,23 @@ Layout (all plain types, loadable with ``weights_only=True``)::
 
     {"alselect_checkpoint": 1, "arch": "small_cnn" | <torchvision name>, "num_classes": C,
      "state_dict": {...}, "classes": [names] | None, "preprocess": {image_size, resize_size,
-     mean, std}}
+     mean, std},
+     # optional, written by ``alselect train``:
+     "heads": {"loss_prediction": {"stages": [...], "channels": [...], "hidden": 128,
+                                   "state_dict": {...}}},
+     "training": {"config": {...}, "history": [{epoch, train_loss, val_accuracy, ...}],
+                  "validation": {"accuracy", "count", "files"}, ...}}
+
+The optional entries keep version 1: older readers ignore them, and checkpoints without them load
+as before. Heads this alselect does not know are ignored.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,7 +33,7 @@ from alselect.checkpoints.base import (
 )
 from alselect.checkpoints.state_dict import load_weights, wrap_classifier
 from alselect.errors import CheckpointError
-from alselect.models import build_model
+from alselect.models import build_model, loss_prediction
 from alselect.preprocess import Preprocess
 
 FORMAT_KEY = "alselect_checkpoint"
@@ -37,9 +47,16 @@ def save_alselect_checkpoint(
     num_classes: int,
     classes: list[str] | None = None,
     preprocess: Preprocess | None = None,
+    *,
+    heads: Mapping[str, Any] | None = None,
+    training: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write ``model``'s weights in alselect's format (atomically: temp file, then rename)."""
-    payload = {
+    """Write ``model``'s weights in alselect's format (atomically: temp file, then rename).
+
+    ``heads`` (e.g. ``{"loss_prediction": models.loss_prediction.head_entry(...)}``) and
+    ``training`` (config, history, validation) are optional entries of plain types and tensors.
+    """
+    payload: dict[str, Any] = {
         FORMAT_KEY: FORMAT_VERSION,
         "arch": arch,
         "num_classes": int(num_classes),
@@ -47,6 +64,10 @@ def save_alselect_checkpoint(
         "classes": list(classes) if classes is not None else None,
         "preprocess": (preprocess or Preprocess()).to_dict(),
     }
+    if heads:
+        payload["heads"] = dict(heads)
+    if training:
+        payload["training"] = dict(training)
     target = Path(path)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     torch.save(payload, tmp)
@@ -79,7 +100,7 @@ def load_alselect_dict(ckpt: CheckpointFile, options: CheckpointOptions) -> Load
         )
     module = build_model(arch, num_classes)
     load_weights(module, state, path, num_classes)
-    return wrap_classifier(
+    loaded = wrap_classifier(
         module,
         kind="alselect",
         arch=arch,
@@ -87,3 +108,10 @@ def load_alselect_dict(ckpt: CheckpointFile, options: CheckpointOptions) -> Load
         classes=obj.get("classes"),
         preprocess=Preprocess.from_metadata(obj.get("preprocess")),
     )
+    heads = obj.get("heads") or {}
+    if not isinstance(heads, Mapping):
+        raise CheckpointError(f"{path}: the 'heads' entry must be a mapping")
+    entry = heads.get(loss_prediction.HEAD_NAME)
+    if entry is not None:
+        loaded.heads[loss_prediction.OUTPUT_NAME] = loss_prediction.attach_from_entry(module, entry, path)
+    return loaded

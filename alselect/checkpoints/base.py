@@ -6,10 +6,10 @@ import json
 import pickle
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -29,12 +29,22 @@ class CheckpointOptions:
     trust_checkpoint: bool = False
 
 
+class OutputHead(Protocol):
+    """An extra per-image output computed from what the backbone just ran (e.g. ``loss_pred``)."""
+
+    def to(self, device: torch.device) -> Any: ...
+
+    def read(self) -> torch.Tensor: ...
+
+
 @dataclass
 class LoadedModel:
     """A model ready for inference: ``predict(x [N,3,H,W]) -> (probs [N,C], embedding [N,D])``.
 
     ``outputs`` says whether the raw model emits ``logits`` (softmax applied here) or
     ``probabilities``. When a model exposes no features, the embedding is its logits.
+    ``heads`` name extra outputs (``loss_pred`` of a learning-loss checkpoint), each read after the
+    backbone's pass over the batch.
     """
 
     module: nn.Module
@@ -47,10 +57,17 @@ class LoadedModel:
     feature_hook: Callable[[], torch.Tensor | None] | None = None
     sha256: str = ""
     path: str = ""
+    heads: dict[str, OutputHead] = field(default_factory=dict)
 
     def to(self, device: torch.device) -> LoadedModel:
         self.module.to(device)
+        for head in self.heads.values():
+            head.to(device)
         return self
+
+    def output_names(self) -> frozenset[str]:
+        """The named arrays ``forward_outputs`` gives: ``probs``, ``embedding`` and any heads'."""
+        return frozenset({"probs", "embedding", *self.heads})
 
     @torch.inference_mode()
     def predict(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,10 +84,15 @@ class LoadedModel:
             embedding = scores
         return probs, embedding.float().flatten(1)
 
+    @torch.inference_mode()
     def forward_outputs(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The named per-image arrays the store keeps for this model: ``probs``, ``embedding``."""
+        """The named per-image arrays the store keeps for this model: ``probs``, ``embedding``, and
+        one per head (``loss_pred [n]``)."""
         probs, embedding = self.predict(batch)
-        return {"probs": probs, "embedding": embedding}
+        outputs = {"probs": probs, "embedding": embedding}
+        for name, head in self.heads.items():
+            outputs[name] = head.read().float()
+        return outputs
 
 
 def split_outputs(raw: Any) -> tuple[torch.Tensor, torch.Tensor | None, bool]:

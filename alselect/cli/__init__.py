@@ -28,7 +28,7 @@ def _click_exceptions() -> ModuleType:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from alselect.cli import info_cmds, model_cmds, output_cmds  # noqa: F401  (register commands)
+    from alselect.cli import info_cmds, model_cmds, output_cmds, train_cmds  # noqa: F401  (register commands)
     from alselect.cli.app import app, err
 
     args = list(sys.argv[1:] if argv is None else argv)
