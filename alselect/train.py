@@ -307,98 +307,84 @@ def fit(
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.seed)
-        return _fit(module, source, labels, train_idx, val_idx, preprocess, config, reporter, device)
-
-
-def _fit(
-    module: nn.Module,
-    source: ImageSource,
-    labels: np.ndarray,
-    train_idx: np.ndarray,
-    val_idx: np.ndarray,
-    preprocess: Preprocess,
-    config: TrainConfig,
-    reporter: Reporter,
-    device: torch.device,
-) -> TrainResult:
-    cuda = device.type == "cuda"
-    module.to(device)
-    if cuda:
-        module.to(memory_format=torch.channels_last)
-    head: LossPredictionModule | None = None
-    taps: StageTaps | None = None
-    stages: list[str] = []
-    if config.loss_prediction:
-        stages, channels = find_stages(module, preprocess.image_size)
-        head = LossPredictionModule(channels).to(device)
-        taps = StageTaps(module, stages)
-    params = list(module.parameters()) + (list(head.parameters()) if head is not None else [])
-    optimizer = make_optimizer(params, config)
-    generator = torch.Generator().manual_seed(config.seed)
-    normalize = normalizer(preprocess, device)
-    targets = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    steps = math.ceil(len(train_idx) / config.batch_size)
-    total = steps * config.epochs
-    result = TrainResult(module=module, head=head, stages=stages)
-    reporter.progress("train", 0, total)
-    try:
-        for epoch in range(config.epochs):
-            start = time.perf_counter()
-            lr = config.lr_at(epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            module.train()
-            if head is not None:
-                head.train()
+        cuda = device.type == "cuda"
+        module.to(device)
+        if cuda:
+            module.to(memory_format=torch.channels_last)
+        head: LossPredictionModule | None = None
+        taps: StageTaps | None = None
+        stages: list[str] = []
+        if config.loss_prediction:
+            stages, channels = find_stages(module, preprocess.image_size)
+            head = LossPredictionModule(channels).to(device)
+            taps = StageTaps(module, stages)
+        params = list(module.parameters()) + (list(head.parameters()) if head is not None else [])
+        optimizer = make_optimizer(params, config)
+        generator = torch.Generator().manual_seed(config.seed)
+        normalize = normalizer(preprocess, device)
+        targets = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        steps = math.ceil(len(train_idx) / config.batch_size)
+        total = steps * config.epochs
+        result = TrainResult(module=module, head=head, stages=stages)
+        reporter.progress("train", 0, total)
+        try:
+            for epoch in range(config.epochs):
+                start = time.perf_counter()
+                lr = config.lr_at(epoch)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                module.train()
+                if head is not None:
+                    head.train()
+                if taps is not None:
+                    taps.detach = epoch >= config.lp_stop_epoch
+                order = train_idx[torch.randperm(len(train_idx), generator=generator).numpy()]
+                seen = correct = 0
+                ce_sum = lp_sum = 0.0
+                for step, (indices, pixels) in enumerate(source.batches(order, config.batch_size)):
+                    if len(indices) < 2:
+                        continue  # batch norm cannot train on one image
+                    x = normalize(pixels)
+                    if config.augment:
+                        x = augment(x, generator)
+                    if cuda:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    y = targets[torch.from_numpy(indices)].to(device)
+                    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
+                        logits = module(x)
+                        per_sample = F.cross_entropy(logits.float(), y, reduction="none")
+                        loss = per_sample.mean()
+                        if head is not None and taps is not None:
+                            pair = pair_ranking_loss(head(taps.take()), per_sample, config.lp_margin)
+                            loss = loss + config.lp_weight * pair
+                            lp_sum += float(pair.detach()) * len(indices)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    seen += len(indices)
+                    ce_sum += float(per_sample.detach().sum())
+                    correct += int((logits.detach().argmax(1) == y).sum())
+                    reporter.progress("train", epoch * steps + step + 1, total)
+                val = evaluate(module, source, labels, val_idx, preprocess, device) if len(val_idx) else None
+                record = {
+                    "epoch": epoch + 1,
+                    "lr": lr,
+                    "train_loss": ce_sum / max(seen, 1),
+                    "train_accuracy": correct / max(seen, 1),
+                    "val_accuracy": val,
+                    "seconds": round(time.perf_counter() - start, 3),
+                }
+                if head is not None:
+                    record["lp_loss"] = lp_sum / max(seen, 1)
+                result.history.append(record)
+                reporter.info(epoch_line(record, config.epochs))
+        finally:
             if taps is not None:
-                taps.detach = epoch >= config.lp_stop_epoch
-            order = train_idx[torch.randperm(len(train_idx), generator=generator).numpy()]
-            seen = correct = 0
-            ce_sum = lp_sum = 0.0
-            for step, (indices, pixels) in enumerate(source.batches(order, config.batch_size)):
-                if len(indices) < 2:
-                    continue  # batch norm cannot train on one image
-                x = normalize(pixels)
-                if config.augment:
-                    x = augment(x, generator)
-                if cuda:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                y = targets[torch.from_numpy(indices)].to(device)
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
-                    logits = module(x)
-                    per_sample = F.cross_entropy(logits.float(), y, reduction="none")
-                    loss = per_sample.mean()
-                    if head is not None and taps is not None:
-                        pair = pair_ranking_loss(head(taps.take()), per_sample, config.lp_margin)
-                        loss = loss + config.lp_weight * pair
-                        lp_sum += float(pair.detach()) * len(indices)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                seen += len(indices)
-                ce_sum += float(per_sample.detach().sum())
-                correct += int((logits.detach().argmax(1) == y).sum())
-                reporter.progress("train", epoch * steps + step + 1, total)
-            val = evaluate(module, source, labels, val_idx, preprocess, device) if len(val_idx) else None
-            record = {
-                "epoch": epoch + 1,
-                "lr": lr,
-                "train_loss": ce_sum / max(seen, 1),
-                "train_accuracy": correct / max(seen, 1),
-                "val_accuracy": val,
-                "seconds": round(time.perf_counter() - start, 3),
-            }
-            if head is not None:
-                record["lp_loss"] = lp_sum / max(seen, 1)
-            result.history.append(record)
-            reporter.info(epoch_line(record, config.epochs))
-    finally:
-        if taps is not None:
-            taps.remove()
-    module.eval()
-    if head is not None:
-        head.eval()
-    return result
+                taps.remove()
+        module.eval()
+        if head is not None:
+            head.eval()
+        return result
 
 
 def epoch_line(record: dict[str, Any], epochs: int) -> str:

@@ -30,18 +30,11 @@ if TYPE_CHECKING:
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-CLASS_NAMES = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-]
+try:
+    from alselect.datasets import FASHION_MNIST_CLASSES as CLASS_NAMES
+except ImportError:  # run from a checkout where alselect is not installed
+    sys.path.insert(0, str(REPO_ROOT))
+    from alselect.datasets import FASHION_MNIST_CLASSES as CLASS_NAMES
 MEAN = 0.2860
 STD = 0.3530
 IMAGE_SIZE = 28
