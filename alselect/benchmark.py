@@ -42,13 +42,14 @@ from alselect import __version__
 from alselect.checkpoints import LoadedModel
 from alselect.datasets import ArraySplit, image_folder, is_idx_folder, load_idx_dataset
 from alselect.embed import OutputModel, resolve_device
-from alselect.errors import AlselectError, DataError, UsageError
+from alselect.errors import AlselectError, DataError, StoreLockedError, UsageError
 from alselect.fsutil import fsync_directory
 from alselect.mc_dropout import FullPassModel, dropout_layers, head_layer, head_mc_probs
 from alselect.models.loss_prediction import OUTPUT_NAME, LossPredictionModule, LossPredictor, find_stages
 from alselect.pipeline import STANDARD_INPUTS, McDropout
 from alselect.preprocess import Preprocess
 from alselect.progress import NULL_REPORTER, Reporter
+from alselect.store.lock import WriterLock
 from alselect.strategies import PoolInputs, Strategy, available, build_strategy, parse_params
 from alselect.train import (
     EVAL_BATCH,
@@ -943,11 +944,31 @@ def run_benchmark(
     if out.exists() and not out.is_dir():
         raise UsageError(f"-o {output} is a file; name a folder for the results")
     device = resolve_device(options.train.device)
-    notes: list[str] = []
     if PRESETS.get(options.preset or "", {}).get("needs_gpu") and device.type != "cuda":
         reporter.warning(f"preset {options.preset} is sized for a GPU; on a CPU it takes days")
     data = load_data(options, reporter)
     out.mkdir(parents=True, exist_ok=True)
+    lock = WriterLock(out / "lock", timeout=0)
+    try:
+        lock.acquire()
+    except StoreLockedError:
+        raise AlselectError(f"{out} is in use by another benchmark (see {out / 'lock'})") from None
+    try:
+        return _run_locked(options, out, data, device, reporter, command, started)
+    finally:
+        lock.release()
+
+
+def _run_locked(
+    options: BenchmarkOptions,
+    out: Path,
+    data: BenchData,
+    device: torch.device,
+    reporter: Reporter,
+    command: str | None,
+    started: float,
+) -> BenchmarkResult:
+    notes: list[str] = []
     _record_invocation(out, options, command, device)
     simulation = Simulation(options, data, out, reporter)
     total = len(options.strategies) * options.seeds * (options.cycles + 1)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import gzip
+import multiprocessing
 import struct
 import sys
 from collections.abc import Iterator
+from multiprocessing.synchronize import Event
 from pathlib import Path
 
 import numpy as np
@@ -319,3 +321,31 @@ def test_select_refuses_a_strategy_that_picks_labeled_images() -> None:
     inputs = PoolInputs(probs=np.full((4, 2), 0.5, np.float32), labeled=np.array([True, False, False, False]))
     with pytest.raises(Exception, match="selected labeled or repeated"):
         bench.select(Bad(), inputs, 2)
+
+
+def test_a_results_folder_in_use_is_refused(tmp_path: Path, tiny_idx: Path) -> None:
+    from alselect.errors import AlselectError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    context = multiprocessing.get_context("fork")
+    ready, stop = context.Event(), context.Event()
+    holder = context.Process(target=_hold_lock, args=(out / "lock", ready, stop))
+    holder.start()
+    try:
+        assert ready.wait(30)
+        with pytest.raises(AlselectError, match="in use by another benchmark"):
+            run_benchmark(tiny_options(tiny_idx, ["random"]), out)
+    finally:
+        stop.set()
+        holder.join(30)
+    assert not (out / "cycles.csv").exists()
+
+
+def _hold_lock(path: Path, ready: Event, stop: Event) -> None:
+    """Another process holding the results folder's lock until told to stop."""
+    from alselect.store.lock import WriterLock
+
+    with WriterLock(path, timeout=0):
+        ready.set()
+        stop.wait(60)
