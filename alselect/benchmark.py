@@ -369,9 +369,17 @@ def pool_inputs(
     mc: McDropout,
     device: torch.device,
 ) -> PoolInputs:
-    """The ``PoolInputs`` ``score`` would give ``strategy`` for this model and labeled mask."""
-    outputs = model_outputs(model, source, preprocess, device)
+    """The ``PoolInputs`` ``score`` would give ``strategy`` for this model and labeled mask.
+
+    A strategy that needs nothing from the model (``random``) gets uniform ``probs`` without a pass
+    over the pool.
+    """
     needs = strategy.needs
+    if not needs:
+        classes = len(model.classes or []) or int(model.num_classes or 1)
+        uniform = np.full((len(source), classes), 1.0 / classes, dtype=np.float32)
+        return PoolInputs(probs=uniform, labeled=labeled)
+    outputs = model_outputs(model, source, preprocess, device)
     missing = sorted(needs - STANDARD_INPUTS - set(outputs))
     if missing:
         raise AlselectError(
