@@ -41,7 +41,7 @@ def main_options(
     ctx: typer.Context,
     store: Annotated[
         Path | None,
-        typer.Option("--store", envvar="ALSELECT_STORE", help="Store folder [default: .alselect]"),
+        typer.Option("--store", envvar="ALSELECT_STORE", help="Store folder (default: .alselect)"),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
     verbose: Annotated[

@@ -43,7 +43,7 @@ MaxFailed = Annotated[
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 BatchSize = Annotated[int, typer.Option(min=1, help="Images per model call.")]
 Workers = Annotated[
-    int | None, typer.Option(min=0, help="Decoding processes [default: min(4, CPUs)]; 0 = none.")
+    int | None, typer.Option(min=0, help="Decoding processes (default: min(4, CPUs)); 0 = none.")
 ]
 ImageSize = Annotated[int | None, typer.Option(min=1, help="Crop size in pixels (overrides checkpoint).")]
 Mean = Annotated[str | None, typer.Option(help="Normalisation mean R,G,B (0–1 scale).")]
@@ -128,7 +128,7 @@ def score(
     folder: Folder,
     model: Model,
     strategy: Annotated[str, typer.Option("--strategy", "-s", help="See 'alselect strategies'.")],
-    budget: Annotated[int | None, typer.Option(min=1, help="Rank only the best N [default: all].")] = None,
+    budget: Annotated[int | None, typer.Option(min=1, help="Rank only the best N (default: all).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for strategies that draw at random.")] = 0,
     param: Annotated[
         list[str] | None,

@@ -31,7 +31,7 @@ def utf8_stdout() -> Iterator[TextIO]:
 @app.command()
 def export(
     ctx: typer.Context,
-    top: Annotated[int | None, typer.Option(min=1, help="At most N images [default: all].")] = None,
+    top: Annotated[int | None, typer.Option(min=1, help="At most N images (default: all).")] = None,
     format: Annotated[str, typer.Option("--format", "-f", help="csv, tsv, jsonl or paths.")] = "csv",
     output: Annotated[
         Path | None,

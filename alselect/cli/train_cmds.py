@@ -39,13 +39,13 @@ def train(
         bool, typer.Option("--from-store", help="Train on the class labels recorded by 'alselect label'.")
     ] = False,
     root: Annotated[
-        Path | None, typer.Option(help="Folder that CSV paths are relative to [default: the CSV's folder].")
+        Path | None, typer.Option(help="Folder that CSV paths are relative to (default: the CSV's folder).")
     ] = None,
     label_column: Annotated[str, typer.Option(help="CSV column holding the class.")] = "label",
     arch: Annotated[
         str | None,
         typer.Option(
-            help="small_cnn, resnet18_cifar or any torchvision classifier [default: --init's, else resnet18]."
+            help="small_cnn, resnet18_cifar or any torchvision classifier (default: --init's, else resnet18)."
         ),
     ] = None,
     init: Annotated[
@@ -66,15 +66,15 @@ def train(
     seed: Annotated[int, typer.Option()] = 0,
     device: Device = "auto",
     workers: Annotated[
-        int | None, typer.Option(min=0, help="Decoding processes [default: min(4, CPUs)].")
+        int | None, typer.Option(min=0, help="Decoding processes (default: min(4, CPUs)).")
     ] = None,
     val_fraction: Annotated[float, typer.Option(help="Share of each class held out for validation.")] = 0.1,
     augment: Annotated[bool, typer.Option(help="Random crop (S/8 padding) and horizontal flip.")] = True,
     image_size: Annotated[
-        int | None, typer.Option(min=1, help="Crop size [default: --init's, else 32 for small models, 224].")
+        int | None, typer.Option(min=1, help="Crop size (default: --init's, else 32 for small models, 224).")
     ] = None,
-    mean: Annotated[str | None, typer.Option(help="Normalisation mean R,G,B [default: ImageNet].")] = None,
-    std: Annotated[str | None, typer.Option(help="Normalisation std R,G,B [default: ImageNet].")] = None,
+    mean: Annotated[str | None, typer.Option(help="Normalisation mean R,G,B (default: ImageNet).")] = None,
+    std: Annotated[str | None, typer.Option(help="Normalisation std R,G,B (default: ImageNet).")] = None,
     loss_prediction: Annotated[
         bool, typer.Option(help="Attach the learning-loss module (for --strategy learning-loss).")
     ] = False,
@@ -155,7 +155,7 @@ def benchmark(
         Path | None,
         typer.Argument(
             help="Labeled data: a class folder (with train/ and test/ inside, or split here), "
-            "or a folder of MNIST-style IDX files [default: the preset's]."
+            "or a folder of MNIST-style IDX files (default: the preset's)."
         ),
     ] = None,
     output: Annotated[
@@ -168,7 +168,7 @@ def benchmark(
             "--strategy", "-s", help="Strategy to compare (repeatable; 'all' = every registered one)."
         ),
     ] = None,
-    seeds: Annotated[int | None, typer.Option(min=1, help="Repetitions (seeds 0..N-1) [default: 3].")] = None,
+    seeds: Annotated[int | None, typer.Option(min=1, help="Repetitions (seeds 0..N-1) (default: 3).")] = None,
     initial: Annotated[int | None, typer.Option(min=1, help="Random labeled images to start from.")] = None,
     step: Annotated[int | None, typer.Option(min=1, help="Images selected per cycle (k).")] = None,
     cycles: Annotated[
