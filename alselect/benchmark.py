@@ -27,6 +27,7 @@ import io
 import json
 import os
 import platform
+import textwrap
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -866,7 +867,7 @@ def plot_curves(summaries: Sequence[StrategySummary], path: Path, title: str) ->
         ax.fill_between(x, mean - std, mean + std, alpha=0.12, color=line.get_color())
     ax.set_xlabel("labeled images")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(textwrap.fill(title, 100), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="lower right")
     fig.tight_layout()
