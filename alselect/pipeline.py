@@ -51,6 +51,9 @@ from alselect.tasks.pool import LazyArrays, task_pool
 
 NOT_FINITE = "model output not finite (NaN or infinity)"
 TASK_DEFAULTS = Reduction()  # detection / segmentation scoring options when none are given
+STANDARD_INPUTS = frozenset({"probs", "embeddings", "mc_probs"})
+# How to get a checkpoint that produces a per-image array a strategy needs.
+ARRAY_SOURCES = {"loss_pred": "train one with 'alselect train --loss-prediction'"}
 
 
 @dataclass(frozen=True)
@@ -445,6 +448,7 @@ def score_folder(
     embedder = prepare_model(models.embed) if models.embed is not None else None
     check_ensemble(task)
     check_task_run(strategy, task, reduction)
+    check_outputs(strategy, task[0])
     mc_mode = mc_source(strategy, task, models.mc)
     mc_pass = full_pass_model(task[0], models.mc.samples) if mc_mode == "full" else None
     extras = [m for m in (embedder, mc_pass) if m is not None]
@@ -570,6 +574,17 @@ def check_task_run(strategy: Strategy, task: Sequence[PreparedModel], reduction:
     reduction.for_task(kind)
 
 
+def check_outputs(strategy: Strategy, task: PreparedModel) -> None:
+    """Refuse, before any work, a strategy that needs a per-image array the model does not produce."""
+    missing = sorted(strategy.needs - STANDARD_INPUTS - task.model.output_names())
+    if missing:
+        hints = "; ".join(f"for {name}: {ARRAY_SOURCES[name]}" for name in missing if name in ARRAY_SOURCES)
+        raise UsageError(
+            f"strategy {strategy.name!r} needs {', '.join(missing)} per image, which checkpoint "
+            f"{task.model.path} does not produce" + (f" ({hints})" if hints else "")
+        )
+
+
 def mc_source(strategy: Strategy, task: Sequence[PreparedModel], mc: McDropout) -> str | None:
     """How ``mc_probs`` are made for this run: None (not needed, or an ensemble), full or head."""
     if "mc_probs" not in strategy.needs or len(task) > 1:
@@ -646,8 +661,7 @@ def pool_inputs(
             mc_probs = head_mc_probs(stored, weight, bias, mc_head.samples, mc_head.rate)
         else:
             raise UsageError(f"strategy {strategy.name!r} needs several predictions per image")
-    standard = {"probs", "embeddings", "mc_probs"}
-    arrays = {name: store.pool_array(pool, task[0].key, name) for name in sorted(needs - standard)}
+    arrays = {name: store.pool_array(pool, task[0].key, name) for name in sorted(needs - STANDARD_INPUTS)}
     return PoolInputs(
         probs=np.asarray(probs, dtype=np.float32),
         labeled=pool.labeled,
