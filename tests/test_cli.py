@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from alselect.strategies import available
 from tests.conftest import SAMPLE_DATA
 from tests.helpers import MakeImages, cli
 
@@ -116,7 +117,7 @@ def bad_state_dict(tmp_path: Path) -> Path:
         ("malformed checkpoint", 1, "not a readable PyTorch checkpoint"),
         ("wrong num classes", 1, "checkpoint has 3 classes but --num-classes is 5"),
         ("state dict without arch", 1, "--arch"),
-        ("unknown strategy", 2, "known strategies: entropy, least-confidence, margin, random, ratio"),
+        ("unknown strategy", 2, "known strategies: " + ", ".join(available())),
         ("top zero", 2, "--top"),
         ("unknown format", 2, "known formats: csv"),
         ("unknown command", 2, "No such command"),
@@ -240,7 +241,8 @@ def test_label_of_unknown_paths_only_is_an_error(
 def test_strategies_lists_every_registered_strategy(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = cli(capsys, "strategies")
     names = [line.split()[0] for line in out.splitlines()]
-    assert code == 0 and names == ["entropy", "least-confidence", "margin", "random", "ratio"]
+    assert code == 0 and names == list(available())
+    assert {"entropy", "least-confidence", "margin", "random", "ratio", "coreset", "badge"} <= set(names)
 
 
 def test_python_dash_m_reports_version() -> None:

@@ -87,8 +87,22 @@ def train_discriminator(
     Adam, cross-entropy weighted so both classes count equally; mini-batches shuffled with
     ``generator``. Returns each epoch's class-balanced training accuracy (mean of the two classes'
     accuracies, measured on the predictions made while training); stops after the first epoch
-    above ``TARGET_ACCURACY`` or after ``max_epochs``.
+    above ``TARGET_ACCURACY`` or after ``max_epochs``. Runs torch single-threaded: the matrices are
+    tiny, and thread barriers on a busy machine cost more than the arithmetic.
     """
+    with single_threaded_torch():
+        return _train(model, features, targets, generator, lr, max_epochs, batch_size)
+
+
+def _train(
+    model: Discriminator,
+    features: torch.Tensor,
+    targets: torch.Tensor,
+    generator: torch.Generator,
+    lr: float,
+    max_epochs: int,
+    batch_size: int,
+) -> list[float]:
     import torch
 
     n = int(targets.shape[0])
@@ -271,16 +285,15 @@ class DiscriminativeAL(Strategy):
                 ]
             ).to(device)
             model = init_discriminator(embeddings.shape[1], generator, mean_t, std_t)
-            with single_threaded_torch():  # tiny matrices: threads only add barrier waits
-                train_discriminator(
-                    model,
-                    features,
-                    targets,
-                    generator=generator,
-                    lr=self.lr,
-                    max_epochs=self.max_epochs,
-                    batch_size=self.batch_size,
-                )
+            train_discriminator(
+                model,
+                features,
+                targets,
+                generator=generator,
+                lr=self.lr,
+                max_epochs=self.max_epochs,
+                batch_size=self.batch_size,
+            )
             margin = _predict(model, embeddings, remaining, device)
             order = np.argsort(-margin, kind="stable")[:size]
             picks.append(remaining[order])
