@@ -148,24 +148,20 @@ def test_coreset_cold_start_draws_the_first_pick_from_the_seed(points: np.ndarra
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("prune", [False, True])
-def test_fast_path_agrees_with_exact_on_separated_data(dtype: type, prune: bool) -> None:
-    x, _ = clustered(3000, 80, 12, seed=5)
+@pytest.mark.parametrize("badge", [False, True])
+def test_fast_path_agrees_with_exact_on_separated_data(dtype: type, prune: bool, badge: bool) -> None:
+    x, blob = clustered(3000, 80, 12, seed=5)
     x = x.astype(dtype)
     covered = np.arange(0, 3000, 97)
     candidates = np.setdiff1d(np.arange(3000), covered)
-    exact = greedy_centres(
-        x, candidates, 60, rng=np.random.default_rng(0), centres=covered, precision="exact"
-    )
-    fast = greedy_centres(
-        x,
-        candidates,
-        60,
-        rng=np.random.default_rng(0),
-        centres=covered,
-        precision="fast",
-        device="cpu",
-        prune=prune,
-    )
+    options: dict = {"rng": np.random.default_rng(0), "centres": covered}
+    if badge:  # k-means++ draws on a ⊗ h, with the owner and projection filters in tensor space
+        probs = np.full((3000, 4), 0.1, dtype=np.float32)
+        probs[np.arange(3000), blob % 4] = 0.7
+        options.update(factors=gradient_factors(probs), sample=True)
+    exact = greedy_centres(x, candidates, 60, precision="exact", **options)
+    options["rng"] = np.random.default_rng(0)
+    fast = greedy_centres(x, candidates, 60, precision="fast", device="cpu", prune=prune, **options)
     assert fast.picks.tolist() == exact.picks.tolist()
     np.testing.assert_allclose(fast.dists, exact.dists, rtol=1e-4)
 

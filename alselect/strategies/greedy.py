@@ -50,10 +50,12 @@ PRECISIONS = ("auto", "exact", "fast")
 EXACT_MAX_WORK = 1 << 28  # candidates × D × (centres + budget) at or below which "auto" means exact
 CHUNK_BYTES = 1 << 21  # float32 bytes per converted chunk: cache-sized
 PRUNE_DIMS = 64  # principal directions of the pruning bound (64 of 512: the fastest measured)
-PRUNE_SAMPLE = 20_000  # rows the principal directions are estimated from
-PRUNE_MIN_CANDIDATES = 20_000  # below this a dense pass is cheap enough
+PRUNE_SAMPLE = 8192  # rows the principal directions are estimated from
+PRUNE_MIN_CANDIDATES = 100_000  # below this a dense pass is cheaper than building the bound
 PRUNE_TOLERANCE = 2e-3  # bounds are lowered by this fraction of the projected norms (rounding margin)
 ZERO_TOLERANCE = {"exact": 1e-12, "fast": 1e-5}  # squared distances this close to 0 (relative) are 0
+OWNER_MAX_CENTRES = 50_000  # context + budget above which the owner filter is off (table memory)
+GATHER_FRACTION = 16  # the bound gathers its rows when fewer than 1/16 of a range are left
 MAX_LANES = 8  # CPU threads the fast path splits rows over (at most torch's thread count)
 PICKED = -1.0  # m of a chosen centre: below every real squared distance, so never chosen again
 
@@ -133,7 +135,7 @@ def greedy_centres(
     if factors is not None and factors.shape[0] != h.shape[0]:
         raise ValueError(f"factors {factors.shape} and embeddings {h.shape} differ in rows")
     with contextlib.ExitStack() as stack:
-        backend = _open_backend(stack, h, candidates, factors, mode, device, prune)
+        backend = _open_backend(stack, h, candidates, factors, mode, device, prune, centres.size + count)
         if centres.size:
             backend.cover(centres)
         first_radius = math.nan
@@ -172,7 +174,9 @@ def _open_backend(
     mode: str,
     device: str,
     prune: bool | None,
+    capacity: int,
 ) -> _Backend:
+    """The backend for ``mode``/``device``; ``capacity``: centres there will be (context + picks)."""
     if mode == "exact":
         return _ExactBackend(h, candidates, factors)
     torch_device = resolve_torch_device(device)
@@ -181,7 +185,7 @@ def _open_backend(
     if prune is None:
         prune = candidates.size >= PRUNE_MIN_CANDIDATES and h.shape[1] > 2 * PRUNE_DIMS
     threads = stack.enter_context(single_threaded_torch())
-    backend = _CpuBackend(h, candidates, factors, prune, lanes=min(threads, MAX_LANES))
+    backend = _CpuBackend(h, candidates, factors, prune, lanes=min(threads, MAX_LANES), centres=capacity)
     stack.callback(backend.close)
     return backend
 
@@ -217,13 +221,13 @@ class _Backend:
         raise NotImplementedError
 
     def masses(self) -> np.ndarray:
-        """``max(m, 0)`` on the host (float64)."""
+        """``max(m, 0)`` on the host (a new array)."""
         raise NotImplementedError
 
     def sample(self, uniform: float, weights: np.ndarray | None) -> int | None:
         mass = self.masses()
         if weights is not None:
-            mass *= weights
+            mass = mass * weights
         if not (mass > 0).any():
             return None
         return _draw(mass, uniform)
@@ -366,8 +370,15 @@ class _CpuBackend(_Backend):
     """
 
     def __init__(
-        self, h: np.ndarray, candidates: np.ndarray, factors: np.ndarray | None, prune: bool, lanes: int
+        self,
+        h: np.ndarray,
+        candidates: np.ndarray,
+        factors: np.ndarray | None,
+        prune: bool,
+        lanes: int,
+        centres: int = 0,
     ) -> None:
+        """``centres``: how many centres there will be at most (context + budget), for the owner filter."""
         import torch
 
         self.torch = torch
@@ -395,9 +406,36 @@ class _CpuBackend(_Backend):
             check_finite(self.norms, "probability")
         self.m = np.full(size, np.inf, dtype=np.float32)
         self.computed = 0  # candidate distances computed in full (the rest were pruned)
+        self.survivors = 0  # rows that passed the owner filter (statistics)
         self.proj: np.ndarray | None = None
+        self.table: np.ndarray | None = None
         if prune:
             self._build_projection()
+            if 0 < centres <= OWNER_MAX_CENTRES:
+                self._start_owners(centres)
+
+    def _start_owners(self, capacity: int) -> None:
+        """The owner filter: each candidate's nearest centre, and every centre's vector.
+
+        A new centre ``s`` cannot come closer to ``x`` than ``x``'s nearest centre ``c`` when
+        ``d(c, s) ≥ 2 √m(x)`` (triangle inequality), so such rows are skipped after one lookup.
+        """
+        self.owner = np.full(self.candidates.size, -1, dtype=np.int32)
+        self.table = np.zeros((capacity, self.dims), dtype=np.float32)
+        self.table_norms = np.zeros(capacity, dtype=np.float32)
+        self.table_a = None if self.a is None else np.zeros((capacity, self.a.shape[1]), dtype=np.float32)
+        self.count = 0  # centres in the table
+
+    def _add_to_table(self, vectors: np.ndarray, norms: np.ndarray, factors: np.ndarray | None) -> int:
+        """Store centres; returns the id of the first."""
+        assert self.table is not None
+        first = self.count
+        self.table[first : first + vectors.shape[0]] = vectors
+        self.table_norms[first : first + vectors.shape[0]] = norms
+        if self.table_a is not None and factors is not None:
+            self.table_a[first : first + vectors.shape[0]] = factors
+        self.count += vectors.shape[0]
+        return first
 
     def close(self) -> None:
         if self.pool is not None:
@@ -429,27 +467,31 @@ class _CpuBackend(_Backend):
         inequality), so ``‖y₁ − y₂‖² + (r₁ − r₂)²`` never exceeds it; the same holds for ``a ⊗ h``
         with ``a ⊗ y`` and ``‖a‖ r``.
         """
+        torch = self.torch
         size = self.candidates.size
         pick = np.sort(np.random.default_rng(0).choice(size, min(size, PRUNE_SAMPLE), replace=False))
-        sample = np.asarray(self.h[self.candidates[pick]], dtype=np.float64)
+        sample = torch.from_numpy(np.asarray(self.h[self.candidates[pick]], dtype=np.float64))
         if self.a is None:
-            mean = sample.mean(axis=0)
-            centred = sample - mean
-            moment = centred.T @ centred
+            mean = sample.mean(dim=0)
+            sample -= mean
+            moment = sample.T @ sample
         else:
-            mean = np.zeros(self.dims)
-            weight = np.einsum("ij,ij->i", self.a[pick], self.a[pick]).astype(np.float64)
+            mean = torch.zeros(self.dims, dtype=torch.float64)
+            weight = torch.from_numpy(np.einsum("ij,ij->i", self.a[pick], self.a[pick]).astype(np.float64))
             moment = (sample * weight[:, None]).T @ sample
-        _, vectors = np.linalg.eigh(moment)
+        # torch's eigh (single-threaded here) takes a tenth of the time of numpy's on a busy machine
+        _, vectors_t = torch.linalg.eigh(moment)
+        vectors = vectors_t.numpy()
         top = vectors[:, ::-1][:, : min(PRUNE_DIMS, self.dims)]
-        # one more column gives h·μ, for ‖h − μ‖² = ‖h‖² − 2 h·μ + ‖μ‖²
-        self._basis = self.torch.from_numpy(np.column_stack([top, mean]).astype(np.float32))
-        self._offset = (mean @ top).astype(np.float32)
+        mean = mean.numpy()
+        self._basis = torch.from_numpy(np.ascontiguousarray(top, dtype=np.float32))
+        self._mean = torch.from_numpy(mean.astype(np.float32))
         self.proj = np.empty((size, top.shape[1]), dtype=np.float32)
-        self._hmu = np.empty(size, dtype=np.float32)
+        centred_norms = np.empty(size, dtype=np.float32)  # ‖h − μ‖², from the centred rows
+        self._centred_norms = centred_norms
         self._each(self._project_range)
+        del self._centred_norms
         pn = np.einsum("ij,ij->i", self.proj, self.proj)
-        centred_norms = self.hn - 2.0 * self._hmu + np.float32(mean @ mean)
         residual = np.maximum(centred_norms - pn, 0.0)
         # float32 rounding: |r² − r̂²| ≤ ε‖h − μ‖² gives |r − r̂| ≤ √(ε‖h − μ‖²); bounds use r̂ ± that
         slack = np.sqrt(PRUNE_TOLERANCE * np.maximum(centred_norms, 0.0))
@@ -462,17 +504,17 @@ class _CpuBackend(_Backend):
         self.slack = slack.astype(np.float32)
         # lowered by the tolerance: float32 rounding never makes the bound exceed the distance
         self.proj_norms = (pn * (1.0 - PRUNE_TOLERANCE)).astype(np.float32)
-        del self._hmu
 
     def _project_range(self, lane: _Lane, lo: int, hi: int) -> None:
         assert self.proj is not None
-        width = self.proj.shape[1]
-        both = np.empty((hi - lo, width + 1), dtype=np.float32)
-        out = self.torch.from_numpy(both)
+        torch = self.torch
+        proj = torch.from_numpy(self.proj[lo:hi])
+        norms = torch.from_numpy(self._centred_norms[lo:hi])
         for start, block in lane.blocks(self.candidates[lo:hi]):
-            self.torch.mm(block, self._basis, out=out[start : start + block.shape[0]])
-        self.proj[lo:hi] = both[:, :width] - self._offset
-        self._hmu[lo:hi] = both[:, width]
+            stop = start + block.shape[0]
+            block -= self._mean  # the chunk buffer is scratch: centring it in place is free
+            torch.sum(block * block, dim=1, out=norms[start:stop])
+            torch.mm(block, self._basis, out=proj[start:stop])
 
     def cover(self, rows: np.ndarray) -> None:
         torch = self.torch
@@ -486,31 +528,68 @@ class _CpuBackend(_Backend):
             if self.factors is not None:
                 ca = torch.from_numpy(np.asarray(self.factors[ctx], dtype=np.float32))
                 cn = cn * (ca * ca).sum(dim=1)
+            self._context_id = 0
+            if self.table is not None:
+                self._context_id = self._add_to_table(
+                    cx.numpy(), cn.numpy(), None if ca is None else ca.numpy()
+                )
             self._context = (cx, ca, cn)
             self._each(self._cover_range)
         self.started = True
 
     def _cover_range(self, lane: _Lane, lo: int, hi: int) -> None:
+        """``m = min over context centres of d²``: one GEMM and one row minimum per chunk.
+
+        ``min_c (n_c − 2 x·c)`` comes from a single ``addmm``; ``n_x`` is added to the minimum only.
+        """
         torch = self.torch
         cx, ca, cn = self._context
+        scratch = torch.empty((lane.chunk, cx.shape[0]), dtype=torch.float32)
         for start, block in lane.blocks(self.candidates[lo:hi]):
             a, b = lo + start, lo + start + block.shape[0]
-            prod = block @ cx.T
-            if ca is not None:
+            out = scratch[: block.shape[0]]
+            if ca is None:
+                torch.addmm(cn[None, :], block, cx.T, beta=1.0, alpha=-2.0, out=out)
+            else:
                 assert self.a is not None
-                prod *= torch.from_numpy(self.a[a:b]) @ ca.T
-            total = torch.from_numpy(self.norms[a:b])[:, None] + cn[None, :]
-            d2 = total - 2.0 * prod
-            d2[d2 <= ZERO_TOLERANCE["fast"] * total] = 0.0
-            np.minimum(self.m[a:b], d2.min(dim=1).values.numpy(), out=self.m[a:b])
+                torch.mm(block, cx.T, out=out)
+                out *= torch.from_numpy(self.a[a:b]) @ ca.T
+                out.mul_(-2.0).add_(cn[None, :])
+            value, index = out.min(dim=1)
+            nearest = index.numpy()
+            mine = self.norms[a:b]
+            d2 = mine + value.numpy()
+            d2[d2 <= ZERO_TOLERANCE["fast"] * (mine + cn.numpy()[nearest])] = 0.0
+            better = d2 < self.m[a:b]
+            self.m[a:b][better] = d2[better]
+            if self.table is not None:
+                self.owner[a:b][better] = self._context_id + nearest[better]
 
     def add(self, j: int) -> None:
         torch = self.torch
+        vector = np.asarray(self.h[self.candidates[j]], dtype=np.float32).copy()
+        factor = None if self.a is None else self.a[j].copy()
+        centre_id = -1
+        self._quarter: np.ndarray | None = None
+        if self.table is not None:
+            if self.started:
+                # d(c, s)² / 4 for every centre c so far, lowered by the rounding tolerance
+                count = self.count
+                dots = torch.mv(torch.from_numpy(self.table[:count]), torch.from_numpy(vector)).numpy()
+                if self.table_a is not None and factor is not None:
+                    dots *= torch.mv(torch.from_numpy(self.table_a[:count]), torch.from_numpy(factor)).numpy()
+                total = self.table_norms[:count] + self.norms[j]
+                d2 = total - 2.0 * dots - PRUNE_TOLERANCE * total
+                self._quarter = np.maximum(d2, 0.0) * 0.25
+            centre_id = self._add_to_table(
+                vector[None, :], self.norms[j : j + 1], None if factor is None else factor[None, :]
+            )
         self._centre = (
             j,
-            torch.from_numpy(np.asarray(self.h[self.candidates[j]], dtype=np.float32).copy()),
-            None if self.a is None else torch.from_numpy(self.a[j].copy()),
+            torch.from_numpy(vector),
+            None if factor is None else torch.from_numpy(factor),
             None if self.proj is None else torch.from_numpy(self.proj[j].copy()),
+            centre_id,
         )
         counts = self._each(self._add_range)
         self.computed += sum(int(c or 0) for c in counts)
@@ -518,24 +597,23 @@ class _CpuBackend(_Backend):
         self.started = True
 
     def _add_range(self, lane: _Lane, lo: int, hi: int) -> int:
+        """Lower ``m[lo:hi]`` by the distances to the new centre; returns how many were computed.
+
+        Filters, cheapest first: the owner filter (one lookup per row), the projection bound
+        (``PRUNE_DIMS`` floats per row: streamed when many rows are left, gathered when few), then
+        the full distance for what remains.
+        """
         torch = self.torch
-        j, vector, factor, projected = self._centre
+        j, vector, factor, projected, centre_id = self._centre
         m = self.m[lo:hi]
-        a = None if self.a is None else torch.from_numpy(self.a[lo:hi])
-        if projected is not None and self.started:
-            assert self.proj is not None
-            dot = torch.mv(torch.from_numpy(self.proj[lo:hi]), projected)
-            if a is not None and factor is not None:
-                dot *= torch.mv(a, factor)
-            bound = self.proj_norms[lo:hi] + self.proj_norms[j] - 2.0 * dot.numpy()
-            gap = np.abs(self.residual[lo:hi] - self.residual[j])
-            gap -= self.slack[lo:hi]
-            gap -= self.slack[j]
-            np.maximum(gap, 0.0, out=gap)
-            bound += gap * gap
-            rows = np.flatnonzero((bound < m) & (m > 0))
-        else:
+        if projected is None or not self.started:
             rows = np.flatnonzero(m != PICKED)
+        else:
+            if self._quarter is not None:
+                rows = np.flatnonzero((self._quarter[self.owner[lo:hi]] < m) & (m > 0))
+            else:
+                rows = np.flatnonzero(m > 0)
+            rows = self._bound_filter(rows, lo, hi, j, projected, factor)
         if not rows.size:
             return 0
         dots = lane.dots(self.candidates[lo + rows], vector)
@@ -544,8 +622,50 @@ class _CpuBackend(_Backend):
         total = self.norms[lo + rows] + self.norms[j]
         d2 = total - 2.0 * dots
         d2[d2 <= ZERO_TOLERANCE["fast"] * total] = 0.0
-        m[rows] = np.minimum(m[rows], d2)
+        better = d2 < m[rows]
+        m[rows[better]] = d2[better]
+        if self.table is not None:
+            self.owner[lo + rows[better]] = centre_id
         return int(rows.size)
+
+    def _bound_filter(
+        self,
+        rows: np.ndarray,
+        lo: int,
+        hi: int,
+        j: int,
+        projected: torch.Tensor,
+        factor: torch.Tensor | None,
+    ) -> np.ndarray:
+        """The rows (of ``rows``, offsets from ``lo``) whose projection bound is below their ``m``."""
+        torch = self.torch
+        assert self.proj is not None
+        self.survivors += rows.size
+        if rows.size > (hi - lo) // GATHER_FRACTION:  # streaming the range beats a large gather
+            span = slice(lo, hi)
+            dot = torch.mv(torch.from_numpy(self.proj[span]), projected).numpy()
+            if self.a is not None and factor is not None:
+                dot *= torch.mv(torch.from_numpy(self.a[span]), factor).numpy()
+            bound = self._bound(dot, self.proj_norms[span], self.residual[span], self.slack[span], j)
+            return rows[bound[rows] < self.m[lo:hi][rows]]
+        at = lo + rows
+        dot = torch.mv(torch.from_numpy(self.proj[at]), projected).numpy()
+        if self.a is not None and factor is not None:
+            dot *= torch.mv(torch.from_numpy(self.a[at]), factor).numpy()
+        bound = self._bound(dot, self.proj_norms[at], self.residual[at], self.slack[at], j)
+        return rows[bound < self.m[at]]
+
+    def _bound(
+        self, dot: np.ndarray, proj_norms: np.ndarray, residual: np.ndarray, slack: np.ndarray, j: int
+    ) -> np.ndarray:
+        """``‖y − y_j‖² + max(|r − r_j| − slack, 0)²``, never above the true squared distance."""
+        bound = proj_norms + self.proj_norms[j] - 2.0 * dot
+        gap = np.abs(residual - self.residual[j])
+        gap -= slack
+        gap -= self.slack[j]
+        np.maximum(gap, 0.0, out=gap)
+        bound += gap * gap
+        return bound
 
     def argmax(self) -> int | None:
         j = int(np.argmax(self.m))
@@ -561,7 +681,7 @@ class _CpuBackend(_Backend):
         return float(self.m.max())
 
     def masses(self) -> np.ndarray:
-        return np.maximum(self.m, 0.0).astype(np.float64)
+        return np.maximum(self.m, 0.0)
 
     def masses_with_picked(self) -> np.ndarray:
         return self.m
