@@ -381,3 +381,32 @@ def test_global_random_state_untouched(name: str, pool: PoolInputs) -> None:
     np.testing.assert_array_equal(after[1], numpy_state[1])
     assert after[2] == numpy_state[2]
     assert torch.equal(torch.random.get_rng_state(), torch_state)
+
+
+@pytest.mark.parametrize("badge", [False, True])
+def test_device_backend_logic_on_cpu_tensors(badge: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA backend's code, run on CPU tensors (without a GPU, its float16 matmul falls back)."""
+    import torch
+
+    def dense(stack, h, candidates, factors, *rest):
+        return greedy_module._CudaBackend(h, candidates, factors, torch.device("cpu"))
+
+    x, blob = clustered(2000, 48, 10, seed=4)
+    x = x.astype(np.float16)
+    covered = np.arange(0, 2000, 40)
+    candidates = np.setdiff1d(np.arange(2000), covered)
+    options: dict = {"centres": covered}
+    if badge:
+        probs = np.full((2000, 4), 0.1, dtype=np.float32)
+        probs[np.arange(2000), blob % 4] = 0.7
+        options.update(factors=gradient_factors(probs), sample=True)
+    exact = greedy_centres(x, candidates, 40, rng=np.random.default_rng(0), precision="exact", **options)
+    monkeypatch.setattr(greedy_module, "_open_backend", dense)
+    got = greedy_centres(x, candidates, 40, rng=np.random.default_rng(0), precision="fast", **options)
+    assert got.picks.tolist() == exact.picks.tolist()
+    np.testing.assert_allclose(got.dists, exact.dists, rtol=1e-4)
+    cold = greedy_centres(x, candidates, 10, rng=np.random.default_rng(2), precision="fast")
+    monkeypatch.undo()
+    reference = greedy_centres(x, candidates, 10, rng=np.random.default_rng(2), precision="exact")
+    assert cold.picks.tolist() == reference.picks.tolist()
+    assert cold.first_radius == pytest.approx(reference.first_radius, rel=1e-5)

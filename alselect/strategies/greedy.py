@@ -688,7 +688,12 @@ class _CpuBackend(_Backend):
 
 
 class _CudaBackend(_Backend):
-    """Dense CUDA kernels: candidate rows copied to the device once, in their stored dtype."""
+    """Dense CUDA kernels: candidate rows copied to the device once, in their stored dtype.
+
+    Every step is one matrix-vector product over all candidates (no pruning: on a GPU the dense
+    pass is cheaper than gathering). The code runs on any torch device; the tests run it on CPU
+    tensors, where float16 products fall back to float32 conversion.
+    """
 
     def __init__(
         self, h: np.ndarray, candidates: np.ndarray, factors: np.ndarray | None, device: torch.device
