@@ -40,6 +40,21 @@ def random_probs(n: int, classes: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).dirichlet(np.full(classes, 0.6), n).astype(np.float32)
 
 
+def engine_case(n: int, dims: int, every: int, badge: bool, seed: int, dtype: type = np.float32):
+    """Separated blobs, every ``every``-th row covered; BADGE mode adds ``a = p − e_ŷ`` and sampling.
+
+    Returns ``(x, candidates, options)`` for :func:`greedy_centres` (without ``rng``).
+    """
+    x, blob = clustered(n, dims, 12, seed=seed)
+    covered = np.arange(0, n, every)
+    options: dict = {"centres": covered}
+    if badge:  # k-means++ draws on a ⊗ h, with the owner and projection filters in tensor space
+        probs = np.full((n, 4), 0.1, dtype=np.float32)
+        probs[np.arange(n), blob % 4] = 0.7
+        options.update(factors=gradient_factors(probs), sample=True)
+    return x.astype(dtype), np.setdiff1d(np.arange(n), covered), options
+
+
 # --- brute-force references ----------------------------------------------------------------------
 
 
@@ -150,18 +165,18 @@ def test_coreset_cold_start_draws_the_first_pick_from_the_seed(points: np.ndarra
 @pytest.mark.parametrize("prune", [False, True])
 @pytest.mark.parametrize("badge", [False, True])
 def test_fast_path_agrees_with_exact_on_separated_data(dtype: type, prune: bool, badge: bool) -> None:
-    x, blob = clustered(3000, 80, 12, seed=5)
-    x = x.astype(dtype)
-    covered = np.arange(0, 3000, 97)
-    candidates = np.setdiff1d(np.arange(3000), covered)
-    options: dict = {"rng": np.random.default_rng(0), "centres": covered}
-    if badge:  # k-means++ draws on a ⊗ h, with the owner and projection filters in tensor space
-        probs = np.full((3000, 4), 0.1, dtype=np.float32)
-        probs[np.arange(3000), blob % 4] = 0.7
-        options.update(factors=gradient_factors(probs), sample=True)
-    exact = greedy_centres(x, candidates, 60, precision="exact", **options)
-    options["rng"] = np.random.default_rng(0)
-    fast = greedy_centres(x, candidates, 60, precision="fast", device="cpu", prune=prune, **options)
+    x, candidates, options = engine_case(3000, 80, 97, badge, seed=5, dtype=dtype)
+    exact = greedy_centres(x, candidates, 60, rng=np.random.default_rng(0), precision="exact", **options)
+    fast = greedy_centres(
+        x,
+        candidates,
+        60,
+        rng=np.random.default_rng(0),
+        precision="fast",
+        device="cpu",
+        prune=prune,
+        **options,
+    )
     assert fast.picks.tolist() == exact.picks.tolist()
     np.testing.assert_allclose(fast.dists, exact.dists, rtol=1e-4)
 
@@ -391,15 +406,7 @@ def test_device_backend_logic_on_cpu_tensors(badge: bool, monkeypatch: pytest.Mo
     def dense(stack, h, candidates, factors, *rest):
         return greedy_module._CudaBackend(h, candidates, factors, torch.device("cpu"))
 
-    x, blob = clustered(2000, 48, 10, seed=4)
-    x = x.astype(np.float16)
-    covered = np.arange(0, 2000, 40)
-    candidates = np.setdiff1d(np.arange(2000), covered)
-    options: dict = {"centres": covered}
-    if badge:
-        probs = np.full((2000, 4), 0.1, dtype=np.float32)
-        probs[np.arange(2000), blob % 4] = 0.7
-        options.update(factors=gradient_factors(probs), sample=True)
+    x, candidates, options = engine_case(2000, 48, 40, badge, seed=4, dtype=np.float16)
     exact = greedy_centres(x, candidates, 40, rng=np.random.default_rng(0), precision="exact", **options)
     monkeypatch.setattr(greedy_module, "_open_backend", dense)
     got = greedy_centres(x, candidates, 40, rng=np.random.default_rng(0), precision="fast", **options)

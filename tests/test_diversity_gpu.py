@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from alselect.strategies import PoolInputs, make_strategy
-from alselect.strategies.badge import gradient_factors
 from alselect.strategies.greedy import greedy_centres
+from tests.test_diversity import clustered, engine_case
 
 pytestmark = [
     pytest.mark.gpu,
@@ -16,25 +16,10 @@ pytestmark = [
 ]
 
 
-def separated(n: int, dims: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    blob = rng.integers(0, 12, n)
-    centres = rng.standard_normal((12, dims)) * 6
-    return (centres[blob] + rng.standard_normal((n, dims))).astype(np.float32), blob
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("badge", [False, True])
 def test_cuda_picks_equal_exact(dtype: type, badge: bool) -> None:
-    x, blob = separated(4000, 64, seed=1)
-    x = x.astype(dtype)
-    covered = np.arange(0, 4000, 50)
-    candidates = np.setdiff1d(np.arange(4000), covered)
-    options: dict = {"centres": covered}
-    if badge:
-        probs = np.full((4000, 4), 0.1, dtype=np.float32)
-        probs[np.arange(4000), blob % 4] = 0.7
-        options.update(factors=gradient_factors(probs), sample=True)
+    x, candidates, options = engine_case(4000, 64, 50, badge, seed=1, dtype=dtype)
     exact = greedy_centres(x, candidates, 80, rng=np.random.default_rng(0), precision="exact", **options)
     cuda = greedy_centres(
         x, candidates, 80, rng=np.random.default_rng(0), precision="fast", device="cuda", **options
@@ -45,7 +30,7 @@ def test_cuda_picks_equal_exact(dtype: type, badge: bool) -> None:
 
 @pytest.mark.parametrize("name", ["coreset", "badge", "kmeans", "diverse-minibatch", "dal"])
 def test_strategies_run_on_cuda(name: str) -> None:
-    x, _ = separated(3000, 32, seed=2)
+    x, _ = clustered(3000, 32, 12, seed=2)
     probs = np.random.default_rng(2).dirichlet(np.ones(3), 3000).astype(np.float32)
     labeled = np.zeros(3000, dtype=bool)
     labeled[::40] = True

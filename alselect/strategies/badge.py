@@ -15,12 +15,11 @@ import numpy as np
 from alselect.strategies.base import (
     PoolInputs,
     Selection,
-    Strategy,
     register,
     require_budget,
     require_embeddings,
 )
-from alselect.strategies.greedy import greedy_centres
+from alselect.strategies.greedy import GreedyStrategy, greedy_centres
 
 
 def gradient_factors(probs: np.ndarray) -> np.ndarray:
@@ -41,7 +40,7 @@ def gradient_embedding(probs: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
 
 
 @register
-class Badge(Strategy):
+class Badge(GreedyStrategy):
     """k-means++ seeding on ``(p − e_ŷ) ⊗ h`` from ``probs [N, C]`` and ``embeddings [N, D]``.
 
     The first pick is the largest gradient norm; each next one is drawn with probability ∝ its
@@ -62,12 +61,6 @@ class Badge(Strategy):
         "‖p − e_ŷ‖·‖h‖; capped by the previous score (running minimum) so it never increases "
         "along the pick order"
     )
-    batch_aware = True
-
-    def __init__(self, *, seed: int = 0, device: str = "auto", precision: str = "auto") -> None:
-        self.seed = seed
-        self.device = device
-        self.precision = precision
 
     def select(self, budget: int | None, inputs: PoolInputs) -> Selection:
         count = require_budget(self.name, budget)

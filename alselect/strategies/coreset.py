@@ -13,23 +13,20 @@ import numpy as np
 from alselect.strategies.base import (
     PoolInputs,
     Selection,
-    Strategy,
     register,
     require_budget,
     require_embeddings,
 )
-from alselect.strategies.greedy import greedy_centres
+from alselect.strategies.greedy import GreedyStrategy, greedy_centres
 
 
 @register
-class CoreSet(Strategy):
+class CoreSet(GreedyStrategy):
     """k-center greedy over ``embeddings [N, D]`` (any float dtype; float16 is read in chunks).
 
     Cold start (nothing labeled or pending): the first pick is drawn uniformly from the candidates
-    with ``numpy.random.default_rng(seed)``; every later pick is deterministic.
-    ``device``: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
-    ``precision``: ``exact`` (float64 reference), ``fast`` (float32, pruned on the CPU) or ``auto``
-    (exact for small inputs).
+    with ``numpy.random.default_rng(seed)``; every later pick is deterministic. Parameters: see
+    :class:`~alselect.strategies.greedy.GreedyStrategy`.
     """
 
     name = "coreset"
@@ -40,12 +37,6 @@ class CoreSet(Strategy):
         "image at the moment it was picked (never increases along the batch); with nothing labeled or "
         "pending, the first pick (drawn with --seed) scores its distance to the farthest candidate"
     )
-    batch_aware = True
-
-    def __init__(self, *, seed: int = 0, device: str = "auto", precision: str = "auto") -> None:
-        self.seed = seed
-        self.device = device
-        self.precision = precision
 
     def select(self, budget: int | None, inputs: PoolInputs) -> Selection:
         count = require_budget(self.name, budget)

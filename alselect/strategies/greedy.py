@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from alselect.errors import DataError, UsageError
+from alselect.strategies.base import Strategy
 
 if TYPE_CHECKING:
     import torch
@@ -74,6 +75,22 @@ class Greedy:
     picks: np.ndarray
     dists: np.ndarray
     first_radius: float
+
+
+class GreedyStrategy(Strategy):
+    """Parameters shared by the strategies built on :func:`greedy_centres` (coreset, badge).
+
+    ``seed``: the draws (cold-start pick, k-means++ sampling). ``device``: ``auto`` (CUDA when
+    available), ``cpu``, ``cuda``, ``cuda:N``. ``precision``: ``exact``, ``fast`` or ``auto``
+    (exact for small inputs).
+    """
+
+    batch_aware = True
+
+    def __init__(self, *, seed: int = 0, device: str = "auto", precision: str = "auto") -> None:
+        self.seed = seed
+        self.device = device
+        self.precision = precision
 
 
 def resolve_precision(precision: str, work: int) -> str:
@@ -246,7 +263,33 @@ class _Backend:
         """Release threads; the base backends hold none."""
 
 
-class _ExactBackend(_Backend):
+class _HostBackend(_Backend):
+    """Backends whose ``m`` and ``norms`` are numpy arrays on the host."""
+
+    m: np.ndarray
+    norms: np.ndarray
+
+    def argmax(self) -> int | None:
+        j = int(np.argmax(self.m))
+        return j if self.m[j] >= 0 else None
+
+    def argmax_norm(self) -> int:
+        return int(np.argmax(self.norms))
+
+    def value(self, j: int) -> float:
+        return float(self.m[j])
+
+    def max_value(self) -> float:
+        return float(self.m.max())
+
+    def masses(self) -> np.ndarray:
+        return np.maximum(self.m, 0.0)
+
+    def masses_with_picked(self) -> np.ndarray:
+        return self.m
+
+
+class _ExactBackend(_HostBackend):
     """float64 numpy reference: direct differences without factors, the factorised formula with."""
 
     def __init__(self, h: np.ndarray, candidates: np.ndarray, factors: np.ndarray | None) -> None:
@@ -283,25 +326,6 @@ class _ExactBackend(_Backend):
         av = None if self.a is None else self.a[j]
         np.minimum(self.m, self._sqdist(self.x[j], av), out=self.m)
         self.m[j] = PICKED
-
-    def argmax(self) -> int | None:
-        j = int(np.argmax(self.m))
-        return j if self.m[j] >= 0 else None
-
-    def argmax_norm(self) -> int:
-        return int(np.argmax(self.norms))
-
-    def value(self, j: int) -> float:
-        return float(self.m[j])
-
-    def max_value(self) -> float:
-        return float(self.m.max())
-
-    def masses(self) -> np.ndarray:
-        return np.maximum(self.m, 0.0)
-
-    def masses_with_picked(self) -> np.ndarray:
-        return self.m
 
 
 def _chunk_rows(dims: int) -> int:
@@ -361,7 +385,7 @@ class _Lane:
         return out
 
 
-class _CpuBackend(_Backend):
+class _CpuBackend(_HostBackend):
     """float32 torch kernels on chunks gathered from ``h``, split over ``lanes`` threads.
 
     Each lane owns a contiguous range of candidate positions (and that slice of ``m``), so lanes
@@ -666,25 +690,6 @@ class _CpuBackend(_Backend):
         np.maximum(gap, 0.0, out=gap)
         bound += gap * gap
         return bound
-
-    def argmax(self) -> int | None:
-        j = int(np.argmax(self.m))
-        return j if self.m[j] >= 0 else None
-
-    def argmax_norm(self) -> int:
-        return int(np.argmax(self.norms))
-
-    def value(self, j: int) -> float:
-        return float(self.m[j])
-
-    def max_value(self) -> float:
-        return float(self.m.max())
-
-    def masses(self) -> np.ndarray:
-        return np.maximum(self.m, 0.0)
-
-    def masses_with_picked(self) -> np.ndarray:
-        return self.m
 
 
 class _CudaBackend(_Backend):
