@@ -14,13 +14,17 @@ Squared distances never build ``g``::
 Memory is O(candidates) plus small chunks: one ``m`` vector, one norm vector, no candidates × centres
 matrix. Three backends compute the distances:
 
-- ``exact``: float64 numpy on a float64 copy of the candidate rows; direct differences when there is
-  no factor (bit-for-bit what a brute-force ``((x - c) ** 2).sum()`` gives). Small inputs only.
+- ``exact``: float64 numpy on a float64 copy of the candidate rows; direct differences ``Σ(x − c)²``
+  when there is no factor (no cancellation from expanding the square), the factorised formula in
+  float64 with one. Small inputs only (``precision="auto"`` picks it below ``EXACT_MAX_WORK``).
 - ``fast`` on the CPU: float32 arithmetic on chunks of 2 MiB converted from the stored dtype (so a
-  float16 matrix stays float16), through torch. Each step first bounds the distances from below with
-  a projection onto the top principal directions (``PRUNE_DIMS`` of them): ``‖P(x − c)‖ ≤ ‖x − c‖``
-  for an orthonormal ``P``, so a candidate whose bound already reaches its ``m`` cannot get closer to
-  the new centre and is skipped. Only the rest are gathered and computed in full.
+  float16 matrix stays float16), through torch, split over threads by row range. On large inputs
+  each step skips the candidates the new centre provably cannot come closer to, in two filters:
+  the owner filter (``x`` is skipped when ``d(c, s) ≥ 2√m(x)`` for its nearest centre ``c``: the
+  triangle inequality) and a lower bound from a projection onto the top principal directions
+  (``‖P(x − s)‖² + (r_x − r_s)² ≤ ‖x − s‖²`` for an orthonormal ``P`` and residual norms ``r``).
+  Only the rest are gathered and computed in full. Both filters are exact up to a rounding margin
+  (``PRUNE_TOLERANCE``); how much they skip depends on the data (clustered embeddings: most rows).
 - ``fast`` on CUDA: the candidate rows live on the device in their stored dtype; every step is one
   dense matrix-vector product with float32 results.
 
@@ -175,8 +179,10 @@ def greedy_centres(
 
 
 def _draw(mass: np.ndarray, uniform: float) -> int:
-    """Index drawn with probability ∝ ``mass`` (non-negative, positive total) from one uniform."""
+    """Index drawn with probability ∝ ``mass`` (non-negative) from one uniform; uniform if all zero."""
     cumulative = np.cumsum(mass, dtype=np.float64)
+    if not cumulative[-1] > 0:
+        return min(int(uniform * mass.size), mass.size - 1)
     index = int(np.searchsorted(cumulative, uniform * cumulative[-1], side="right"))
     if index >= mass.size or mass[index] <= 0:  # rounding at the top end
         index = int(np.flatnonzero(mass > 0)[-1])
