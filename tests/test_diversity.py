@@ -202,6 +202,28 @@ def test_pruned_path_skips_rows_and_keeps_picks(monkeypatch: pytest.MonkeyPatch)
     assert counted["computed"] < 0.5 * 80 * 4000
 
 
+def test_filters_switch_off_on_data_without_structure(monkeypatch: pytest.MonkeyPatch) -> None:
+    # isotropic noise: no candidate can be skipped, so the filters run only every DENSE_STEPS + 1 steps
+    x = np.random.default_rng(0).standard_normal((3000, 128)).astype(np.float32)
+    stats: dict[str, int] = {}
+    original = greedy_module._CpuBackend.close
+
+    def close(self: greedy_module._CpuBackend) -> None:
+        stats.update(filtered=self.filtered_steps, computed=self.computed)
+        original(self)
+
+    monkeypatch.setattr(greedy_module._CpuBackend, "close", close)
+    covered = np.arange(0, 3000, 30)
+    cand = np.setdiff1d(np.arange(3000), covered)
+    fast = greedy_centres(
+        x, cand, 60, rng=np.random.default_rng(0), centres=covered, precision="fast", device="cpu", prune=True
+    )
+    exact = greedy_centres(x, cand, 60, rng=np.random.default_rng(0), centres=covered, precision="exact")
+    assert fast.picks.tolist() == exact.picks.tolist()
+    assert stats["computed"] > 0.9 * 60 * cand.size
+    assert stats["filtered"] <= 60 // (greedy_module.DENSE_STEPS + 1) + 1
+
+
 def test_context_larger_than_one_block_is_covered_chunkwise() -> None:
     # more labeled rows than the 4,096-row context block: two blocks, same answer as exact
     x, _ = clustered(5000, 8, 30, seed=2)

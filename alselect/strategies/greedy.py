@@ -61,6 +61,8 @@ PRUNE_TOLERANCE = 2e-3  # bounds are lowered by this fraction of the projected n
 ZERO_TOLERANCE = {"exact": 1e-12, "fast": 1e-5}  # squared distances this close to 0 (relative) are 0
 OWNER_MAX_CENTRES = 50_000  # context + budget above which the owner filter is off (table memory)
 GATHER_FRACTION = 16  # the bound gathers its rows when fewer than 1/16 of a range are left
+DENSE_SWITCH = 0.5  # when the filters pass more than this fraction of the rows ...
+DENSE_STEPS = 16  # ... the next this many steps run without them (data without structure)
 MAX_LANES = 8  # CPU threads the fast path splits rows over (at most torch's thread count)
 PICKED = -1.0  # m of a chosen centre: below every real squared distance, so never chosen again
 
@@ -437,6 +439,8 @@ class _CpuBackend(_HostBackend):
         self.m = np.full(size, np.inf, dtype=np.float32)
         self.computed = 0  # candidate distances computed in full (the rest were pruned)
         self.survivors = 0  # rows that passed the owner filter (statistics)
+        self._dense_steps = 0  # steps left without filters (see DENSE_SWITCH)
+        self.filtered_steps = 0  # steps that ran the filters (statistics)
         self.proj: np.ndarray | None = None
         self.table: np.ndarray | None = None
         if prune:
@@ -614,15 +618,22 @@ class _CpuBackend(_HostBackend):
             centre_id = self._add_to_table(
                 vector[None, :], self.norms[j : j + 1], None if factor is None else factor[None, :]
             )
+        filtering = self.proj is not None and self.started and self._dense_steps == 0
         self._centre = (
             j,
             torch.from_numpy(vector),
             None if factor is None else torch.from_numpy(factor),
-            None if self.proj is None else torch.from_numpy(self.proj[j].copy()),
+            torch.from_numpy(self.proj[j].copy()) if filtering and self.proj is not None else None,
             centre_id,
         )
-        counts = self._each(self._add_range)
-        self.computed += sum(int(c or 0) for c in counts)
+        computed = sum(int(c or 0) for c in self._each(self._add_range))
+        self.computed += computed
+        self.filtered_steps += filtering
+        # filters that let most rows through cost more than they save: skip them for a while
+        if filtering and computed > DENSE_SWITCH * self.m.size:
+            self._dense_steps = DENSE_STEPS
+        elif self._dense_steps:
+            self._dense_steps -= 1
         self.m[j] = PICKED
         self.started = True
 
@@ -636,7 +647,7 @@ class _CpuBackend(_HostBackend):
         torch = self.torch
         j, vector, factor, projected, centre_id = self._centre
         m = self.m[lo:hi]
-        if projected is None or not self.started:
+        if projected is None:  # no filters: every row not chosen yet
             rows = np.flatnonzero(m != PICKED)
         else:
             if self._quarter is not None:
