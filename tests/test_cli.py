@@ -259,6 +259,8 @@ def test_strategies_lists_every_registered_strategy(capsys: pytest.CaptureFixtur
         "bald",
         "batchbald",
         "learning-loss",
+        "coreset",
+        "badge",
     } <= set(names)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from alselect.errors import UsageError
 from alselect.plugins import import_submodules
 from alselect.strategies.base import (
     PoolInputs,
@@ -53,16 +52,9 @@ def strategy_from_options(
     strategy = build_strategy(name, seed=seed, params=params)
     if prefilter is None and not balance_classes:
         return strategy
-    from alselect.strategies.compose import compose
+    from alselect.strategies.compose import compose, parse_prefilter
 
-    first = None
-    if prefilter is not None:
-        by, sep, top = prefilter.rpartition(":")
-        if not sep or not by or not top.strip().isdigit() or int(top) < 1:
-            raise UsageError(f"--prefilter expects STRATEGY:TOP such as entropy:5000, got {prefilter!r}")
-        first = (build_strategy(by, seed=seed), int(top))
-        if first[0].batch_aware:
-            raise UsageError(f"--prefilter needs a strategy that scores each image, not {by!r}")
+    first = None if prefilter is None else parse_prefilter(prefilter, seed=seed)
     return compose(strategy, prefilter=first, balance_classes=balance_classes)
 
 

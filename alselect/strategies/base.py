@@ -211,3 +211,24 @@ def coerce_param(strategy: str, key: str, value: Any, default: Any) -> Any:
     except ValueError as exc:
         raise UsageError(f"--param {key}={value} for strategy {strategy!r}: {exc}") from exc
     return value
+
+
+def require_budget(strategy: str, budget: int | None) -> int:
+    """The budget of a batch-aware strategy: its picks depend on each other, so it needs one."""
+    if budget is None:
+        raise UsageError(
+            f"strategy {strategy!r} chooses a batch jointly and needs --budget N (how many images to pick)"
+        )
+    if budget < 0:
+        raise UsageError(f"--budget must not be negative, got {budget}")
+    return int(budget)
+
+
+def require_embeddings(strategy: str, inputs: PoolInputs) -> np.ndarray:
+    """``inputs.embeddings [N, D]``, or an error naming the strategy when the caller left them out."""
+    embeddings = inputs.embeddings
+    if embeddings is None:
+        raise ValueError(f"strategy {strategy!r} needs embeddings, but PoolInputs.embeddings is None")
+    if embeddings.ndim != 2 or embeddings.shape[0] != inputs.size:
+        raise ValueError(f"{strategy}: embeddings shape {embeddings.shape}, expected ({inputs.size}, D)")
+    return embeddings
