@@ -10,8 +10,9 @@
   edited file is new content: it is embedded again and may be selected again, even if the old
   content was labeled.
 
-``Store.pool`` applies the representative rule by sorting rows with ``REPRESENTATIVE_ORDER``;
-``alselect.status.folder_counts`` counts files, images and duplicates by it.
+``Store.pool_rows`` applies the representative rule numerically (rows in path order, then a stable
+sort by ``link``: the order ``REPRESENTATIVE_ORDER`` names); ``alselect.status.folder_counts``
+counts files, images and duplicates by it.
 """
 
 from __future__ import annotations

@@ -34,26 +34,38 @@ class FolderCounts:
 
 
 _STILL_HERE = (
-    "EXISTS (SELECT 1 FROM images p WHERE p.root = i.root AND p.sha256 = i.sha256 AND p.status = 'present')"
+    "EXISTS (SELECT 1 FROM images p WHERE p.root = i.root AND p.status = 'present' AND p.sha256 = i.sha256)"
 )
 
 
 def folder_counts(store: Store, folder: str | None = None) -> list[FolderCounts]:
-    """Counts per image folder (one folder, or all in path order)."""
-    where, params = ("WHERE i.root = ?", [to_db(folder)]) if folder is not None else ("", [])
-    rows = store.rows(
-        f"""SELECT i.root, COALESCE(SUM(i.status = 'present'), 0),
-                   COUNT(DISTINCT CASE WHEN i.status = 'present' THEN i.sha256 END),
-                   COALESCE(SUM(i.status = 'failed'), 0),
-                   COALESCE(SUM(i.status = 'absent' AND NOT {_STILL_HERE}), 0),
-                   COALESCE(SUM(i.status = 'absent' AND {_STILL_HERE}), 0)
-            FROM images i {where} GROUP BY i.root ORDER BY i.root""",
-        params,
-    )
-    return [
-        FolderCounts(from_db(root), present, distinct, present - distinct, failed, absent, moved)
-        for root, present, distinct, failed, absent, moved in rows
-    ]
+    """Counts per image folder (one folder, or all in path order).
+
+    Each count walks the index on ``(root, status, sha256)``: distinct contents are counted in
+    index order (no temporary B-tree), and only absent rows look for a present copy.
+    """
+    where, params = ("WHERE root = ?", [to_db(folder)]) if folder is not None else ("", [])
+    by_status: dict[Any, Counter[str]] = {}
+    for root, status, count in store.rows(
+        f"SELECT root, status, COUNT(*) FROM images {where} GROUP BY root, status", params
+    ):
+        by_status.setdefault(root, Counter())[status] = count
+    result = []
+    for root in sorted(by_status):  # the stored text's order, as SQLite's ORDER BY root
+        counts = by_status[root]
+        distinct = store.scalar(
+            "SELECT COUNT(*) FROM (SELECT DISTINCT sha256 FROM images WHERE root = ? AND status = 'present')",
+            (root,),
+        )
+        absent, moved = store.rows(
+            f"""SELECT COALESCE(SUM(NOT {_STILL_HERE}), 0), COALESCE(SUM({_STILL_HERE}), 0)
+                FROM images i WHERE i.root = ? AND i.status = 'absent'""",
+            (root,),
+        )[0]
+        present, failed = counts["present"], counts["failed"]
+        duplicates = present - distinct
+        result.append(FolderCounts(from_db(root), present, distinct, duplicates, failed, absent, moved))
+    return result
 
 
 def store_status(store: Store, list_failed: bool = False) -> dict[str, Any]:

@@ -18,7 +18,16 @@ Steps timed (each on the same store, in this order):
   call on the 1M store, as a user would run them.
 - ``store_bytes``: size on disk, and per image.
 
-Peak RSS of the whole process is reported at the end (``ru_maxrss``).
+References measured in the same run, on the same files:
+
+- ``roof_read_s``: the embedding and probability segment files read with ``numpy.fromfile`` into
+  fresh arrays (what a selection-ready load cannot beat: the bytes themselves);
+- ``roof_write_mb_s``: the disk's write bandwidth with one fsync per registration batch (the same
+  bytes per batch as ``register``), which bounds registration for a given row size.
+
+``--select NAME`` (repeatable) runs a selection in a fresh process on the built store (pool load,
+then ``NAME`` with ``--budget``), reporting its wall time and peak RSS (``ru_maxrss``). Peak RSS of
+the whole benchmark process is reported at the end.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import os
 import platform
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -123,6 +133,73 @@ def measure_nightly(store: Store, results: dict[str, Any], work: Path, n: int) -
     results["label_10k_s"], _ = timed(lambda: import_labels(store, paths, "bench", cwd="/"))
 
 
+ROOF_CODE = """
+import sys, time
+from pathlib import Path
+import numpy as np
+path = Path(sys.argv[1])
+files = sorted((path / "arrays").rglob("probs-*")) + sorted((path / "arrays").rglob("embedding-*"))
+start = time.perf_counter()
+arrays = [np.fromfile(file, dtype=np.uint8) for file in files]
+print(time.perf_counter() - start)
+"""
+
+
+def roof_read(path: Path) -> float:
+    """Seconds to read every probs and embedding segment file into fresh arrays (numpy.fromfile),
+    in a fresh process like ``--select``'s load: the same memory first-touch costs."""
+    command = [sys.executable, "-c", ROOF_CODE, str(path)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return float(done.stdout.strip())
+
+
+def roof_write(work: Path, batch_bytes: int, batches: int) -> float:
+    """MB/s of appending ``batch_bytes`` and fsyncing, ``batches`` times (two files: probs, embedding)."""
+    data = np.random.default_rng(1).integers(0, 255, batch_bytes, dtype=np.uint8).tobytes()
+    fds = [os.open(work / f"roof-{i}", os.O_WRONLY | os.O_CREAT, 0o644) for i in range(2)]
+    start = time.perf_counter()
+    try:
+        for _ in range(batches):
+            for fd, part in zip(fds, (data[: batch_bytes // 50], data), strict=True):
+                os.write(fd, part)
+                os.fsync(fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return batches * batch_bytes / 1e6 / (time.perf_counter() - start)
+
+
+SELECT_CODE = """
+import json, resource, sys, time
+from alselect.store import Store
+from alselect.strategies import PoolInputs, build_strategy
+path, key, name, budget = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+start = time.perf_counter()
+with Store.open(path) as store:
+    pool = store.pool_rows("/pool", [key])
+    strategy = build_strategy(name, seed=0)
+    probs = store.pool_array(pool, key, "probs")
+    emb = store.pool_array(pool, key, "embedding") if "embeddings" in strategy.needs else None
+loaded = time.perf_counter() - start
+inputs = PoolInputs(probs=probs, labeled=pool.labeled, embeddings=emb, pending=pool.exported & ~pool.labeled)
+picked = strategy.select(budget if strategy.batch_aware else None, inputs)
+print(json.dumps({"load_s": loaded, "select_s": time.perf_counter() - start - loaded,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def measure_select(path: Path, name: str, budget: int) -> dict[str, float]:
+    """Pool load + selection ``name`` in a fresh process: its times and peak RSS."""
+    done = subprocess.run(
+        [sys.executable, "-c", SELECT_CODE, str(path), KEY, name, str(budget)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=1_000_000)
@@ -132,6 +209,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help="embedding dtype on disk (float32 or float16)")
     parser.add_argument("--keep", type=Path, default=None, help="build the store here and keep it")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--select", action="append", default=[], help="strategy to run on the store")
+    parser.add_argument("--budget", type=int, default=1000, help="budget for --select batch strategies")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="alselect-store-scale-"))
@@ -141,6 +220,13 @@ def main() -> None:
         results.update(build(path, args.n, args.classes, args.dim, args.batch, args.dtype))
         with Store.open(path, write=True) as store:
             measure_nightly(store, results, work, args.n)
+        results["roof_read_s"] = roof_read(path)
+        row_bytes = args.classes * 4 + args.dim * np.dtype(args.dtype).itemsize
+        results["roof_write_mb_s"] = roof_write(work, row_bytes * args.batch, 200)
+        results["register_mb_s"] = results["register_images_per_s"] * row_bytes / 1e6
+        for name in args.select:
+            for field, value in measure_select(path, name, args.budget).items():
+                results[f"select_{name}_{field}"] = value
         results["store_bytes"] = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         results["bytes_per_image"] = results["store_bytes"] / args.n
         results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

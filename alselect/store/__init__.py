@@ -7,21 +7,32 @@ import json
 import os
 import signal
 import sqlite3
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from alselect.errors import StoreError
-from alselect.identity import REPRESENTATIVE_ORDER
 from alselect.store import migrations
 from alselect.store.arrays import append_rows, read_rows, rows_fit
 from alselect.store.connect import READ_WAL, WRITE, can_write, open_connection, open_mode, read_only_error
-from alselect.store.keys import content_keys, first_occurrences, full_order, key_hex, lookup, member
+from alselect.store.keys import (
+    content_keys,
+    first_occurrences,
+    full_order,
+    hex_words,
+    key_bytes,
+    key_hex,
+    lookup,
+    member,
+    record_keys,
+)
 from alselect.store.lock import WriterLock
 from alselect.store.names import from_db, to_db
 from alselect.store.rankings import Ranking, read_ranking, write_ranking
@@ -29,6 +40,8 @@ from alselect.store.rankings import Ranking, read_ranking, write_ranking
 DB_FILE = "alselect.db"
 LOCK_FILE = "lock"
 KEEP_RUN_RANKINGS = 3  # runs whose per-image ranking is kept; older runs keep their metadata
+# Every change of an image row's content or status stamps it with the latest run's id (migration m007).
+CHANGED_NOW = "changed = (SELECT COALESCE(MAX(id), 0) FROM runs)"
 EXPORT_CHUNK = 500  # ranked images looked up per query while exporting (bound parameters stay < 999)
 
 
@@ -82,21 +95,37 @@ class PoolArrays:
 class PoolRows:
     """The images a run ranks, one row per content, aligned on axis 0 (path order).
 
-    ``roots``/``relpaths``/``sha256``/``image_ids`` identify each row; ``slots[model_key]``
-    locates it in that model's stored arrays; ``labeled``/``exported`` are ``[N]`` bool masks.
+    ``image_ids`` and ``keys`` (``[N, 4]`` content keys, ``alselect.store.keys``) identify each row;
+    ``slots[model_key]`` locates it in that model's stored arrays; ``labeled``/``exported`` are
+    ``[N]`` bool masks. ``roots``/``relpaths``/``sha256`` are read on first use: selection needs
+    none of them, and a million paths cost seconds.
     """
 
     image_ids: np.ndarray
-    roots: list[str]
-    relpaths: list[str]
-    sha256: list[str]
     slots: dict[str, np.ndarray]
     labeled: np.ndarray
     exported: np.ndarray
-    keys: np.ndarray | None = None  # [N, 4] uint64 content keys (alselect.store.keys)
+    keys: np.ndarray
+    paths: Callable[[], tuple[list[str], list[str]]] = field(repr=False)
 
     def __len__(self) -> int:
-        return len(self.relpaths)
+        return len(self.image_ids)
+
+    @cached_property
+    def _paths(self) -> tuple[list[str], list[str]]:
+        return self.paths()
+
+    @property
+    def roots(self) -> list[str]:
+        return self._paths[0]
+
+    @property
+    def relpaths(self) -> list[str]:
+        return self._paths[1]
+
+    @cached_property
+    def sha256(self) -> list[str]:
+        return [key_hex(raw) for raw in key_bytes(self.keys).tolist()]
 
 
 STORABLE_DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8"})
@@ -132,6 +161,7 @@ class Store:
         self.conn = conn
         self.lock = lock
         self.read_only = False  # opened by a reader who cannot write (see alselect.store.connect)
+        self.closed = False
         self._fault_counts: dict[str, int] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -200,6 +230,7 @@ class Store:
         return store
 
     def close(self) -> None:
+        self.closed = True
         self.conn.close()
         if self.lock is not None:
             self.lock.release()
@@ -252,24 +283,32 @@ class Store:
         """Insert or update ``(relpath, sha256, size, mtime_ns, status, reason[, link])`` rows."""
         now = utcnow()
         with self.transaction() as conn:
+            changed = self._change_mark(conn)
             conn.executemany(
                 """INSERT INTO images (root, relpath, sha256, size, mtime_ns, status, reason, link,
-                                       first_seen, last_seen)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                                       first_seen, last_seen, changed)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT (root, relpath) DO UPDATE SET sha256 = excluded.sha256,
                      size = excluded.size, mtime_ns = excluded.mtime_ns, status = excluded.status,
-                     reason = excluded.reason, link = excluded.link, last_seen = excluded.last_seen""",
+                     reason = excluded.reason, link = excluded.link, last_seen = excluded.last_seen,
+                     changed = excluded.changed""",
                 [
-                    (to_db(root), to_db(row[0]), *row[1:6], int(len(row) > 6 and row[6]), now, now)
+                    (to_db(root), to_db(row[0]), *row[1:6], int(len(row) > 6 and row[6]), now, now, changed)
                     for row in rows
                 ],
             )
+
+    @staticmethod
+    def _change_mark(conn: sqlite3.Connection) -> int:
+        """The ``images.changed`` value of a row changed now: the latest run's id (0 before any)."""
+        return int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM runs").fetchone()[0])
 
     def mark_absent(self, root: str, relpaths: Iterable[str]) -> int:
         items = [(to_db(root), to_db(p)) for p in relpaths]
         with self.transaction() as conn:
             conn.executemany(
-                "UPDATE images SET status = 'absent', reason = NULL WHERE root = ? AND relpath = ?",
+                f"UPDATE images SET status = 'absent', reason = NULL, {CHANGED_NOW} "
+                "WHERE root = ? AND relpath = ?",
                 items,
             )
         return len(items)
@@ -278,7 +317,7 @@ class Store:
         """Record ``(sha256, reason)`` decode failures for every path holding that content."""
         with self.transaction() as conn:
             conn.executemany(
-                "UPDATE images SET status = 'failed', reason = ? "
+                f"UPDATE images SET status = 'failed', reason = ?, {CHANGED_NOW} "
                 "WHERE root = ? AND sha256 = ? AND status = 'present'",
                 [(reason, to_db(root), sha) for sha, reason in failures],
             )
@@ -392,25 +431,29 @@ class Store:
                 f"model {model_key[:12]} stores {describe_layout(known)}, but this batch has "
                 f"{describe_layout(layout)}"
             )
-        placed = []
-        for name, array in data.items():
-            seg_id, file, committed = self._segment_for(model_key, name, array, slot)
-            append_rows(self.path / file, committed, array.reshape(n, -1))
-            placed.append(seg_id)
+        placed = [self._segment_for(model_key, name, array, slot) for name, array in data.items()]
+        appends = [
+            (self.path / file, committed, array.reshape(n, -1))
+            for (_, file, committed), array in zip(placed, data.values(), strict=True)
+        ]
+        if len(appends) > 1:  # the fsyncs overlap: one device round trip instead of one per array
+            with ThreadPoolExecutor(len(appends)) as pool:
+                list(pool.map(lambda job: append_rows(*job), appends))
+        else:
+            append_rows(*appends[0])
         self._fault("after-append")
+        # Sorted by content (stable: a content given twice keeps its last slot): B-tree locality.
+        rows = sorted(((model_id, sha, slot + i) for i, sha in enumerate(sha256)), key=lambda r: r[1])
         with self.transaction() as conn:
+            conn.executemany("INSERT OR REPLACE INTO outputs (model, sha256, slot) VALUES (?, ?, ?)", rows)
             conn.executemany(
-                "INSERT OR REPLACE INTO outputs (model, sha256, slot) VALUES (?, ?, ?)",
-                [(model_id, sha, slot + i) for i, sha in enumerate(sha256)],
-            )
-            conn.executemany(
-                "UPDATE array_segments SET rows = rows + ? WHERE id = ?", [(n, seg) for seg in placed]
+                "UPDATE array_segments SET rows = rows + ? WHERE id = ?", [(n, seg) for seg, _, _ in placed]
             )
             conn.execute("UPDATE models SET slots = ? WHERE id = ?", (slot + n, model_id))
-            conn.executemany(
-                "DELETE FROM output_failures WHERE model = ? AND sha256 = ?",
-                [(model_id, sha) for sha in sha256],
-            )
+            if conn.execute("SELECT 1 FROM output_failures WHERE model = ? LIMIT 1", (model_id,)).fetchone():
+                conn.executemany(
+                    "DELETE FROM output_failures WHERE model = ? AND sha256 = ?", [r[:2] for r in rows]
+                )
         self._fault("after-commit")
 
     def add_embeddings(
@@ -506,8 +549,9 @@ class Store:
         dtype = np.dtype(segments[0][1])
         width = int(np.prod(shape, dtype=np.int64))
         out = np.empty((len(slots), width), dtype=dtype)
-        order = np.argsort(slots, kind="stable")  # sorted reads: sequential pages, ranges per segment
-        ordered = slots[order]
+        in_order = bool(np.all(slots[1:] > slots[:-1]))  # a pool in slot order reads straight into out
+        order = np.arange(len(slots)) if in_order else np.argsort(slots, kind="stable")
+        ordered = slots if in_order else slots[order]
         covered = 0
         for file, seg_dtype, seg_shape, first, rows in segments:
             lo, hi = np.searchsorted(ordered, [first, first + rows], side="left")
@@ -515,7 +559,11 @@ class Store:
                 continue
             if tuple(json.loads(seg_shape)) != shape:
                 raise StoreError(f"array file {file} has shape {seg_shape}, expected {list(shape)}")
-            out[order[lo:hi]] = read_rows(self.path / file, seg_dtype, width, rows, ordered[lo:hi] - first)
+            index = ordered[lo:hi] - first
+            if in_order and np.dtype(seg_dtype) == dtype:
+                read_rows(self.path / file, seg_dtype, width, rows, index, out=out[lo:hi])
+            else:  # sorted reads (sequential pages), then back to the caller's order
+                out[order[lo:hi]] = read_rows(self.path / file, seg_dtype, width, rows, index)
             covered += int(hi - lo)
         if covered != len(slots):
             raise StoreError(f"model {model_key[:12]}: {len(slots) - covered} {name!r} rows are missing")
@@ -540,7 +588,7 @@ class Store:
         model_id = self._model_row(model_key)[0]
         with self.transaction() as conn:
             decode = conn.execute(
-                "UPDATE images SET status = 'present', reason = NULL "
+                f"UPDATE images SET status = 'present', reason = NULL, {CHANGED_NOW} "
                 "WHERE root = ? AND status = 'failed' AND sha256 IS NOT NULL",
                 (to_db(root),),
             ).rowcount
@@ -569,65 +617,83 @@ class Store:
         """Present images under ``root`` that every model in ``model_keys`` has outputs for.
 
         One row per content, represented by one of its paths as ``alselect.identity`` says (a real
-        path before a symlinked one, then path order); rows in the path order of their representatives. Then
-        the images of ``labeled_roots`` not already in the pool, all taken as labeled (a labeled
-        set kept in another folder), also one per content. ``slots[key]`` locates each row in a
-        model's arrays. Aligned by sorting content hashes as numbers: no per-image queries.
+        path before a symlinked one, then path order); rows in the path order of their
+        representatives. Then the images of ``labeled_roots`` not already in the pool, all taken as
+        labeled (a labeled set kept in another folder), also one per content. ``slots[key]`` locates
+        each row in a model's arrays. Numbers only: SQLite hands over each column as one string
+        (``group_concat``), aligned by sorting content hashes as numbers; no per-image Python
+        objects (paths are read on demand by ``PoolRows.relpaths``).
         """
         if not model_keys:
             raise ValueError("a pool needs at least one model")
         keys_in_order = list(dict.fromkeys(model_keys))
         model_ids = [self._model_row(key)[0] for key in keys_in_order]
-        image_ids: list[int] = []
-        roots: list[str] = []
-        relpaths: list[str] = []
-        shas: list[str] = []
-        outside: list[bool] = []
-        path_rank: list[int] = []
-        for part in [root, *(r for r in dict.fromkeys(labeled_roots) if r != root)]:
-            rows = self.rows(
-                "SELECT id, relpath, sha256, link FROM images WHERE root = ? AND status = 'present' "
-                f"AND sha256 IS NOT NULL ORDER BY {', '.join(REPRESENTATIVE_ORDER)}",
+        parts = [root, *(r for r in dict.fromkeys(labeled_roots) if r != root)]
+        ids, keys, link, part_of = [], [], [], []
+        for number, part in enumerate(parts):
+            # path order from the (root, relpath) index; the aggregate reads its subquery in order
+            hex_ids, shas, links = self.rows(
+                "SELECT group_concat(printf('%016x', id), ''), group_concat(sha256, ''), "
+                "group_concat(link, '') FROM (SELECT id, sha256, link FROM images WHERE root = ? "
+                "AND status = 'present' AND sha256 IS NOT NULL ORDER BY relpath)",
                 (to_db(part),),
-            )
-            # Each content's first row is its representative (alselect.identity); remember each
-            # row's place in path order to put the representatives back in path order below.
-            by_path = sorted(range(len(rows)), key=lambda i: rows[i][1])
-            rank = np.empty(len(rows), dtype=np.int64)
-            rank[by_path] = np.arange(len(path_rank), len(path_rank) + len(rows))
-            path_rank += rank.tolist()
-            image_ids += [r[0] for r in rows]
-            relpaths += [from_db(r[1]) for r in rows]
-            shas += [r[2] for r in rows]
-            roots += [part] * len(rows)
-            outside += [part != root] * len(rows)
-        keys = content_keys(shas)
-        keep = first_occurrences(keys)
-        keep = keep[np.argsort(np.asarray(path_rank, dtype=np.int64)[keep], kind="stable")]
+            )[0]
+            ids.append(hex_words(hex_ids or "", 1).reshape(-1).astype(np.int64))
+            keys.append(hex_words(shas or "", 4))
+            link.append(np.frombuffer((links or "").encode(), dtype=np.uint8) - ord("0"))
+            part_of.append(np.full(len(ids[-1]), number, dtype=np.int64))
+        all_ids, all_keys = np.concatenate(ids), np.concatenate(keys)
+        # Representative of each content: first by (folder, link, path); rows then in path order.
+        preference = np.lexsort((np.arange(len(all_ids)), np.concatenate(link), np.concatenate(part_of)))
+        keep = np.sort(preference[first_occurrences(all_keys[preference])])
         slots: dict[str, np.ndarray] = {}
         usable = np.ones(len(keep), dtype=bool)
         for key, model_id in zip(keys_in_order, model_ids, strict=True):
-            rows = self.rows("SELECT sha256, slot FROM outputs WHERE model = ? ORDER BY sha256", (model_id,))
-            table = content_keys([r[0] for r in rows])
+            shas, hex_slots = self.rows(
+                "SELECT group_concat(sha256, ''), group_concat(printf('%016x', slot), '') "
+                "FROM (SELECT sha256, slot FROM outputs WHERE model = ? ORDER BY sha256)",
+                (model_id,),
+            )[0]
+            table = hex_words(shas or "", 4)
             order = full_order(table)
-            pos, found = lookup(table[order], keys[keep])
+            pos, found = lookup(table[order], all_keys[keep])
             usable &= found
-            slots[key] = np.array([r[1] for r in rows], dtype=np.int64)[order][pos] if rows else pos
+            stored = hex_words(hex_slots or "", 1).reshape(-1).astype(np.int64)
+            slots[key] = stored[order][pos] if len(stored) else pos
         keep = keep[usable]
-        kept = keys[keep]
+        kept = all_keys[keep]
         labels = [r[0] for r in self.rows("SELECT sha256 FROM labels")]
         sent = [r[0] for r in self.rows("SELECT DISTINCT sha256 FROM exported")]
-        chosen = keep.tolist()
+        image_ids = all_ids[keep]
         return PoolRows(
-            image_ids=np.array(image_ids, dtype=np.int64)[keep],
-            roots=[roots[i] for i in chosen],
-            relpaths=[relpaths[i] for i in chosen],
-            sha256=[shas[i] for i in chosen],
+            image_ids=image_ids,
             slots={key: value[usable] for key, value in slots.items()},
-            labeled=member(labels, kept) | np.array(outside, dtype=bool)[keep],
+            labeled=member(labels, kept) | (np.concatenate(part_of)[keep] > 0),
             exported=member(sent, kept),
             keys=kept,
+            paths=lambda: self._paths_of(image_ids),
         )
+
+    def _paths_of(self, image_ids: np.ndarray) -> tuple[list[str], list[str]]:
+        """``image_paths``, also after this store was closed (a pool outlives its store)."""
+        if not self.closed:
+            return self.image_paths(image_ids)
+        with Store.open(self.path) as again:
+            return again.image_paths(image_ids)
+
+    def image_paths(self, image_ids: np.ndarray) -> tuple[list[str], list[str]]:
+        """``(roots, relpaths)`` of image rows ``image_ids``, in that order."""
+        found: dict[int, tuple[str, str]] = {}
+        wanted = sorted(set(np.asarray(image_ids).tolist()))
+        for start in range(0, len(wanted), EXPORT_CHUNK):
+            part = wanted[start : start + EXPORT_CHUNK]
+            marks = ", ".join("?" * len(part))
+            for image_id, root, rel in self.rows(
+                f"SELECT id, root, relpath FROM images WHERE id IN ({marks})", part
+            ):
+                found[image_id] = (from_db(root), from_db(rel))
+        pairs = [found[i] for i in np.asarray(image_ids).tolist()]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
 
     def pool_array(self, pool: PoolRows, model_key: str, name: str) -> np.ndarray:
         """The model's array ``name`` aligned with the pool's rows: ``[N, *shape]``."""
@@ -816,21 +882,33 @@ class Store:
 
     def run_item_states(self, run_id: int) -> dict[str, int]:
         """How a run's ranked images stand now, in disjoint groups: ``gone`` (absent or changed since
-        the run), ``labeled``, ``exported`` (sent, not labeled yet), ``open`` (still to send)."""
+        the run), ``labeled``, ``exported`` (sent, not labeled yet), ``open`` (still to send).
+
+        Reads only the image rows changed since the run or not present (``images.changed``), the
+        labels and the exports: a million-image ranking costs its file, not a million row reads.
+        """
         records = self.ranking_records(run_id)
         if records is None or not len(records):
             return {"ranked": 0, "gone": 0, "labeled": 0, "exported": 0, "open": 0}
-        ranked_keys = content_keys([key_hex(raw) for raw in records["sha256"].tolist()])
+        ranked_keys = record_keys(records)
         root = self.scalar("SELECT root FROM runs WHERE id = ?", (run_id,))
-        rows = self.rows("SELECT id, sha256 FROM images WHERE root = ? AND status = 'present'", (root,))
-        ids = np.array([r[0] for r in rows], dtype=np.int64)
-        order = np.argsort(ids)
-        where = np.minimum(np.searchsorted(ids[order], records["image_id"]), max(len(ids) - 1, 0))
-        present_keys = content_keys([r[1] for r in rows])
-        gone = np.ones(len(records), dtype=bool)
-        if len(ids):
-            row = order[where]
-            gone = (ids[row] != records["image_id"]) | ~(present_keys[row] == ranked_keys).all(axis=1)
+        rows = self.rows(
+            "SELECT id, sha256, status FROM images WHERE root = ? AND changed >= ? "
+            "UNION SELECT id, sha256, status FROM images WHERE root = ? AND status != 'present'",
+            (root, run_id, root),
+        )
+        gone = np.zeros(len(records), dtype=bool)
+        if rows:
+            ids = np.array([r[0] for r in rows], dtype=np.int64)
+            order = np.argsort(ids)
+            ids = ids[order]
+            where = np.minimum(np.searchsorted(ids, records["image_id"]), len(ids) - 1)
+            hit = ids[where] == records["image_id"]
+            if hit.any():
+                present = np.array([r[2] == "present" and r[1] is not None for r in rows], dtype=bool)[order]
+                keys = content_keys([r[1] if r[1] is not None else "0" * 64 for r in rows])[order]
+                row = where[hit]
+                gone[hit] = ~present[row] | ~(keys[row] == ranked_keys[hit]).all(axis=1)
         labeled = ~gone & member([r[0] for r in self.rows("SELECT sha256 FROM labels")], ranked_keys)
         sent = member([r[0] for r in self.rows("SELECT DISTINCT sha256 FROM exported")], ranked_keys)
         exported = ~gone & ~labeled & sent

@@ -44,15 +44,60 @@ def append_rows(path: Path, committed_rows: int, rows: np.ndarray) -> None:
         fsync_directory(path.parent)  # the new file's name must survive power loss too
 
 
-def read_rows(path: Path, dtype: str, width: int, rows: int, index: np.ndarray) -> np.ndarray:
-    """Rows ``index`` of a segment with ``rows`` committed rows, via a read-only memory map."""
+def read_rows(
+    path: Path, dtype: str, width: int, rows: int, index: np.ndarray, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Rows ``index`` of a segment with ``rows`` committed rows, into ``out`` (``[len(index), width]``).
+
+    An ascending ``index`` made of few contiguous runs (a pool read in slot order) is read with
+    positioned reads straight into ``out``: page-cache copy speed, no page faults of a memory map.
+    Anything else is gathered through a read-only memory map.
+    """
+    np_dtype = np.dtype(dtype)
+    if out is None:
+        out = np.empty((len(index), width), dtype=np_dtype)
     if rows == 0 or len(index) == 0:
-        return np.empty((len(index), width), dtype=np.dtype(dtype))
+        return out
+    index = np.asarray(index, dtype=np.int64)
+    if index[0] < 0 or index[-1] >= rows:
+        raise StoreError(f"array file {path}: row outside its {rows} committed rows")
+    breaks = np.flatnonzero(np.diff(index) != 1) + 1
+    if len(breaks) + 1 <= max(1, len(index) // 64) and np.all(np.diff(index) > 0) and out.flags.c_contiguous:
+        starts = np.concatenate(([0], breaks))
+        ends = np.concatenate((breaks, [len(index)]))
+        row_bytes = width * np_dtype.itemsize
+        target = memoryview(out.data).cast("B")
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise StoreError(f"cannot read array file {path}: {exc}") from exc
+        try:
+            for lo, hi in zip(starts.tolist(), ends.tolist(), strict=True):
+                _read_exactly(fd, target[lo * row_bytes : hi * row_bytes], int(index[lo]) * row_bytes, path)
+        finally:
+            os.close(fd)
+        if not np.little_endian and np_dtype.itemsize > 1:  # the files are little-endian
+            out.byteswap(inplace=True)
+        return out
     try:
-        mapped = np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r", shape=(rows, width))
+        mapped = np.memmap(path, dtype=np_dtype.newbyteorder("<"), mode="r", shape=(rows, width))
     except (OSError, ValueError) as exc:
         raise StoreError(f"cannot read array file {path}: {exc}") from exc
-    return np.asarray(mapped[index], dtype=np.dtype(dtype))
+    if mapped.dtype == out.dtype:
+        np.take(mapped, index, axis=0, out=out)
+    else:
+        out[...] = mapped[index]
+    return out
+
+
+def _read_exactly(fd: int, target: memoryview, offset: int, path: Path) -> None:
+    """Fill ``target`` from ``offset`` (reads of at most 1 GiB: the kernel caps one read near 2 GiB)."""
+    done = 0
+    while done < len(target):
+        got = os.preadv(fd, [target[done : done + (1 << 30)]], offset + done)
+        if got == 0:
+            raise StoreError(f"array file {path} ended early: it was truncated outside alselect")
+        done += got
 
 
 def rows_fit(committed_rows: int, width: int, itemsize: int, extra: int) -> bool:

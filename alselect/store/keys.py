@@ -23,9 +23,24 @@ def content_keys(shas: Sequence[str]) -> np.ndarray:
     return np.frombuffer(raw, dtype=">u8").reshape(-1, 4).astype(np.uint64)
 
 
+def hex_words(text: str, words: int) -> np.ndarray:
+    """``[n, words]`` uint64 of concatenated fixed-width hex (16 digits per word), e.g. SQLite's
+    ``group_concat`` of digests or ``printf('%016x', ...)`` numbers: one parse, no per-row objects."""
+    raw = bytes.fromhex(text)
+    if len(raw) % (8 * words):
+        raise ValueError(f"hex text of {len(raw)} bytes is not a whole number of {words}-word rows")
+    return np.frombuffer(raw, dtype=">u8").reshape(-1, words).astype(np.uint64)
+
+
 def key_bytes(keys: np.ndarray) -> np.ndarray:
     """``[n]`` 32-byte values (``S32``) of ``[n, 4]`` keys, for storage."""
     return np.ascontiguousarray(keys.astype(">u8")).view("S32").reshape(-1)
+
+
+def record_keys(records: np.ndarray) -> np.ndarray:
+    """``[n, 4]`` keys of ranking records' ``sha256`` (``S32``) field, without per-row Python work."""
+    raw = np.ascontiguousarray(records["sha256"]).view(np.uint8).reshape(len(records), 32)
+    return np.ascontiguousarray(raw).view(">u8").reshape(-1, 4).astype(np.uint64)
 
 
 def key_hex(raw: bytes) -> str:

@@ -218,6 +218,28 @@ def m006_images_link(conn: sqlite3.Connection) -> None:
     run_script(conn, "ALTER TABLE images ADD COLUMN link INTEGER NOT NULL DEFAULT 0")
 
 
+@migration
+def m007_images_changed(conn: sqlite3.Connection) -> None:
+    """Status and run states at a million images without reading every image row.
+
+    ``images.changed`` is the id of the latest run when the row last changed (content, status):
+    rows changed after run R have ``changed >= R``, so how a run's images stand now needs only those
+    rows and the non-present ones. Existing rows count as changed after every existing run (exact,
+    merely slower, for runs recorded before this migration). ``images_root_status_sha`` serves the
+    per-folder counts (distinct contents in index order, no temporary B-tree) and the lookups of
+    present copies of a content.
+    """
+    run_script(
+        conn,
+        """
+        ALTER TABLE images ADD COLUMN changed INTEGER NOT NULL DEFAULT 0;
+        UPDATE images SET changed = (SELECT COALESCE(MAX(id), 0) FROM runs);
+        CREATE INDEX images_root_changed ON images (root, changed);
+        CREATE INDEX images_root_status_sha ON images (root, status, sha256)
+        """,
+    )
+
+
 def run_script(conn: sqlite3.Connection, script: str) -> None:
     """Execute ``;``-separated DDL inside the caller's transaction (``executescript`` commits)."""
     for statement in script.split(";"):
