@@ -525,3 +525,31 @@ def test_rows_are_built_from_the_store_with_relpath_and_file(hostile: tuple[Path
                     confidence=None, sha256="", folder=str(folder), relpath=rel)  # fmt: skip
     assert row.file == folder / "sub dir" / "inner #%+&.png" and row.relative == "sub dir/inner #%+&.png"
     assert dataclasses.replace(row, relpath=None).relative == "/abs"
+
+
+@pytest.mark.parametrize("prefix", ["s3://b/pool/", "gs://b/pool", "https://h/pool/"])
+@pytest.mark.parametrize("fmt", ["paths", "label-studio"])
+def test_uri_exports_label_back_exactly_the_exported_images(
+    hostile: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefix: str, fmt: str
+) -> None:
+    """Defects 1 and 8: reading a URI export back (no sha256: a paths list, or Label Studio tasks
+    without al_sha256) labels exactly the exported images, whatever their names hold."""
+    import shutil
+
+    from alselect.labels import import_labels
+
+    store = tmp_path / "store"
+    shutil.copytree(hostile[0], store)
+    text, _ = export(store, fmt, options={"uri_prefix": prefix})
+    if fmt == "label-studio":
+        tasks = json.loads(text)
+        for task in tasks:
+            del task["data"]["al_sha256"]
+            task["annotations"] = [{"result": [{"value": {"choices": ["ant"]}}]}]
+        text = json.dumps(tasks)
+    monkeypatch.chdir(tmp_path)
+    with Store.open(store, write=True) as handle:
+        result = import_labels(handle, text, "back", uri_prefix=prefix)
+        got = {row[0] for row in handle.rows("SELECT sha256 FROM labels")}
+    assert (result.unknown, result.ambiguous) == ([], [])
+    assert got == {r["sha256"] for r in ranked_csv(hostile[0])} and len(got) == len(HOSTILE_NAMES)

@@ -13,10 +13,12 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, ClassVar, Literal, TextIO, overload
-from urllib.parse import quote
 
 from alselect.errors import AlselectError, UsageError
 from alselect.fsutil import fsync_directory
+from alselect.uris import join_uri, uri_scheme
+
+__all__ = ["join_uri", "uri_scheme"]  # re-exported: exporters import them from here
 
 CSV_COLUMNS = (
     "rank",
@@ -95,20 +97,6 @@ def format_number(value: float | None) -> str:
     return "" if value is None else format(float(value), ".8g")
 
 
-def join_uri(prefix: str, relpath: str) -> str:
-    """``prefix`` + the folder-relative path: percent-encoded for web URLs, verbatim for bucket URIs.
-
-    ``https://host/pool/`` + ``a b#1.jpg`` → ``https://host/pool/a%20b%231.jpg``. An ``s3://`` or
-    ``gs://`` URI names an object key, which AWS and Google tools take as is (``s3://b/a b.jpg``),
-    so only web URLs are encoded. A missing ``/`` at the end of the prefix is added.
-    """
-    if not prefix.endswith("/"):
-        prefix += "/"
-    if uri_scheme(prefix) in ("http", "https"):
-        return prefix + quote(relpath, safe="/")
-    return prefix + relpath
-
-
 def finite_or_none(value: float | None) -> float | None:
     """A number as JSON allows it: NaN and infinities become ``None`` (null)."""
     return value if value is not None and math.isfinite(value) else None
@@ -121,12 +109,6 @@ def write_json_array(stream: TextIO, items: Sequence[Any]) -> None:
         stream.write(json.dumps(item, ensure_ascii=False, allow_nan=False))
         stream.write(",\n" if i + 1 < len(items) else "\n")
     stream.write("]\n")
-
-
-def uri_scheme(uri: str) -> str:
-    """The lower-case scheme of ``uri`` (``s3``, ``https``...), or ``""`` for a plain path."""
-    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", uri)
-    return match.group(1).lower() if match else ""
 
 
 def relative_to_root(row: ExportRow, document_root: Path | None) -> str:
