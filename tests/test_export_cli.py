@@ -126,17 +126,44 @@ def test_empty_run(tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.Capture
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX pipes")
-def test_reader_gone_is_one_clear_line_and_nothing_is_recorded(scored_store: Path) -> None:
+@pytest.mark.parametrize("command", [("export",), ("export", "-f", "jsonl"), ("status",), ("strategies",)])
+def test_reader_gone_is_a_quiet_exit_and_nothing_is_recorded(scored_store: Path, command: tuple[str, ...]) -> None:
+    """Defect 12: like ``| head -1`` that has already exited, every write gets EPIPE."""
     read_end, write_end = os.pipe()
-    os.close(read_end)  # like `| head -1` that has already exited: every write gets EPIPE
+    os.close(read_end)
     try:
-        done = run_alselect("--store", str(scored_store), "export", stdout=write_end)
+        done = run_alselect("--store", str(scored_store), *command, stdout=write_end)
     finally:
         os.close(write_end)
-    assert done.returncode == 1
+    assert (done.returncode, done.stderr) == (1, "")
+    assert exported_count(scored_store) == 0
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("command", [("export",), ("export", "--dry-run"), ("status",), ("strategies",)])
+def test_a_full_stdout_is_one_error_line_and_nothing_is_recorded(
+    scored_store: Path, command: tuple[str, ...]
+) -> None:
+    """Defect 12: ``> /dev/full`` was an internal error (export) or a silent success (status)."""
+    with open("/dev/full", "w") as full:
+        done = run_alselect("--store", str(scored_store), *command, stdout=full.fileno())
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "broken pipe" in lines[0] and "--dry-run" in lines[0], done.stderr
-    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr
+    assert done.returncode == 1 and lines == [
+        "alselect: error: cannot write to stdout: No space left on device; the output is incomplete"
+    ], done.stderr
+    assert exported_count(scored_store) == 0
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX descriptors")
+def test_a_closed_stdout_is_one_error_line(scored_store: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "alselect", "--store", str(scored_store), "export"],
+        stderr=subprocess.PIPE, text=True, env=env, timeout=120, preexec_fn=lambda: os.close(1),
+    )  # fmt: skip
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+        "alselect: error: cannot write to stdout: stdout is closed; the output is incomplete"
+    ], done.stderr
     assert exported_count(scored_store) == 0
 
 
