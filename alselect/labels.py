@@ -20,6 +20,7 @@ from alselect.annotations.base import single_class
 from alselect.errors import DataError
 from alselect.store import Store
 from alselect.store.names import from_db, to_db
+from alselect.uris import check_uri_prefix
 
 CHUNK = 500  # bound parameters per IN (...) query, under SQLite's oldest default limit of 999
 
@@ -64,6 +65,8 @@ def import_labels(
     what relative paths without a folder of their own are relative to (default: the working
     directory ``cwd``, then the stored folder-relative paths); ``uri_prefix`` is the prefix the
     export put before paths in image URLs."""
+    if uri_prefix is not None:
+        uri_prefix = check_uri_prefix(uri_prefix)
     annotations = read_annotations(text, fmt, ReadOptions(uri_prefix=uri_prefix))
     if not annotations.records and not annotations.skipped:
         raise DataError(f"{source}: nothing to label in it (no paths, content hashes or annotated items)")

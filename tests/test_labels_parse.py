@@ -130,7 +130,7 @@ def test_csv_with_only_a_sha256_column_needs_format_csv() -> None:
 @pytest.mark.parametrize("first", ["path", "sha256", "path\r", "label"])
 def test_a_path_list_whose_first_line_is_a_column_name_stays_a_list(first: str) -> None:
     """Defect 10: every line of a path list is a path; ``path`` alone is not a CSV header."""
-    text = f"{first}\nb.png\n\"q\".png\n"
+    text = f'{first}\nb.png\n"q".png\n'
     assert formats(text) == "paths"
     assert parse(text) == ([first.removesuffix("\r"), "b.png", '"q".png'], [])
 
@@ -169,8 +169,12 @@ def test_path_label_csv_carries_classes_and_folder() -> None:
 
 
 def test_a_table_without_a_label_column_labels_without_a_class() -> None:
-    assert read_annotations("path,folder\na.png,/p\n").records == [LabelRecord("a.png", path="a.png", folder="/p")]
-    assert read_annotations('{"path": "a.png", "label": null}\n').records == [LabelRecord("a.png", path="a.png")]
+    assert read_annotations("path,folder\na.png,/p\n").records == [
+        LabelRecord("a.png", path="a.png", folder="/p")
+    ]
+    assert read_annotations('{"path": "a.png", "label": null}\n').records == [
+        LabelRecord("a.png", path="a.png")
+    ]
 
 
 def test_predicted_label_is_not_a_class() -> None:
@@ -259,9 +263,11 @@ def test_a_truncated_json_or_xml_export_is_an_error_not_a_path_list(text: str) -
     assert read_annotations(text, "paths").format == "paths"  # unless the user says it is one
 
 
-@pytest.mark.parametrize(("fmt", "text"), [("label-studio", '[{"data": {'), ("coco", '{"images": ['), ("cvat", "<a")])
+@pytest.mark.parametrize(
+    ("fmt", "text"), [("label-studio", '[{"data": {'), ("coco", '{"images": ['), ("cvat", "<a")]
+)
 def test_a_forced_format_names_the_parse_error(fmt: str, text: str) -> None:
-    with pytest.raises(DataError, match="does not parse as (JSON|XML)"):
+    with pytest.raises(DataError, match=r"does not parse as (JSON|XML)"):
         read_annotations(text, fmt)
 
 

@@ -165,11 +165,14 @@ def export(
             fail_if_empty=fail_if_empty,
             command=command_line(),
         )
-        if result.skipped_unwritable:
-            reporter.warning(
-                f"{result.skipped_unwritable} image(s) left out and not recorded: their paths contain a "
-                f"line break, which {format} cannot hold; use csv or jsonl"
-            )
+        if result.skipped:
+            reasons = Counter(why for _, why in result.skipped)
+            for why, count in reasons.most_common():
+                first = next(path for path, reason in result.skipped if reason == why)
+                reporter.warning(
+                    f"{count} image(s) left out of the {format} export and not recorded: {why} "
+                    f"(e.g. {first!r})"
+                )
         if result.empty_reason:
             reporter.warning(result.empty_reason)
         note = "" if result.recorded else " (not recorded)"
@@ -231,9 +234,12 @@ def label(
     from alselect.annotations import get_reader
     from alselect.labels import import_labels
     from alselect.store import Store
+    from alselect.uris import check_uri_prefix
 
     if format != "auto":
         get_reader(format)  # an unknown format is a usage error, before anything is read
+    if uri_prefix is not None:
+        check_uri_prefix(uri_prefix)
     if source == "-":
         text = sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape")
     else:

@@ -16,7 +16,7 @@ from typing import IO, Any, ClassVar, Literal, TextIO, overload
 
 from alselect.errors import AlselectError, UsageError
 from alselect.fsutil import fsync_directory
-from alselect.uris import join_uri, uri_scheme
+from alselect.uris import BUCKET_SCHEMES, is_utf8, join_uri, uri_scheme
 
 __all__ = ["join_uri", "uri_scheme"]  # re-exported: exporters import them from here
 
@@ -97,16 +97,32 @@ def format_number(value: float | None) -> str:
     return "" if value is None else format(float(value), ".8g")
 
 
+def not_utf8_reason(platform: str) -> str:
+    """The reason a platform format leaves out a file whose name is not valid UTF-8."""
+    return f"file name is not valid UTF-8, which {platform} cannot refer to (rename the file)"
+
+
 def finite_or_none(value: float | None) -> float | None:
     """A number as JSON allows it: NaN and infinities become ``None`` (null)."""
     return value if value is not None and math.isfinite(value) else None
+
+
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
+
+
+def json_text(value: Any, indent: int | None = None) -> str:
+    """JSON, UTF-8 as is, with the bytes of a file name that are not UTF-8 (surrogate escapes)
+    written as ``\\udcXX`` escapes: the text stays valid UTF-8, and ``json.loads`` gives back the
+    name ``os.fsencode`` turns into the original bytes."""
+    text = json.dumps(value, ensure_ascii=False, allow_nan=False, indent=indent)
+    return _NOT_UTF8.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def write_json_array(stream: TextIO, items: Sequence[Any]) -> None:
     """A JSON array with one compact item per line: one document, still readable and diffable."""
     stream.write("[\n" if items else "[")
     for i, item in enumerate(items):
-        stream.write(json.dumps(item, ensure_ascii=False, allow_nan=False))
+        stream.write(json_text(item))
         stream.write(",\n" if i + 1 < len(items) else "\n")
     stream.write("]\n")
 
@@ -248,6 +264,7 @@ class Exporter:
     uri_schemes: ClassVar[tuple[str, ...]] = ()
     uri_required: ClassVar[bool] = False
     takes_uri_prefix: ClassVar[bool] = True
+    file_names: ClassVar[tuple[str, ...]] = ()  # "files"/"folder" layouts: the files it writes
 
     def check(self, rows: Sequence[ExportRow], context: ExportContext) -> None:
         """Refuse (``DataError``/``UsageError``) what the platform would reject or mangle."""
@@ -265,6 +282,15 @@ class Exporter:
         if prefix is not None and self.uri_schemes and uri_scheme(prefix) not in self.uri_schemes:
             allowed = ", ".join(f"{s}://" for s in self.uri_schemes)
             raise UsageError(f"--format {self.name} takes {allowed} URIs, not {prefix!r} (--uri-prefix)")
+
+    def unwritable(self, row: ExportRow, context: ExportContext) -> str | None:
+        """Why ``row`` cannot be written in this format, or ``None``. ``export`` leaves such rows
+        out before writing (the ranks of the others stay contiguous), says why on stderr and does
+        not record them. Here: a bucket URI (``s3://``, ``gs://``) of a file name that is not
+        UTF-8, which no object key can be."""
+        if row.uri and uri_scheme(row.uri) in BUCKET_SCHEMES and not is_utf8(row.uri):
+            return "file name is not valid UTF-8, which S3 and GCS object keys must be"
+        return None
 
     def write(
         self, rows: Iterable[ExportRow], stream: TextIO, context: ExportContext | None = None

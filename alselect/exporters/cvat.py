@@ -23,9 +23,11 @@ from alselect.exporters.base import (
     ExportContext,
     Exporter,
     ExportRow,
+    not_utf8_reason,
     register_exporter,
     relative_to_root,
 )
+from alselect.uris import is_utf8
 
 HEADER = ('{"version":"1.1"}', '{"type":"images"}')
 EXIF_ORIENTATION = 274
@@ -73,6 +75,11 @@ class CvatExporter(Exporter):
                     "'alselect label'"
                 )
             seen[name] = rel
+
+    def unwritable(self, row: ExportRow, context: ExportContext) -> str | None:
+        if not is_utf8(self.relpath(row, context)):
+            return not_utf8_reason("CVAT")
+        return super().unwritable(row, context)
 
     def relpath(self, row: ExportRow, context: ExportContext) -> str:
         return relative_to_root(row, context.options.document_root)
