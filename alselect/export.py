@@ -9,7 +9,7 @@ leaves nothing recorded. ``record=False`` (``--dry-run``) peeks without recordin
 
 from __future__ import annotations
 
-import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -21,6 +21,7 @@ from alselect.errors import AlselectError, NoRunError, UsageError
 from alselect.exporters import (
     SCORE_DIRECTION,
     ExportContext,
+    Exporter,
     ExportOptions,
     ExportRow,
     FileSet,
@@ -30,7 +31,9 @@ from alselect.exporters import (
     is_stream_target,
     join_uri,
 )
+from alselect.exporters.base import json_text
 from alselect.store import Store, model_display_name
+from alselect.uris import check_uri_prefix
 
 
 class NothingToExport(AlselectError):
@@ -50,6 +53,7 @@ class ExportResult:
     sidecar: str | None = None
     notes: list[str] = field(default_factory=list)
     empty_reason: str | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, why) left out
 
 
 @dataclass
@@ -220,6 +224,8 @@ def export_latest(
     options = options or ExportOptions()
     if absolute:
         options = replace(options, absolute=True)
+    if options.uri_prefix is not None:
+        options = replace(options, uri_prefix=check_uri_prefix(options.uri_prefix))
     selection = select_rows(
         store,
         top=top,
@@ -229,6 +235,7 @@ def export_latest(
     )
     run, rows = selection.run, selection.rows
     context = ExportContext(options=options, run=run, detections=detections_for(store, run, rows, options))
+    rows, skipped = writable_rows(exporter, rows, context)
     exporter.check(rows, context)
     empty_reason = explain_empty(store, run, include_exported) if not rows else None
     if empty_reason and fail_if_empty:
@@ -236,15 +243,35 @@ def export_latest(
 
     files: list[Path] = []
     sidecar: Path | None = None
+    sidecar_fields: dict[str, Any] = {
+        "fmt": fmt,
+        "run": run,
+        "options": options,
+        "top": top,
+        "include_exported": include_exported,
+        "command": command,
+    }
     if exporter.layout == "stream":
         if output is not None:
             output = Path(output)
-            with atomic_output(output) as handle:
-                written = exporter.write(rows, handle, context)
             destination = str(output)
-            if not is_stream_target(output):
-                files.append(output)
+            if is_stream_target(output):
+                with atomic_output(output) as handle:
+                    written = exporter.write(rows, handle, context)
+            else:
                 sidecar = output.with_name(output.name + ".run.json")
+                check_targets([output, sidecar])  # before anything is written
+                # the sidecar is written inside the data file's atomic write: a failure of either
+                # leaves both targets as they were
+                with atomic_output(output) as handle:
+                    written = exporter.write(rows, handle, context)
+                    handle.flush()
+                    recorded = record and bool(written)
+                    write_sidecar(
+                        sidecar, files=[output], exported=len(written), recorded=recorded, **sidecar_fields
+                    )
+                files.append(output)
+                sidecar_fields = {}  # written
         else:
             if stdout is None:
                 raise UsageError("export needs an output file or a stdout stream")
@@ -258,25 +285,15 @@ def export_latest(
             raise UsageError(f"--format {fmt} writes several files: give {where}")
         fileset = FileSet.resolve(output, always_folder=exporter.layout == "folder")
         output = fileset.target
+        check_targets([*(fileset.path(name) for name in exporter.file_names), fileset.sidecar])
         written = exporter.write_files(rows, fileset, context)
         files.extend(fileset.written)
         destination = str(output)
         sidecar = fileset.sidecar
 
     recorded = record and bool(written)
-    if sidecar is not None:
-        write_sidecar(
-            sidecar,
-            fmt=fmt,
-            run=run,
-            options=options,
-            files=files,
-            exported=len(written),
-            recorded=recorded,
-            top=top,
-            include_exported=include_exported,
-            command=command,
-        )
+    if sidecar is not None and sidecar_fields:
+        write_sidecar(sidecar, files=files, exported=len(written), recorded=recorded, **sidecar_fields)
     if recorded:
         store.record_export(run.id, fmt, destination, [(r.sha256, r.rank) for r in written])
     return ExportResult(
@@ -289,7 +306,39 @@ def export_latest(
         sidecar=None if sidecar is None else str(sidecar),
         notes=exporter.notes(written, context, files),
         empty_reason=empty_reason,
+        skipped=skipped,
     )
+
+
+def writable_rows(
+    exporter: Exporter, rows: list[ExportRow], context: ExportContext
+) -> tuple[list[ExportRow], list[tuple[str, str]]]:
+    """The rows the format can write, ranks renumbered 1..N in order, and ``(path, why)`` for the
+    others (left out and not recorded)."""
+    kept: list[ExportRow] = []
+    skipped: list[tuple[str, str]] = []
+    for row in rows:
+        why = exporter.unwritable(row, context)
+        if why is None:
+            kept.append(row if row.rank == len(kept) + 1 else replace(row, rank=len(kept) + 1))
+        else:
+            skipped.append((row.relative, why))
+    return kept, skipped
+
+
+def check_targets(paths: Sequence[Path]) -> None:
+    """Refuse, before anything is written, targets that cannot be replaced: a folder in the way, a
+    missing or unwritable folder. (A write can still fail later, e.g. on a full disk; each file is
+    atomic, so a target is then left as it was.)"""
+    for path in paths:
+        target = Path(os.path.realpath(path))
+        if target.is_dir():
+            raise AlselectError(f"cannot write {path}: it is a folder; nothing was written")
+        folder = target.parent
+        if not folder.is_dir():
+            raise AlselectError(f"cannot write {path}: folder {folder} does not exist; nothing was written")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise AlselectError(f"cannot write {path}: folder {folder} is not writable; nothing was written")
 
 
 def sidecar_record(
@@ -348,4 +397,4 @@ def sidecar_record(
 def write_sidecar(path: Path, **fields: Any) -> None:
     """``<output>.run.json``, written atomically."""
     with atomic_output(path) as handle:
-        handle.write(json.dumps(sidecar_record(**fields), indent=2, ensure_ascii=False) + "\n")
+        handle.write(json_text(sidecar_record(**fields), indent=2) + "\n")

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from alselect.errors import UsageError
+from alselect.limits import MAX_KEEP_RUNS
 from alselect.progress import NULL_REPORTER, Reporter
 from alselect.store import Store, model_display_name
 from alselect.store.arrays import SEGMENT_MAX_BYTES, append_rows
@@ -66,8 +67,8 @@ def collect(
     reporter: Reporter = NULL_REPORTER,
 ) -> GcResult:
     """Drop unused models' arrays, compact the kept ones; see the module docstring."""
-    if keep_runs < 0:
-        raise UsageError(f"--keep-runs must be >= 0, got {keep_runs}")
+    if not 0 <= keep_runs <= MAX_KEEP_RUNS:
+        raise UsageError(f"--keep-runs must be between 0 and {MAX_KEEP_RUNS:,}, got {keep_runs}")
     result = GcResult(dry_run=dry_run, bytes_before=store_bytes(store))
     models = {
         key: model_display_name(ckpt, key)

@@ -138,7 +138,7 @@ class _PillowLimitOff:
                     Image.MAX_IMAGE_PIXELS = self._saved
 
 
-_pillow_limit_off = _PillowLimitOff()
+pillow_limit_off = _PillowLimitOff()
 
 
 def check_pixels(size: tuple[int, int], max_pixels: int) -> None:
@@ -157,7 +157,7 @@ def _pixels(count: int) -> str:
 
 def _decode(source: IO[bytes], preprocess: Preprocess, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
     letterbox = preprocess.resize == "letterbox"
-    with _pillow_limit_off(), Image.open(source) as img:
+    with pillow_limit_off(), Image.open(source) as img:
         check_pixels(img.size, max_pixels)
         full = img.size
         if img.format == "JPEG":

@@ -20,6 +20,7 @@ from alselect.annotations.base import single_class
 from alselect.errors import DataError
 from alselect.store import Store
 from alselect.store.names import from_db, to_db
+from alselect.uris import check_uri_prefix
 
 CHUNK = 500  # bound parameters per IN (...) query, under SQLite's oldest default limit of 999
 
@@ -64,6 +65,8 @@ def import_labels(
     what relative paths without a folder of their own are relative to (default: the working
     directory ``cwd``, then the stored folder-relative paths); ``uri_prefix`` is the prefix the
     export put before paths in image URLs."""
+    if uri_prefix is not None:
+        uri_prefix = check_uri_prefix(uri_prefix)
     annotations = read_annotations(text, fmt, ReadOptions(uri_prefix=uri_prefix))
     if not annotations.records and not annotations.skipped:
         raise DataError(f"{source}: nothing to label in it (no paths, content hashes or annotated items)")
@@ -151,15 +154,19 @@ def resolve_paths(store: Store, keys: Iterable[PathKey], cwd: str) -> tuple[dict
 
     The path is taken as a file path (absolute, or relative to ``folder``, else to ``cwd``) and
     looked up exactly in the stored folder it lies in, after resolving symlinks the way the folder
-    walk sees them. Only a relative path without a folder that is not found so, and is not an
-    existing file inside a stored folder, is then taken as a folder-relative path as exports
-    write them: it resolves when exactly one content is stored under that relative path (in one
-    folder, or the same file in several); several contents make it ambiguous. Which folder was
-    scored last plays no part.
+    walk sees them. A relative path without a folder may also be a folder-relative path as exports
+    write them (``export`` run from anywhere, ``--format paths``, a URI's path): it names every
+    content stored under that relative path in any folder. Its candidates are both readings
+    together, and it resolves only when they hold exactly one content; several make it ambiguous,
+    so a list of one folder's relative paths, read while the working directory is another scored
+    folder with the same names, labels nothing instead of the wrong images. An existing file
+    under the working directory inside a scored folder that is not stored itself is unknown (it
+    is not looked up elsewhere). Which folder was scored last plays no part.
     """
     locator = RootLocator(stored_roots(store))
     located: dict[PathKey, list[tuple[str, str]]] = {}
     as_relpath: dict[PathKey, str] = {}
+    unscored_here: set[PathKey] = set()
     for key in dict.fromkeys(keys):
         base, raw = key
         if not usable(raw) or (base is not None and not usable(base)):
@@ -169,19 +176,26 @@ def resolve_paths(store: Store, keys: Iterable[PathKey], cwd: str) -> tuple[dict
         relpath = raw
         while relpath.startswith("./"):
             relpath = relpath[2:]
-        if base is None and relpath and not os.path.isabs(raw) and not (candidates and os.path.lexists(full)):
+        if base is None and relpath and not os.path.isabs(raw):
             as_relpath[key] = relpath
+            if candidates and os.path.lexists(full):
+                unscored_here.add(key)  # cleared below when it is stored
     exact = lookup_exact(store, {c for candidates in located.values() for c in candidates})
+    contents_of = lookup_relpaths(store, set(as_relpath.values()))
     found: dict[PathKey, str] = {}
+    ambiguous: set[PathKey] = set()
     for key, candidates in located.items():
         hits = [exact[c] for c in candidates if c in exact]
-        if hits:
-            found[key] = next((sha for sha, status in hits if status == "present"), hits[0][0])
-    pending = {key: relpath for key, relpath in as_relpath.items() if key not in found}
-    contents_of = lookup_relpaths(store, set(pending.values()))
-    ambiguous: set[PathKey] = set()
-    for key, relpath in pending.items():
-        contents = contents_of.get(relpath, set())
+        here = next((sha for sha, status in hits if status == "present"), hits[0][0]) if hits else None
+        if key not in as_relpath:
+            if here is not None:
+                found[key] = here
+            continue
+        if here is None and key in unscored_here:
+            continue  # the file the path names under the working directory was never scored
+        contents = set(contents_of.get(as_relpath[key], set()))
+        if here is not None:
+            contents.add(here)
         if len(contents) == 1:
             found[key] = next(iter(contents))
         elif contents:

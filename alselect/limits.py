@@ -20,6 +20,8 @@ MAX_IMAGE_SIZE = 4096
 # the largest phone sensors (200 MP) and over 3 times medium-format backs (150 MP). JPEGs of any size
 # decode at 1/8 scale (draft); other formats are box-reduced right after loading (alselect.images).
 DEFAULT_MAX_PIXELS = 500_000_000
+# gc --keep-runs: past any real store's run count; SQLite integers stop at 2**63 - 1.
+MAX_KEEP_RUNS = 1_000_000_000
 # Decoded batches a DataLoader worker keeps ready ahead of the model (its prefetch_factor).
 PREFETCH_BATCHES = 4
 # Share of the machine's memory the image batches may take; the rest is for the model and the system.

@@ -203,9 +203,11 @@ def test_path_label_csv_stores_classes_and_reports_conflicts(lab: Path, store_pa
     )
     with Store.open(store_path, write=True) as store:
         result = import_labels(store, text, "done.csv")
-    expected = {"img_0001.png": "cat", "img_0002.png": "dog", "plain.png": None, "gt.png": None}
+    # an empty class name is refused (defect 17): gt.png is not labeled, and is reported as skipped
+    expected = {"img_0001.png": "cat", "img_0002.png": "dog", "plain.png": None}
     assert labels(store_path) == expected
     assert (result.complete, result.conflicting) == (False, ["plain.png"])
+    assert [ref for ref, _ in result.skipped] == ["gt.png"] and "empty class" in result.skipped[0][1]
     # a class-less list never erases a class
     with Store.open(store_path, write=True) as store:
         import_labels(store, "img_0001.png\n", "list.txt")

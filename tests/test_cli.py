@@ -286,3 +286,29 @@ def test_max_pixels_reaches_the_decoder(
     code, out, _ = cli(capsys, *store, "status", "--failed")
     reason = "decompression bomb: 30x30 = 900 pixels is over the limit of 899 pixels (--max-pixels)"
     assert out.count(reason) == 1 and "big.png" in out
+
+
+def test_status_failed_lists_one_line_per_file_with_control_characters_escaped(
+    tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Defect 17: a name with a line break (or a reason with one) split an item over two lines."""
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for name in ("bad\nname.png", "tab\tand\x1besc.png", "back\\slash.png"):
+        (pool / name).write_bytes(b"not an image")
+    store = tmp_path / "store"
+    code, _, err = cli(
+        capsys, "--store", str(store), "embed", str(pool), "-m", str(tiny_checkpoint), "--workers", "0"
+    )
+    assert code in (0, 3), err
+    code, out, err = cli(capsys, "--store", str(store), "status", "--failed")
+    assert code == 0, err
+    listed = [line for line in out.splitlines() if line.startswith(str(pool.resolve()))]
+    root = str(pool.resolve())
+    assert sorted(listed) == sorted(
+        [
+            f"{root}/back\\\\slash.png\tnot an image (unrecognised format)",
+            f"{root}/bad\\nname.png\tnot an image (unrecognised format)",
+            f"{root}/tab\\tand\\x1besc.png\tnot an image (unrecognised format)",
+        ]
+    )

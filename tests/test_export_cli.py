@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from alselect import __version__
+from alselect.errors import AlselectError
 from alselect.store import Store
 from tests.conftest import REPO, TINY_CLASSES
 from tests.helpers import MakeImages, cli, exported_count, exports, run_alselect, score
@@ -126,17 +127,46 @@ def test_empty_run(tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.Capture
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX pipes")
-def test_reader_gone_is_one_clear_line_and_nothing_is_recorded(scored_store: Path) -> None:
+@pytest.mark.parametrize("command", [("export",), ("export", "-f", "jsonl"), ("status",), ("strategies",)])
+def test_reader_gone_is_a_quiet_exit_and_nothing_is_recorded(
+    scored_store: Path, command: tuple[str, ...]
+) -> None:
+    """Defect 12: like ``| head -1`` that has already exited, every write gets EPIPE."""
     read_end, write_end = os.pipe()
-    os.close(read_end)  # like `| head -1` that has already exited: every write gets EPIPE
+    os.close(read_end)
     try:
-        done = run_alselect("--store", str(scored_store), "export", stdout=write_end)
+        done = run_alselect("--store", str(scored_store), *command, stdout=write_end)
     finally:
         os.close(write_end)
-    assert done.returncode == 1
+    assert (done.returncode, done.stderr) == (1, "")
+    assert exported_count(scored_store) == 0
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("command", [("export",), ("export", "--dry-run"), ("status",), ("strategies",)])
+def test_a_full_stdout_is_one_error_line_and_nothing_is_recorded(
+    scored_store: Path, command: tuple[str, ...]
+) -> None:
+    """Defect 12: ``> /dev/full`` was an internal error (export) or a silent success (status)."""
+    with open("/dev/full", "w") as full:
+        done = run_alselect("--store", str(scored_store), *command, stdout=full.fileno())
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "broken pipe" in lines[0] and "--dry-run" in lines[0], done.stderr
-    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr
+    assert done.returncode == 1 and lines == [
+        "alselect: error: cannot write to stdout: No space left on device; the output is incomplete"
+    ], done.stderr
+    assert exported_count(scored_store) == 0
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX descriptors")
+def test_a_closed_stdout_is_one_error_line(scored_store: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "alselect", "--store", str(scored_store), "export"],
+        stderr=subprocess.PIPE, text=True, env=env, timeout=120, preexec_fn=lambda: os.close(1),
+    )  # fmt: skip
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+        "alselect: error: cannot write to stdout: stdout is closed; the output is incomplete"
+    ], done.stderr
     assert exported_count(scored_store) == 0
 
 
@@ -206,3 +236,52 @@ def test_label_studio_export_through_the_cli(
     assert all(t["predictions"][0]["result"][0]["value"]["choices"][0] in TINY_CLASSES for t in tasks)
     assert "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT" in err
     assert exports(scored_store) == [("label-studio", str(target), 5)]
+
+
+def test_an_unwritable_sidecar_target_is_refused_before_anything_is_written(
+    scored_store: Path, tmp_path: Path
+) -> None:
+    """Defect 11: the data file used to be written first, then the sidecar failed."""
+    target = tmp_path / "batch.csv"
+    (tmp_path / "batch.csv.run.json").mkdir()  # the sidecar's place is taken by a folder
+    done = run_alselect("--store", str(scored_store), "export", "-o", str(target))
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1, done.stderr
+    assert "batch.csv.run.json" in lines[0] and "nothing was written" in lines[0]
+    assert not target.exists() and exported_count(scored_store) == 0
+    out = tmp_path / "lb"
+    out.mkdir()
+    (out / "run.json").mkdir()
+    done = run_alselect("--store", str(scored_store), "export", "-f", "labelbox", "-o", f"{out}/")
+    assert done.returncode == 1 and "run.json" in done.stderr and "nothing was written" in done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["run.json"] and exported_count(scored_store) == 0
+
+
+def test_a_failing_sidecar_write_leaves_the_data_file_as_it_was(
+    scored_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import alselect.export as export_module
+
+    target = tmp_path / "batch.csv"
+    target.write_text("before\n")
+
+    def broken(path: Path, **fields: object) -> None:
+        raise AlselectError(f"cannot write {path}: No space left on device")
+
+    monkeypatch.setattr(export_module, "write_sidecar", broken)
+    with Store.open(scored_store, write=True) as store, pytest.raises(AlselectError, match=r"run\.json"):
+        export_module.export_latest(store, "csv", output=target)
+    assert target.read_text() == "before\n" and exported_count(scored_store) == 0
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    ["s3:/bucket/pool/", "ftp://host/pool/", "", "https://host/pool/?sig=1", "s3://", "pool/", "https:///x"],
+)
+def test_a_bad_uri_prefix_is_a_usage_error_listing_the_schemes(scored_store: Path, prefix: str) -> None:
+    """Defect 16."""
+    for command in (["export", "--dry-run", "-f", "paths"], ["label", "no-such-file.txt"]):
+        done = run_alselect("--store", str(scored_store), *command, "--uri-prefix", prefix)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1, (command, done.stderr)
+        assert all(s in lines[0] for s in ("http://", "https://", "s3://", "gs://")), lines[0]

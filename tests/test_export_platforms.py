@@ -315,7 +315,8 @@ def test_labelbox_rows_and_priorities(hostile: tuple[Path, Path], tmp_path: Path
     for data_row, row in zip(data_rows, rows, strict=True):
         assert set(data_row) == {"row_data", "global_key", "media_type", "metadata_fields"}
         assert data_row["row_data"] == "https://h/p/" + quote(row["path"])
-        assert data_row["global_key"] == row["path"]
+        identity = "\0".join([str(folder), row["path"], row["sha256"]]).encode()
+        assert data_row["global_key"] == f"{row['path']}@{hashlib.sha256(identity).hexdigest()[:16]}"
         assert data_row["media_type"] == "IMAGE"
         metadata = {m["name"]: m["value"] for m in data_row["metadata_fields"]}
         assert metadata["al_rank"] == int(row["rank"])
@@ -327,7 +328,28 @@ def test_labelbox_rows_and_priorities(hostile: tuple[Path, Path], tmp_path: Path
         records = list(csv.reader(handle))
     assert records[0] == ["global_key", "priority"]
     # Labelbox serves lower priority numbers first: rank 1 gets priority 1.
-    assert records[1:] == [[r["path"], r["rank"]] for r in rows]
+    assert records[1:] == [[d["global_key"], r["rank"]] for d, r in zip(data_rows, rows, strict=True)]
+
+
+def test_labelbox_global_keys_are_unique_per_folder_path_and_content_and_stable(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """Defect 7: the same relative path in two folders, and an edited file, collided in Labelbox."""
+    keys: list[str] = []
+    store = tmp_path / "store"
+
+    def labelbox_keys(folder: Path, name: str) -> list[str]:
+        score(store, folder, tiny_checkpoint)
+        export(store, "labelbox", output=tmp_path / f"lb-{name}", options={"uri_prefix": "https://h/p/"})
+        return [d["global_key"] for d in json.loads((tmp_path / f"lb-{name}.data_rows.json").read_text())]
+
+    for folder, seed in (("a", 1), ("b", 2)):
+        write_image(tmp_path / folder / "x.png", seed=seed)
+        keys += labelbox_keys(tmp_path / folder, folder)
+    assert labelbox_keys(tmp_path / "b", "b-again") == keys[1:]  # stable across reruns
+    write_image(tmp_path / "b" / "x.png", seed=3)  # edited: new content at the same path
+    keys += labelbox_keys(tmp_path / "b", "b-edited")
+    assert len(keys) == len(set(keys)) == 3 and all(k.startswith("x.png@") for k in keys)
 
 
 def test_labelbox_local_paths_without_prefix_and_no_s3(hostile: tuple[Path, Path], tmp_path: Path) -> None:
@@ -453,7 +475,13 @@ def test_fiftyone_skips_carriage_returns(tmp_path: Path) -> None:
                   sha256="0" * 64, folder="/pool", relpath=p)
         for i, p in enumerate(["a.png", "b\rc.png", "d\ne.png"])
     ]  # fmt: skip
-    written = get_exporter("fiftyone").write_files(rows, FileSet(tmp_path, folder=True), ExportContext())
+    from alselect.export import writable_rows
+
+    exporter = get_exporter("fiftyone")
+    kept, skipped = writable_rows(exporter, rows, ExportContext())
+    assert [(r.path, r.rank) for r in kept] == [("a.png", 1), ("d\ne.png", 2)]  # ranks stay contiguous
+    assert [path for path, _ in skipped] == ["b\rc.png"] and "carriage return" in skipped[0][1]
+    written = exporter.write_files(kept, FileSet(tmp_path, folder=True), ExportContext())
     assert [r.path for r in written] == ["a.png", "d\ne.png"]
     with open(tmp_path / "labels.csv", encoding="utf-8") as handle:  # universal newlines, as FiftyOne
         assert [r["filepath"] for r in csv.DictReader(handle)] == ["/pool/a.png", "/pool/d\ne.png"]
@@ -525,3 +553,31 @@ def test_rows_are_built_from_the_store_with_relpath_and_file(hostile: tuple[Path
                     confidence=None, sha256="", folder=str(folder), relpath=rel)  # fmt: skip
     assert row.file == folder / "sub dir" / "inner #%+&.png" and row.relative == "sub dir/inner #%+&.png"
     assert dataclasses.replace(row, relpath=None).relative == "/abs"
+
+
+@pytest.mark.parametrize("prefix", ["s3://b/pool/", "gs://b/pool", "https://h/pool/"])
+@pytest.mark.parametrize("fmt", ["paths", "label-studio"])
+def test_uri_exports_label_back_exactly_the_exported_images(
+    hostile: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefix: str, fmt: str
+) -> None:
+    """Defects 1 and 8: reading a URI export back (no sha256: a paths list, or Label Studio tasks
+    without al_sha256) labels exactly the exported images, whatever their names hold."""
+    import shutil
+
+    from alselect.labels import import_labels
+
+    store = tmp_path / "store"
+    shutil.copytree(hostile[0], store)
+    text, _ = export(store, fmt, options={"uri_prefix": prefix})
+    if fmt == "label-studio":
+        tasks = json.loads(text)
+        for task in tasks:
+            del task["data"]["al_sha256"]
+            task["annotations"] = [{"result": [{"value": {"choices": ["ant"]}}]}]
+        text = json.dumps(tasks)
+    monkeypatch.chdir(tmp_path)
+    with Store.open(store, write=True) as handle:
+        result = import_labels(handle, text, "back", uri_prefix=prefix)
+        got = {row[0] for row in handle.rows("SELECT sha256 FROM labels")}
+    assert (result.unknown, result.ambiguous) == ([], [])
+    assert got == {r["sha256"] for r in ranked_csv(hostile[0])} and len(got) == len(HOSTILE_NAMES)

@@ -98,3 +98,61 @@ def test_failed_and_moved_non_utf8_names(pool: Path, tmp_path: Path, tiny_checkp
     os.rename(pool / os.fsdecode(LATIN1), pool / os.fsdecode(b"caf\xe9-renamed.png"))
     again = run(*store, *args)
     assert again.returncode == 0 and b"1 moved" in again.stderr and b"embedded 0 " in again.stderr
+
+
+def test_uri_and_platform_exports_of_non_utf8_names_are_valid_or_skipped_with_a_reason(
+    pool: Path, tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """Defects 3 and 4: join_uri crashed on such names; labelbox/fiftyone/label-studio crashed or
+    wrote files that are not UTF-8, and were recorded as exported all the same."""
+    from alselect.annotations import ReadOptions, read_annotations
+    from alselect.exporters import ExportOptions
+    from tests.helpers import export_text, exported_count, score
+
+    store = tmp_path / "store"
+    score(store, pool, tiny_checkpoint)
+    raw = sorted([LATIN1, NESTED, INVALID, b"plain.png"])
+
+    # https: the raw bytes percent-encoded; label reads them back to the same names
+    text = export_text(store, "paths", options=ExportOptions(uri_prefix="https://h/p/"), record=False)
+    text.encode("ascii")
+    back = read_annotations(text, options=ReadOptions(uri_prefix="https://h/p/"))
+    assert sorted(os.fsencode(r.path or "") for r in back.records) == raw
+
+    # s3: an object key is UTF-8, so those names are left out with the reason, and not recorded
+    out = tmp_path / "s3.txt"
+    done = run("--store", str(store), "export", "-f", "paths", "--uri-prefix", "s3://b/p/", "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes() == b"s3://b/p/plain.png\n"
+    assert (
+        b"3 image(s) left out of the paths export and not recorded: file name is not valid UTF-8"
+        in done.stderr
+    )
+    assert exported_count(store) == 1
+
+    for fmt, prefix, expected in [
+        ("label-studio", [], 1),  # local files: Label Studio decodes d= as UTF-8
+        ("label-studio", ["--uri-prefix", "https://h/p/"], 4),
+        ("labelbox", [], 0),  # absolute local paths to upload; the folder's own name is not UTF-8
+        ("labelbox", ["--uri-prefix", "https://h/p/"], 4),
+        ("cvat", [], 1),
+        ("fiftyone", [], 0),  # absolute paths, and the folder's own name is not UTF-8
+        ("superannotate", ["--uri-prefix", "https://h/p/"], 4),
+    ]:
+        target = tmp_path / f"{fmt}-{len(prefix)}"
+        args = ["--store", str(store), "export", "-f", fmt, "--include-exported", *prefix]
+        done = run(*args, "-o", str(target) + ("/" if fmt not in ("label-studio", "cvat") else ""))
+        assert done.returncode == 0 and b"Traceback" not in done.stderr, (fmt, done.stderr)
+        files = [target] if target.is_file() else [f for f in target.iterdir() if f.is_file()]
+        for file in files:
+            content = file.read_bytes().decode("utf-8")  # strict: valid UTF-8
+            if file.suffix == ".json":
+                json.loads(content)
+        sidecar = json.loads(
+            (
+                target.with_name(target.name + ".run.json") if target.is_file() else target / "run.json"
+            ).read_text()
+        )
+        assert sidecar["exported"] == expected, (fmt, prefix, done.stderr)
+        if expected < 4:
+            assert b"not valid UTF-8" in done.stderr, (fmt, done.stderr)

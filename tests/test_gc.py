@@ -161,3 +161,20 @@ def test_gc_killed_before_its_commit_loses_nothing(store_path: Path) -> None:
         assert result.orphan_files == len(leftovers)
         np.testing.assert_array_equal(store.pool("/p", KEY).embeddings, before.embeddings)
         assert all((store_path / r[0]).exists() for r in store.rows("SELECT file FROM array_segments"))
+
+
+@pytest.mark.parametrize("keep", [str(2**63), str(10**30), "1000000001"])
+def test_a_huge_keep_runs_is_a_usage_error(
+    store_path: Path,
+    tiny_checkpoint: Path,
+    make_images: MakeImages,
+    capsys: pytest.CaptureFixture[str],
+    keep: str,
+) -> None:
+    """Defect 13: it overflowed SQLite's integers (an internal error with a traceback)."""
+    make_images(store_path.parent / "pool", 2)
+    score(store_path, store_path.parent / "pool", tiny_checkpoint)
+    code, _, err = cli(capsys, "--store", str(store_path), "gc", "--keep-runs", keep, "--dry-run")
+    assert code == 2 and "--keep-runs" in err and "Traceback" not in err and "internal" not in err
+    with Store.open(store_path, write=True) as store, pytest.raises(UsageError, match="--keep-runs"):
+        collect(store, keep_runs=int(keep), dry_run=True)

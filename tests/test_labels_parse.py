@@ -117,14 +117,37 @@ def test_bom_is_ignored() -> None:
     assert parse("\ufeffa.png\nb.png\n") == (["a.png", "b.png"], [])
 
 
-def test_csv_with_only_a_path_column() -> None:
+def test_csv_with_only_a_path_column_needs_format_csv() -> None:
     text = 'path\r\na.png\r\n"b,c.png"\r\n"multi\nline.png"\r\n\r\nd e.png\r\n'
-    assert parse(text) == (["a.png", "b,c.png", "multi\nline.png", "d e.png"], [])
+    assert parse(text, "csv") == (["a.png", "b,c.png", "multi\nline.png", "d e.png"], [])
 
 
-def test_csv_with_only_a_sha256_column() -> None:
+def test_csv_with_only_a_sha256_column_needs_format_csv() -> None:
     first, second = sha("1"), sha("2")
-    assert parse(f"sha256\n{first}\n{second}\n") == ([], [first, second])
+    assert parse(f"sha256\n{first}\n{second}\n", "csv") == ([], [first, second])
+
+
+@pytest.mark.parametrize("first", ["path", "sha256", "path\r", "label"])
+def test_a_path_list_whose_first_line_is_a_column_name_stays_a_list(first: str) -> None:
+    """Defect 10: every line of a path list is a path; ``path`` alone is not a CSV header."""
+    text = f'{first}\nb.png\n"q".png\n'
+    assert formats(text) == "paths"
+    assert parse(text) == ([first.removesuffix("\r"), "b.png", '"q".png'], [])
+
+
+@pytest.mark.parametrize(
+    ("header", "fmt"),
+    [("path,label", "csv"), ("sha256,path", "csv"), ("rank,path", "csv"), ("path\tlabel", "tsv")],
+)
+def test_a_header_of_two_or_more_columns_with_path_or_sha256_is_a_table(header: str, fmt: str) -> None:
+    sep = "\t" if fmt == "tsv" else ","
+    text = f"{header}\n" + sep.join(["x.png" if c == "path" else "" for c in header.split(sep)]) + "\n"
+    assert formats(text) == fmt
+
+
+@pytest.mark.parametrize("header", ["path,path", "path,", ",path"])
+def test_a_header_with_blank_or_repeated_columns_is_a_path(header: str) -> None:
+    assert formats(f"{header}\nb.png\n") == "paths"
 
 
 def test_a_path_list_whose_first_name_looks_like_a_header_stays_a_list() -> None:
@@ -135,11 +158,22 @@ def test_a_path_list_whose_first_name_looks_like_a_header_stays_a_list() -> None
 
 def test_path_label_csv_carries_classes_and_folder() -> None:
     text = 'path,label,folder\r\na.png,cat,/data/p\r\nb.png, dog ,\r\nc.png,,/data/q\r\n"d,1.png",42,\r\n'
-    assert read_annotations(text).records == [
+    read = read_annotations(text)
+    assert read.records == [
         LabelRecord("a.png", path="a.png", folder="/data/p", label="cat"),
         LabelRecord("b.png", path="b.png", label="dog"),
-        LabelRecord("c.png", path="c.png", folder="/data/q"),
         LabelRecord("d,1.png", path="d,1.png", label="42"),
+    ]
+    # defect 17: an empty class name is refused with a reason, not taken as "no class"
+    assert [(ref, "empty class" in why) for ref, why in read.skipped] == [("c.png", True)]
+
+
+def test_a_table_without_a_label_column_labels_without_a_class() -> None:
+    assert read_annotations("path,folder\na.png,/p\n").records == [
+        LabelRecord("a.png", path="a.png", folder="/p")
+    ]
+    assert read_annotations('{"path": "a.png", "label": null}\n').records == [
+        LabelRecord("a.png", path="a.png")
     ]
 
 
@@ -149,7 +183,7 @@ def test_predicted_label_is_not_a_class() -> None:
 
 
 def test_a_row_without_path_or_sha256_is_named_by_its_number() -> None:
-    records = read_annotations("path,sha256,label\r\n,,cat\r\nb.png,,\r\n").records
+    records = read_annotations("path,sha256,label\r\n,,cat\r\nb.png,,dog\r\n").records
     assert [r.ref for r in records] == ["row 1", "b.png"]
 
 
@@ -209,3 +243,59 @@ def test_format_can_be_forced() -> None:
         read_annotations("a.png\n", "csv")
     with pytest.raises(UsageError, match="unknown label format 'xml'"):
         read_annotations("a.png\n", "xml")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[{"data": {"image": "/data/local-files/?d=a.png"}, "annotations": [{"res',  # Label Studio, cut
+        '[\n  {"id": 1, "data": {"image": "a.png"}},\n',
+        '{"images": [{"id": 1, "file_name": "a.png"}], "annotations": [',  # COCO, cut
+        '<?xml version="1.0" encoding="utf-8"?>\n<annotations>\n  <image id="0" name="a.png"',  # CVAT
+        "<annotations>\n  <image id='0' name='a.png'>\n",
+    ],
+)
+def test_a_truncated_json_or_xml_export_is_an_error_not_a_path_list(text: str) -> None:
+    """Defect 9: a half-written export used to be read as a list of paths."""
+    with pytest.raises(DataError, match="does not parse") as error:
+        read_annotations(text)
+    assert "\n" not in str(error.value)
+    assert read_annotations(text, "paths").format == "paths"  # unless the user says it is one
+
+
+@pytest.mark.parametrize(
+    ("fmt", "text"), [("label-studio", '[{"data": {'), ("coco", '{"images": ['), ("cvat", "<a")]
+)
+def test_a_forced_format_names_the_parse_error(fmt: str, text: str) -> None:
+    with pytest.raises(DataError, match=r"does not parse as (JSON|XML)"):
+        read_annotations(text, fmt)
+
+
+def test_path_lists_that_start_like_json_or_xml_stay_lists() -> None:
+    for text in ('{"a": 1}x.png\nb.png\n', "<angle>&amp;.png\nb.png\n", "<2>.png\n", "[1].png\n"):
+        assert formats(text) == "paths", text
+
+
+@pytest.mark.parametrize(
+    ("prefix", "name"),
+    [
+        ("s3://b/pool/", "pct%41 #1?x.png"),
+        ("gs://b/pool", "sub dir/café ñ+.png"),
+        ("https://h/pool/", "pct%41 #1?x.png"),
+        ("http://h/pool", "sub dir/café ñ+.png"),
+        ("https://h/pool/", "caf\udce9.png"),  # not UTF-8: its bytes are percent-encoded
+    ],
+)
+def test_uri_paths_export_reads_back_to_the_exact_relative_path(prefix: str, name: str) -> None:
+    """Defects 1 and 8: bucket keys are verbatim (never percent-decoded), web URLs are decoded once."""
+    from alselect.annotations import ReadOptions
+    from alselect.uris import join_uri
+
+    row = ExportRow(rank=1, path=name, score=0.5, strategy="e", model="m", predicted_label="",
+                    confidence=None, sha256="", uri=join_uri(prefix, name))  # fmt: skip
+    stream = io.StringIO(newline="")
+    get_exporter("paths").write([row], stream)
+    back = read_annotations(stream.getvalue(), options=ReadOptions(uri_prefix=prefix))
+    assert [r.path for r in back.records] == [name]
+    unprefixed = read_annotations(stream.getvalue())
+    assert any("--uri-prefix" in note for note in unprefixed.notes)

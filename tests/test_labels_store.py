@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import sqlite3
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from alselect.export import export_latest
 from alselect.labels import LabelResult, import_labels
 from alselect.store import Store, migrations
 from tests.conftest import write_image
-from tests.helpers import cli, export_text, score
+from tests.helpers import cli, export_text, run_alselect, score
 
 
 def digest(path: Path) -> str:
@@ -28,6 +29,11 @@ def digest(path: Path) -> str:
 def labeled(store_path: Path) -> set[str]:
     with Store.open(store_path) as store:
         return {row[0] for row in store.rows("SELECT sha256 FROM labels")}
+
+
+def cli_label(store_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    done = run_alselect("--store", str(store_path), "label", *args)
+    return done.returncode, done.stdout, done.stderr
 
 
 def label(store_path: Path, text: str, **options: Any) -> LabelResult:
@@ -52,14 +58,50 @@ def pools(tmp_path: Path, store_path: Path, tiny_checkpoint: Path) -> tuple[Path
 
 @pytest.mark.parametrize("listed", ["img_0001.png", "./img_0001.png"])
 @pytest.mark.parametrize("inside", ["poolA", "poolB"])
-def test_cwd_relative_path_labels_the_image_in_the_working_folder(
+def test_cwd_relative_name_another_scored_folder_also_holds_is_ambiguous(
     pools: tuple[Path, Path], store_path: Path, monkeypatch: pytest.MonkeyPatch, inside: str, listed: str
 ) -> None:
+    """Defect 2: run inside poolB with poolA's list, the cwd reading used to label poolB's image."""
     pool = pools[0].parent / inside
     monkeypatch.chdir(pool)
     result = label(store_path, listed + "\n")
-    assert (result.newly_labeled, result.unknown, result.ambiguous) == (1, [], [])
-    assert labeled(store_path) == {digest(pool / "img_0001.png")}
+    assert (result.newly_labeled, result.unknown, result.ambiguous) == (0, [], [listed])
+    assert labeled(store_path) == set()
+
+
+@pytest.mark.parametrize("inside", ["poolA", "poolB"])
+def test_cwd_relative_name_with_one_content_labels_it(
+    pools: tuple[Path, Path],
+    store_path: Path,
+    tiny_checkpoint: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    inside: str,
+) -> None:
+    pool = pools[0].parent / inside
+    write_image(pool / "sub" / "only here.png", seed=70)
+    score(store_path, pool, tiny_checkpoint)
+    monkeypatch.chdir(pool)
+    # img_0000 is the same content in both folders; 'sub/only here.png' is in this folder only
+    result = label(store_path, "./img_0000.png\nsub/only here.png\n")
+    assert (result.newly_labeled, result.unknown, result.ambiguous) == (2, [], [])
+    assert labeled(store_path) == {digest(pool / "img_0000.png"), digest(pool / "sub" / "only here.png")}
+
+
+def test_list_of_one_folder_read_inside_another_labels_nothing_wrong(
+    pools: tuple[Path, Path], store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defect 2, the CLI way: poolA's paths export labeled from inside poolB."""
+    pool_a, pool_b = pools
+    listing = pool_a.parent / "a.txt"
+    listing.write_text("img_0001.png\nimg_0002.png\n")
+    monkeypatch.chdir(pool_b)
+    code, _, err = cli_label(store_path, str(listing))
+    assert code == 3 and "2 match images in several folders" in err
+    assert labeled(store_path) == set()
+    monkeypatch.chdir(pool_a.parent / "elsewhere")
+    code, _, err = cli_label(store_path, str(listing), "--folder", str(pool_a))
+    assert code == 0, err
+    assert labeled(store_path) == {digest(pool_a / "img_0001.png"), digest(pool_a / "img_0002.png")}
 
 
 def test_cwd_relative_path_from_a_parent_folder(
@@ -230,7 +272,8 @@ def test_csv_path_with_a_bare_cr_labels_from_a_file(
     listing = tmp_path / "done.csv"
     listing.write_bytes(stream.getvalue().encode("utf-8"))
     monkeypatch.chdir(tmp_path)
-    code, _, err = cli(capsys, "--store", str(store_path), "label", str(listing))
+    # a one-column table is read as a table when --format says so (detected, 'path' is a path)
+    code, _, err = cli(capsys, "--store", str(store_path), "label", str(listing), "--format", "csv")
     assert code == 0 and "labeled 1 image(s)" in err, err
     assert labeled(store_path) == {digest(odd)}
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alselect.preview import CAPTION, PAD, cell_size, thumb_origin
+from alselect.preview import CAPTION, MIN_CAPTION_WIDTH, PAD, cell_size, thumb_origin
 from alselect.store import Store
 from tests.helpers import MakeImages, cli, exported_count, exports, run_alselect, score
 
@@ -70,7 +70,7 @@ def test_preview_draws_the_next_images_in_rank_order(
     with Image.open(sheet_path) as sheet:
         pixels = np.asarray(sheet.convert("RGB")).astype(int)
     width, height = cell_size(64)
-    assert (width, height) == (64 + 2 * PAD, 64 + 2 * PAD + CAPTION)
+    assert (width, height) == (max(64, MIN_CAPTION_WIDTH) + 2 * PAD, 64 + 2 * PAD + CAPTION)
     assert pixels.shape == (2 * height, 3 * width, 3)  # 5 thumbnails: two rows of three columns
     # Cell by cell, the image whose colour sits at the thumbnail's centre: the first five in rank order.
     found = []
@@ -130,3 +130,78 @@ def test_preview_refuses_an_unknown_image_type(
 ) -> None:
     code, _, err = cli(capsys, "--store", str(scored_store), "preview", "-o", "sheet.txt")
     assert code == 2 and ".png" in err
+
+
+def test_preview_and_cvat_use_the_project_pixel_limit_not_pillows(
+    tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defect 5: images between Pillow's bomb limit and --max-pixels warned or failed. Pillow's limit
+    is lowered here so that 400x300 test images lie in that gap (captions' glyphs stay under it)."""
+    import warnings
+
+    from alselect.export import select_rows
+    from alselect.exporters import ExportContext, get_exporter
+    from alselect.preview import contact_sheet
+    from tests.conftest import write_image
+
+    for seed in range(3):
+        write_image(tmp_path / "pool" / f"big{seed}.png", seed=seed, size=(400, 300))
+    score(tmp_path / "store", tmp_path / "pool", tiny_checkpoint)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # 120,000 pixels: over twice that
+    with Store.open(tmp_path / "store") as store:
+        rows = select_rows(store).rows
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a DecompressionBombWarning would fail the test
+        _, unreadable = contact_sheet(rows, thumb_size=32)
+        manifest = io.StringIO()
+        get_exporter("cvat").write(rows, manifest, ExportContext())
+    assert unreadable == []
+    assert len(manifest.getvalue().splitlines()) == 2 + len(rows)
+    assert Image.MAX_IMAGE_PIXELS == 20_000  # restored for the rest of the process
+
+
+@pytest.mark.parametrize(("size", "fmt"), [("100000", ".png"), ("4000", ".webp")])
+def test_a_sheet_too_large_for_its_format_is_a_usage_error(
+    scored_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], size: str, fmt: str
+) -> None:
+    """Defect 6: --thumb-size 100000 tried to allocate the sheet."""
+    target = tmp_path / f"sheet{fmt}"
+    code, _, err = cli(
+        capsys, "--store", str(scored_store), "preview", "-o", str(target), "--thumb-size", size
+    )
+    assert code == 2 and "limit of" in err and "--thumb-size" in err and not target.exists()
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_sheet_over_half_the_memory_is_refused() -> None:
+    from alselect.errors import UsageError
+    from alselect.preview import check_sheet
+
+    check_sheet(20, 5, 160, "PNG", available=10**9)
+    with pytest.raises(UsageError, match="memory"):
+        check_sheet(20, 5, 1600, "PNG", available=10**8)
+
+
+def test_small_thumbnails_keep_readable_captions() -> None:
+    from PIL import ImageDraw
+
+    from alselect.preview import fit_text
+
+    width, _ = cell_size(16)
+    assert width == MIN_CAPTION_WIDTH + 2 * PAD
+    draw = ImageDraw.Draw(Image.new("RGB", (10, 10)))
+    assert fit_text(draw, "#20  1.0986", width - 2 * PAD) == "#20  1.0986"
+
+
+def test_an_image_replaced_since_scoring_is_marked_not_shown(
+    scored_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Defect 18: the sheet showed whatever the path now holds."""
+    from tests.conftest import write_image
+
+    with Store.open(scored_store) as store:
+        folder, first = store.rows("SELECT root, relpath FROM images ORDER BY relpath LIMIT 1")[0]
+    write_image(Path(folder) / first, seed=999)  # new content under the scored path
+    code, _, err = cli(capsys, "--store", str(scored_store), "preview", "-o", str(tmp_path / "p.png"))
+    assert code == 0, err
+    assert f"1 image(s) are not shown and are marked: {first!r} (changed since it was scored" in err

@@ -96,17 +96,22 @@ def test_reading_commands_work_and_writing_commands_refuse_on_an_immutable_store
     assert tree_state(scored) == before
 
 
+def deny_writes(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """Make ``os.access`` say ``folder`` is not writable, as it would for another user."""
+    real_access = os.access
+
+    def access(path: str | Path, mode: int) -> bool:
+        inside = Path(path) == folder or folder in Path(path).parents
+        return not (inside and mode & os.W_OK) and real_access(path, mode)
+
+    monkeypatch.setattr(store_connect.os, "access", access)
+
+
 def test_a_read_only_reader_writes_nothing_and_needs_no_lock(
     scored: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Simulated: ``os.access`` says the store is not writable (as it would for another user)."""
-    real_access = os.access
-
-    def access(path: str | Path, mode: int) -> bool:
-        inside = Path(path) == scored or scored in Path(path).parents
-        return not (inside and mode & os.W_OK) and real_access(path, mode)
-
-    monkeypatch.setattr(store_connect.os, "access", access)
+    deny_writes(monkeypatch, scored)
     assert store_connect.open_mode(scored, scored / DB_FILE, write=False) == store_connect.READ_IMMUTABLE
     before = tree_state(scored)
     with Store.open(scored) as store:
@@ -227,3 +232,17 @@ def test_another_user_reads_a_store_with_and_without_a_running_writer(
         assert busy["mode"] == "read-only" and busy["images"] == 5
     finally:
         shutil.rmtree(shared)
+
+
+def test_gc_dry_run_works_on_a_store_you_cannot_write(
+    scored: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Defect 13: ``gc --dry-run`` writes nothing, yet it was refused on a read-only store."""
+    deny_writes(monkeypatch, scored)
+    before = tree_state(scored)
+    code, out, err = cli(capsys, "--store", str(scored), "gc", "--dry-run", "--json")
+    assert code == 0, err
+    assert json.loads(out)["dry_run"] is True
+    code, _, err = cli(capsys, "--store", str(scored), "gc")
+    assert code == 1 and "read-only for this user" in err
+    assert tree_state(scored) == before

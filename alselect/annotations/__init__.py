@@ -42,6 +42,9 @@ def read_annotations(text: str, fmt: str | None = None, options: ReadOptions | N
     if fmt is None or fmt == "auto":
         readers = [cls() for cls in reader_registry().values()]
         reader = next((candidate for candidate in readers if candidate.detect(doc)), None)
+        broken = doc.syntax_error() if reader is None or reader.name == "paths" else None
+        if broken:  # a truncated export is not a list of paths
+            raise DataError(f"{broken} (a truncated or half-written file?); --format paths reads it as paths")
         if reader is None:
             raise DataError(
                 "input is JSON or XML but no known annotation export (Label Studio JSON, COCO, "

@@ -8,12 +8,10 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, ClassVar, NamedTuple
-from urllib.parse import unquote
 
 from alselect.errors import DataError
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class LabelRecord(NamedTuple):
@@ -49,12 +47,20 @@ class ReadOptions:
     uri_prefix: str | None = None
 
 
+# What a JSON or XML document starts with (a path list's first name may start with "{", "[" or "<"
+# too: "{draft}.png", "[1].png", "<2>.png"); see Document.syntax_error.
+_JSON_START = re.compile(r'^\s*(?:[\[{]\s*(?:\n|$)|\[\s*[\[{"\]]|\{\s*["}])')
+_XML_START = re.compile(r"^\s*(?:<\?xml[\s?]|<!--|<[A-Za-z_][^<>\n]*>\s*(?:\n|$))")
+
+
 class Document:
     """The input text plus its JSON or XML parse, each attempted at most once and only when the
     text could be one (readers detect from the same parse)."""
 
     def __init__(self, text: str) -> None:
         self.text = text.lstrip("\ufeff")
+        self.json_error: str | None = None
+        self.xml_error: str | None = None
 
     @cached_property
     def json(self) -> Any:
@@ -63,7 +69,11 @@ class Document:
             return None
         try:
             value = json.loads(self.text)
-        except ValueError:
+        except json.JSONDecodeError as exc:
+            self.json_error = f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+            return None
+        except ValueError as exc:
+            self.json_error = str(exc)
             return None
         return value if isinstance(value, (list, dict)) else None
 
@@ -77,8 +87,38 @@ class Document:
             raise DataError("XML input declares entities; refusing to expand them")
         try:
             return ET.fromstring(self.text)
-        except ET.ParseError:
+        except ET.ParseError as exc:
+            self.xml_error = str(exc)
             return None
+
+    def syntax_error(self) -> str | None:
+        """Why a text that starts like a JSON or XML document does not parse as one (a truncated,
+        half-written export), or ``None``. A complete value followed by more text ("Extra data",
+        "junk after document element") is not a broken document: a path list may start like that
+        (``{"a": 1}x.png``)."""
+        if _JSON_START.match(self.text) and self.json is None:
+            error = self.json_error
+            if error and not error.startswith("Extra data"):
+                return f"the input starts like a JSON document but does not parse: {error}"
+        if _XML_START.match(self.text) and self.xml is None:
+            error = self.xml_error
+            if error and not error.startswith("junk after document element"):
+                return f"the input starts like an XML document but does not parse: {error}"
+        return None
+
+    def require_json(self, what: str) -> Any:
+        """The JSON document, or a ``DataError`` naming the parse error (reading ``what``)."""
+        value = self.json
+        if value is None and self.json_error:
+            raise DataError(f"{what} does not parse as JSON: {self.json_error} (a truncated file?)")
+        return value
+
+    def require_xml(self, what: str) -> ET.Element | None:
+        """The XML root, or a ``DataError`` naming the parse error (reading ``what``)."""
+        root = self.xml
+        if root is None and self.xml_error:
+            raise DataError(f"{what} does not parse as XML: {self.xml_error} (a truncated file?)")
+        return root
 
 
 class AnnotationReader:
@@ -125,18 +165,6 @@ def class_name(value: object) -> str | None:
         return None
     text = str(value).strip()
     return text or None
-
-
-def strip_uri_prefix(uri: str, prefix: str | None) -> str | None:
-    """The folder-relative path of ``uri`` when it starts with the export's ``--uri-prefix``
-    (percent-decoded, as exporters encode it); ``None`` otherwise."""
-    if prefix and uri.startswith(prefix):
-        return unquote(uri[len(prefix) :]) or None
-    return None
-
-
-def is_url(text: str) -> bool:
-    return bool(URL_RE.match(text))
 
 
 def single_class(labels: list[str | None]) -> tuple[str | None, bool]:

@@ -37,6 +37,7 @@ class CocoReader(AnnotationReader):
         )
 
     def read(self, doc: Document, options: ReadOptions) -> Annotations:
+        doc.require_json("the COCO file")
         if not self.detect(doc):
             raise DataError("not a COCO JSON file: expected an object with 'images' and 'annotations' lists")
         value: dict[str, Any] = doc.json

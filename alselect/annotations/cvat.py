@@ -32,7 +32,7 @@ class CvatReader(AnnotationReader):
         return root is not None and root.tag == "annotations"
 
     def read(self, doc: Document, options: ReadOptions) -> Annotations:
-        root = doc.xml
+        root = doc.require_xml("the CVAT XML export")
         if root is None or root.tag != "annotations":
             raise DataError("not a CVAT XML export: expected an <annotations> root element")
         images = root.findall("image")

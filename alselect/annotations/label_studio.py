@@ -22,13 +22,12 @@ from alselect.annotations.base import (
     ReadOptions,
     class_name,
     count_note,
-    is_url,
     register_reader,
     single_class,
-    strip_uri_prefix,
     valid_sha256,
 )
 from alselect.errors import DataError
+from alselect.uris import is_url, strip_uri_prefix
 
 LOCAL_FILES = "/data/local-files"
 MAX_SHOWN = 200  # characters of an image reference in reports (it may be a data: URI)
@@ -82,7 +81,7 @@ class LabelStudioReader(AnnotationReader):
         )
 
     def read(self, doc: Document, options: ReadOptions) -> Annotations:
-        tasks = doc.json
+        tasks = doc.require_json("the Label Studio export")
         if not isinstance(tasks, list):
             raise DataError("a Label Studio JSON export is a list of tasks")
         result = Annotations(self.name)

@@ -30,6 +30,9 @@ from alselect.errors import DataError
 KEY_COLUMNS = ("path", "sha256")
 
 
+EMPTY_CLASS = "empty class name (leave the label column out, or null, to label without a class)"
+
+
 def record_from(fields: Mapping[str, object], fallback_ref: str) -> LabelRecord:
     """A record from one row or object; blank fields count as absent."""
     sha = valid_sha256(fields.get("sha256"))
@@ -42,8 +45,18 @@ def record_from(fields: Mapping[str, object], fallback_ref: str) -> LabelRecord:
     return LabelRecord(path or sha or fallback_ref, sha, path, folder, label)
 
 
-def records_from(rows: Iterable[Mapping[str, object]], unit: str) -> list[LabelRecord]:
-    return [record_from(row, f"{unit} {number}") for number, row in enumerate(rows, start=1)]
+def records_from(rows: Iterable[Mapping[str, object]], unit: str, fmt: str) -> Annotations:
+    """The records of ``rows``; a row whose ``label`` is present but blank is no label (an empty
+    class name is refused, not taken as "no class": the annotator may have skipped it)."""
+    result = Annotations(fmt)
+    for number, row in enumerate(rows, start=1):
+        record = record_from(row, f"{unit} {number}")
+        given = row.get("label")
+        if isinstance(given, str) and not given.strip():
+            result.skipped.append((record.ref, EMPTY_CLASS))
+        else:
+            result.records.append(record)
+    return result
 
 
 class DelimitedReader(AnnotationReader):
@@ -52,10 +65,18 @@ class DelimitedReader(AnnotationReader):
     dialect: ClassVar[str] = "excel"
     priority = 41
 
-    def header(self, doc: Document) -> list[str] | None:
+    def header(self, doc: Document, forced: bool = False) -> list[str] | None:
+        """The header's column names, or ``None`` when the first line is not one.
+
+        Detected (not ``forced``), a header has at least two distinct, non-blank columns, one of
+        them ``path`` or ``sha256``: a line reading just ``path`` is the first line of a path list.
+        """
         first = doc.text.split("\n", 1)[0].rstrip("\r")
         fields = next(csv.reader([first], dialect=self.dialect), [])
         if not any(column in fields for column in KEY_COLUMNS):
+            return None
+        names = [column.strip() for column in fields]
+        if not forced and (len(names) < 2 or "" in names or len(set(names)) < len(names)):
             return None
         # a path list whose first image name holds a comma and the word "path" is still a path list
         if any(os.path.splitext(column)[1].lower() in IMAGE_EXTENSIONS for column in fields):
@@ -66,10 +87,10 @@ class DelimitedReader(AnnotationReader):
         return self.header(doc) is not None
 
     def read(self, doc: Document, options: ReadOptions) -> Annotations:
-        if self.header(doc) is None:
+        if self.header(doc, forced=True) is None:
             raise DataError(f"no 'path' or 'sha256' column in the {self.name.upper()} header")
         rows = csv.DictReader(io.StringIO(doc.text, newline=""), dialect=self.dialect)
-        return Annotations(self.name, records_from(rows, "row"))
+        return records_from(rows, "row", self.name)
 
 
 @register_reader
@@ -111,4 +132,4 @@ class JsonLinesReader(AnnotationReader):
             if not isinstance(value, dict):
                 raise DataError(f"line {number} of the JSON Lines input is not a JSON object: {line[:60]!r}")
             objects.append(value)
-        return Annotations(self.name, records_from(objects, "object"))
+        return records_from(objects, "object", self.name)

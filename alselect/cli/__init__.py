@@ -2,10 +2,14 @@
 
 Exit codes: 0 success, 1 runtime error, 2 usage error, 3 nothing usable (no run recorded, nothing
 labeled), 4 partial (``label``: some items were not matched; the rest was applied), 130 interrupted.
+A reader of stdout that goes away (broken pipe, ``| head -1``) ends any command quietly with status 1
+(click's convention, kept for every command).
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import sys
 import traceback
@@ -14,11 +18,49 @@ import typer
 
 from alselect.errors import AlselectError, OutputClosedError
 
+_STREAM_ERRORS = (errno.ENOSPC, errno.EIO, errno.EBADF, errno.EDQUOT, errno.EFBIG)
+
+
+class _ClosedStream(io.RawIOBase):
+    """Stands in for a closed stdout (``alselect status >&-``): every write fails with EBADF, which
+    ``main`` turns into one error line, instead of Python's ``None`` stdout failing anywhere."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: object) -> int:
+        raise OSError(errno.EBADF, "stdout is closed")
+
+
+def _ensure_stdout() -> None:
+    if sys.stdout is None:
+        sys.stdout = io.TextIOWrapper(io.BufferedWriter(_ClosedStream()), encoding="utf-8")
+
 
 def _discard_stdout() -> None:
-    """The reader is gone: send what is still buffered for stdout to /dev/null, so that Python's
+    """The output is gone: send what is still buffered for stdout to /dev/null, so that Python's
     final flush does not print a second, confusing error."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # a stand-in without a descriptor
+        sys.stdout = io.TextIOWrapper(io.BufferedWriter(io.BytesIO()), encoding="utf-8")
+
+
+def _stdout_failure(exc: BaseException) -> int | None:
+    """The exit status for a failed write to stdout (``None``: ``exc`` is not one). A reader that
+    went away (EPIPE) ends the command quietly; a full device, an I/O error or a closed stdout is
+    one error line and status 1. Files are written through ``atomic_output``, whose errors are
+    ``AlselectError``s, so an ``OSError`` that reaches ``main`` comes from a standard stream."""
+    if isinstance(exc, BrokenPipeError) or (isinstance(exc, OSError) and exc.errno == errno.EPIPE):
+        _discard_stdout()
+        return 1
+    if isinstance(exc, OSError) and exc.errno in _STREAM_ERRORS:
+        _discard_stdout()
+        from alselect.cli.app import err
+
+        err(f"alselect: error: cannot write to stdout: {exc.strerror or exc}; the output is incomplete")
+        return 1
+    return None
 
 
 def register_commands() -> None:
@@ -35,6 +77,7 @@ def register_commands() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     register_commands()
+    _ensure_stdout()
     from alselect.cli.app import build_command, click_module, err, hoist_global_options, set_invocation
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -45,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     click = click_module().exceptions
     try:
         code = command.main(args=args, prog_name="alselect", standalone_mode=False)
+        sys.stdout.flush()  # data printed with typer.echo: its write errors are this command's errors
     except typer.Exit as exc:
         code = exc.exit_code
     except typer.Abort:
@@ -70,6 +114,11 @@ def main(argv: list[str] | None = None) -> None:
         err("alselect: interrupted")
         code = 130
     except Exception as exc:
+        failed = _stdout_failure(exc)
+        if failed is not None:
+            if verbose:
+                traceback.print_exc()
+            sys.exit(failed)
         if verbose:
             traceback.print_exc()
         err(f"alselect: internal error: {type(exc).__name__}: {exc} (rerun with --verbose)")

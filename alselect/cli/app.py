@@ -246,9 +246,12 @@ def _fill_fields(command: Any) -> None:
 def data_stdout() -> Iterator[TextIO]:
     """stdout for data: UTF-8, no newline translation, and file names that are not UTF-8 written
     with their original bytes (as ``ls`` does). Detached afterwards, so stdout stays open."""
+    with contextlib.suppress(ValueError, OSError):
+        sys.stdout.flush()  # text written before keeps its place
     stream = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", errors="surrogateescape", newline="")
     try:
         yield stream
+        stream.flush()  # a full disk or a closed pipe is this command's error, not a silent success
     finally:
         with contextlib.suppress(ValueError, OSError):
             stream.flush()

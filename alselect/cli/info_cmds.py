@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any
 
 import typer
@@ -81,9 +82,20 @@ def _format_status(info: dict[str, Any]) -> str:
     if len(classes) > SHOWN_CLASSES:
         lines.append(f"  class:   ... {len(classes) - SHOWN_CLASSES} more (--json lists all)")
     lines.append(f"exported:  {info['exported']} image(s) in {info['exports']} export(s)")
-    for item in info.get("failed_images", []):
-        lines.append(f"{item['folder']}/{item['path']}\t{item['reason']}")
+    for item in info.get("failed_images", []):  # one line each: control characters escaped
+        lines.append(f"{one_line(item['folder'] + '/' + item['path'])}\t{one_line(item['reason'] or '')}")
     return "\n".join(lines)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
+
+
+def one_line(text: str) -> str:
+    """``text`` without line breaks, tabs or other control characters: each as a C-style escape
+    (``\\n``, ``\\t``, ``\\x1b``; a backslash doubled), so one failed file is one line. Bytes of a
+    name that are not UTF-8 are kept as they are, as ``ls`` shows them."""
+    named = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+    return _CONTROL.sub(lambda m: named.get(m.group(), f"\\x{ord(m.group()):02x}"), text)
 
 
 def _images(counts: dict[str, Any]) -> str:

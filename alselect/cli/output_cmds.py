@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from alselect.cli.app import EXIT_PARTIAL, app, command_line, data_stdout, examples, globals_of, reporter_for
-from alselect.errors import DataError, NothingUsableError, OutputClosedError
+from alselect.errors import DataError, NothingUsableError
 from alselect.progress import Reporter
 
 if TYPE_CHECKING:
@@ -151,30 +151,28 @@ def export(
         reporter_for(ctx) as reporter,
         data_stdout() as stdout,
     ):
-        try:
-            result = export_latest(
-                store,
-                format,
-                top=top,
-                output=output,
-                stdout=lambda: stdout,
-                include_exported=include_exported,
-                record=not dry_run,
-                options=options,
-                fail_if_empty=fail_if_empty,
-                command=command_line(),
-            )
-        except BrokenPipeError as exc:  # click would turn it into a silent exit 1
-            raise OutputClosedError(
-                "the reader closed stdout before the export was complete (broken pipe); nothing was "
-                "recorded as exported. To look at the next images without recording them: "
-                "'alselect export --dry-run | head'"
-            ) from exc
-        if result.skipped_unwritable:
-            reporter.warning(
-                f"{result.skipped_unwritable} image(s) left out and not recorded: their paths contain a "
-                f"line break, which {format} cannot hold; use csv or jsonl"
-            )
+        # a reader that goes away (broken pipe) ends the command quietly (alselect.cli.main) and,
+        # the export not being complete, nothing is recorded
+        result = export_latest(
+            store,
+            format,
+            top=top,
+            output=output,
+            stdout=lambda: stdout,
+            include_exported=include_exported,
+            record=not dry_run,
+            options=options,
+            fail_if_empty=fail_if_empty,
+            command=command_line(),
+        )
+        if result.skipped:
+            reasons = Counter(why for _, why in result.skipped)
+            for why, count in reasons.most_common():
+                first = next(path for path, reason in result.skipped if reason == why)
+                reporter.warning(
+                    f"{count} image(s) left out of the {format} export and not recorded: {why} "
+                    f"(e.g. {first!r})"
+                )
         if result.empty_reason:
             reporter.warning(result.empty_reason)
         note = "" if result.recorded else " (not recorded)"
@@ -236,9 +234,12 @@ def label(
     from alselect.annotations import get_reader
     from alselect.labels import import_labels
     from alselect.store import Store
+    from alselect.uris import check_uri_prefix
 
     if format != "auto":
         get_reader(format)  # an unknown format is a usage error, before anything is read
+    if uri_prefix is not None:
+        check_uri_prefix(uri_prefix)
     if source == "-":
         text = sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape")
     else:

@@ -64,6 +64,7 @@ def preview(
                 include_exported=include_exported,
                 columns=columns,
                 thumb_size=thumb_size,
+                image_format=image_format,
                 reporter=reporter,
             )
         if output == "-":
@@ -73,8 +74,11 @@ def preview(
             with atomic_output(Path(output), binary=True) as handle:
                 result.image.save(handle, format=image_format)
         if result.unreadable:
-            sample = ", ".join(repr(p) for p in result.unreadable[:3])
-            reporter.warning(f"{len(result.unreadable)} image(s) could not be read and are marked: {sample}")
+            sample = ", ".join(f"{path!r} ({why})" for path, why in result.unreadable[:3])
+            more = ", ..." if len(result.unreadable) > 3 else ""
+            reporter.warning(
+                f"{len(result.unreadable)} image(s) are not shown and are marked: {sample}{more}"
+            )
         reporter.info(
             f"previewed the next {len(result.selection.rows)} image(s) of run {result.selection.run.id} "
             f"in {'stdout' if output == '-' else output} (nothing recorded)"

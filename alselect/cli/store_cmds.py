@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from alselect.cli.app import app, examples, globals_of, reporter_for
+from alselect.limits import MAX_KEEP_RUNS
 
 
 @app.command(
@@ -18,7 +19,9 @@ from alselect.cli.app import app, examples, globals_of, reporter_for
 )
 def gc(
     ctx: typer.Context,
-    keep_runs: Annotated[int, typer.Option(min=0, help="Keep the models the latest K runs used.")] = 3,
+    keep_runs: Annotated[
+        int, typer.Option(min=0, max=MAX_KEEP_RUNS, help="Keep the models the latest K runs used.")
+    ] = 3,
     model: Annotated[
         list[str] | None,
         typer.Option("--model", "-m", help="Also drop this model's arrays (name from 'status', or path)."),
@@ -36,7 +39,8 @@ def gc(
     from alselect.gc import collect
     from alselect.store import Store
 
-    with Store.open(globals_of(ctx).store, write=True) as store, reporter_for(ctx) as reporter:
+    # a dry run only reads: it works on a store you cannot write to
+    with Store.open(globals_of(ctx).store, write=not dry_run) as store, reporter_for(ctx) as reporter:
         result = collect(
             store,
             keep_runs=keep_runs,

@@ -13,10 +13,12 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, ClassVar, Literal, TextIO, overload
-from urllib.parse import quote
 
 from alselect.errors import AlselectError, UsageError
 from alselect.fsutil import fsync_directory
+from alselect.uris import BUCKET_SCHEMES, is_utf8, join_uri, uri_scheme
+
+__all__ = ["join_uri", "uri_scheme"]  # re-exported: exporters import them from here
 
 CSV_COLUMNS = (
     "rank",
@@ -95,18 +97,9 @@ def format_number(value: float | None) -> str:
     return "" if value is None else format(float(value), ".8g")
 
 
-def join_uri(prefix: str, relpath: str) -> str:
-    """``prefix`` + the folder-relative path: percent-encoded for web URLs, verbatim for bucket URIs.
-
-    ``https://host/pool/`` + ``a b#1.jpg`` → ``https://host/pool/a%20b%231.jpg``. An ``s3://`` or
-    ``gs://`` URI names an object key, which AWS and Google tools take as is (``s3://b/a b.jpg``),
-    so only web URLs are encoded. A missing ``/`` at the end of the prefix is added.
-    """
-    if not prefix.endswith("/"):
-        prefix += "/"
-    if uri_scheme(prefix) in ("http", "https"):
-        return prefix + quote(relpath, safe="/")
-    return prefix + relpath
+def not_utf8_reason(platform: str) -> str:
+    """The reason a platform format leaves out a file whose name is not valid UTF-8."""
+    return f"file name is not valid UTF-8, which {platform} cannot refer to (rename the file)"
 
 
 def finite_or_none(value: float | None) -> float | None:
@@ -114,19 +107,24 @@ def finite_or_none(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
+
+
+def json_text(value: Any, indent: int | None = None) -> str:
+    """JSON, UTF-8 as is, with the bytes of a file name that are not UTF-8 (surrogate escapes)
+    written as ``\\udcXX`` escapes: the text stays valid UTF-8, and ``json.loads`` gives back the
+    name ``os.fsencode`` turns into the original bytes."""
+    text = json.dumps(value, ensure_ascii=False, allow_nan=False, indent=indent)
+    return _NOT_UTF8.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 def write_json_array(stream: TextIO, items: Sequence[Any]) -> None:
     """A JSON array with one compact item per line: one document, still readable and diffable."""
     stream.write("[\n" if items else "[")
     for i, item in enumerate(items):
-        stream.write(json.dumps(item, ensure_ascii=False, allow_nan=False))
+        stream.write(json_text(item))
         stream.write(",\n" if i + 1 < len(items) else "\n")
     stream.write("]\n")
-
-
-def uri_scheme(uri: str) -> str:
-    """The lower-case scheme of ``uri`` (``s3``, ``https``...), or ``""`` for a plain path."""
-    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", uri)
-    return match.group(1).lower() if match else ""
 
 
 def relative_to_root(row: ExportRow, document_root: Path | None) -> str:
@@ -266,6 +264,7 @@ class Exporter:
     uri_schemes: ClassVar[tuple[str, ...]] = ()
     uri_required: ClassVar[bool] = False
     takes_uri_prefix: ClassVar[bool] = True
+    file_names: ClassVar[tuple[str, ...]] = ()  # "files"/"folder" layouts: the files it writes
 
     def check(self, rows: Sequence[ExportRow], context: ExportContext) -> None:
         """Refuse (``DataError``/``UsageError``) what the platform would reject or mangle."""
@@ -283,6 +282,15 @@ class Exporter:
         if prefix is not None and self.uri_schemes and uri_scheme(prefix) not in self.uri_schemes:
             allowed = ", ".join(f"{s}://" for s in self.uri_schemes)
             raise UsageError(f"--format {self.name} takes {allowed} URIs, not {prefix!r} (--uri-prefix)")
+
+    def unwritable(self, row: ExportRow, context: ExportContext) -> str | None:
+        """Why ``row`` cannot be written in this format, or ``None``. ``export`` leaves such rows
+        out before writing (the ranks of the others stay contiguous), says why on stderr and does
+        not record them. Here: a bucket URI (``s3://``, ``gs://``) of a file name that is not
+        UTF-8, which no object key can be."""
+        if row.uri and uri_scheme(row.uri) in BUCKET_SCHEMES and not is_utf8(row.uri):
+            return "file name is not valid UTF-8, which S3 and GCS object keys must be"
+        return None
 
     def write(
         self, rows: Iterable[ExportRow], stream: TextIO, context: ExportContext | None = None

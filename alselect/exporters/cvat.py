@@ -23,9 +23,11 @@ from alselect.exporters.base import (
     ExportContext,
     Exporter,
     ExportRow,
+    not_utf8_reason,
     register_exporter,
     relative_to_root,
 )
+from alselect.uris import is_utf8
 
 HEADER = ('{"version":"1.1"}', '{"type":"images"}')
 EXIF_ORIENTATION = 274
@@ -40,8 +42,12 @@ def manifest_name(relpath: str) -> tuple[str, str]:
 
 def oriented_size(path: Path) -> tuple[int, int]:
     """``(width, height)`` as displayed: swapped when the EXIF orientation is 5–8 (a 90° turn)."""
+    from alselect.images import pillow_limit_off  # numpy: off the import path of 'export'
+
     try:
-        with Image.open(path) as img:
+        # the header only: Pillow's bomb limit (a warning past 89 MP, an error past 179 MP) is for
+        # decoding, and alselect applies its own --max-pixels when it decodes (alselect.images)
+        with pillow_limit_off(), Image.open(path) as img:
             width, height = img.size
             orientation = img.getexif().get(EXIF_ORIENTATION, 1)
     except (OSError, UnidentifiedImageError, SyntaxError) as exc:
@@ -73,6 +79,11 @@ class CvatExporter(Exporter):
                     "'alselect label'"
                 )
             seen[name] = rel
+
+    def unwritable(self, row: ExportRow, context: ExportContext) -> str | None:
+        if not is_utf8(self.relpath(row, context)):
+            return not_utf8_reason("CVAT")
+        return super().unwritable(row, context)
 
     def relpath(self, row: ExportRow, context: ExportContext) -> str:
         return relative_to_root(row, context.options.document_root)

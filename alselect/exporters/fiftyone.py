@@ -26,8 +26,10 @@ from alselect.exporters.base import (
     ExportRow,
     FileSet,
     format_number,
+    not_utf8_reason,
     register_exporter,
 )
+from alselect.uris import is_utf8
 
 COLUMNS = (
     "filepath",
@@ -48,6 +50,7 @@ class FiftyOneExporter(Exporter):
     name = "fiftyone"
     summary = "FiftyOne CSVDataset folder: labels.csv with filepath and al_rank/al_score/... columns"
     layout = "folder"
+    file_names = (LABELS_FILE,)
     takes_uri_prefix = False
 
     def write_files(
@@ -62,12 +65,11 @@ class FiftyOneExporter(Exporter):
             writer = csv.writer(handle, lineterminator="\n")
             writer.writerow(COLUMNS)
             for row in rows:
-                filepath = str(row.file)
-                if "\r" in filepath:
+                if self.unwritable(row, context) is not None:  # export_latest left these out already
                     continue
                 writer.writerow(
                     [
-                        filepath,
+                        str(row.file),
                         row.rank,
                         format_number(row.score),
                         row.strategy,
@@ -79,3 +81,11 @@ class FiftyOneExporter(Exporter):
                 )
                 written.append(row)
         return written
+
+    def unwritable(self, row: ExportRow, context: ExportContext) -> str | None:
+        filepath = str(row.file)
+        if "\r" in filepath:
+            return "path contains a carriage return, which FiftyOne's CSV reader turns into a line feed"
+        if not is_utf8(filepath):
+            return not_utf8_reason("FiftyOne's UTF-8 labels.csv")
+        return super().unwritable(row, context)

@@ -24,10 +24,12 @@ from alselect.exporters.base import (
     Exporter,
     ExportRow,
     finite_or_none,
+    not_utf8_reason,
     register_exporter,
     relative_to_root,
     write_json_array,
 )
+from alselect.uris import is_utf8
 
 LOCAL_FILES_URL = "/data/local-files/?d="
 
@@ -73,6 +75,12 @@ class LabelStudioExporter(Exporter):
             check_predictions(
                 options.ls_config, [self.task(row, context, len(rows)) for row in rows], options.ls_to_name
             )
+
+    def unwritable(self, row: ExportRow, context: ExportContext) -> str | None:
+        # Label Studio decodes the local-files d= parameter as UTF-8: such a file cannot be served
+        if context.options.uri_prefix is None and not is_utf8(row.relative):
+            return not_utf8_reason("Label Studio's local-files URLs")
+        return super().unwritable(row, context)
 
     def write(
         self, rows: Iterable[ExportRow], stream: TextIO, context: ExportContext | None = None

@@ -1,8 +1,12 @@
 """Labelbox: data rows (a JSON array for ``dataset.create_data_rows``) and per-row priorities.
 
 Each row has ``row_data`` (the image's URL from ``--uri-prefix``, or its absolute local path, which
-the SDK uploads), ``global_key`` (the folder-relative path, unique in the export) and
-``media_type: "IMAGE"``. The ranking goes in ``metadata_fields`` (``al_rank``, ``al_score``
+the SDK uploads), ``global_key`` and ``media_type: "IMAGE"``. Labelbox keeps a global key unique in the
+whole organisation and refuses a second data row with the same one, so the key names the image
+exactly: its folder-relative path, ``@``, and the first 16 hex digits of the sha256 of (scored folder,
+path, content hash). Two folders with the same relative path, or an edited file (new content at the
+same path), get different keys; the same image always gets the same key, run after run.
+The ranking goes in ``metadata_fields`` (``al_rank``, ``al_score``
 numbers; ``al_strategy``, ``al_model``, ``al_sha256`` strings): Labelbox only accepts metadata whose
 schema exists, so create those five fields once in the workspace (README: Labelbox). Labelbox
 rejects ``s3://`` row data; give the bucket's https URL instead.
@@ -14,6 +18,8 @@ rejects ``s3://`` row data; give the bucket's https URL instead.
 from __future__ import annotations
 
 import csv
+import hashlib
+import os
 from collections.abc import Sequence
 
 from alselect.errors import UsageError
@@ -23,10 +29,12 @@ from alselect.exporters.base import (
     ExportRow,
     FileSet,
     finite_or_none,
+    not_utf8_reason,
     register_exporter,
     uri_scheme,
     write_json_array,
 )
+from alselect.uris import WEB_SCHEMES, is_utf8
 
 ROWS_FILE = "data_rows.json"
 PRIORITIES_FILE = "priorities.csv"
@@ -38,6 +46,7 @@ class LabelboxExporter(Exporter):
     name = "labelbox"
     summary = "Labelbox data rows (JSON array, al_* metadata) + priorities CSV (1 = first)"
     layout = "files"
+    file_names = (ROWS_FILE, PRIORITIES_FILE)
     uri_schemes = ("https", "http", "gs")
 
     def check(self, rows: Sequence[ExportRow], context: ExportContext) -> None:
@@ -57,14 +66,20 @@ class LabelboxExporter(Exporter):
         with files.open(PRIORITIES_FILE) as handle:
             writer = csv.writer(handle, lineterminator="\n")
             writer.writerow(["global_key", "priority"])
-            writer.writerows([row.relative, row.rank] for row in rows)
+            writer.writerows([global_key(row), row.rank] for row in rows)
         return list(rows)
+
+    def unwritable(self, row: ExportRow, context: ExportContext) -> str | None:
+        # a web URL carries the name's bytes percent-encoded; a local path or gs:// key cannot
+        if uri_scheme(row.uri) not in WEB_SCHEMES and not is_utf8(row.uri or str(row.file)):
+            return not_utf8_reason("Labelbox (without an http(s) --uri-prefix)")
+        return super().unwritable(row, context)
 
     def data_row(self, row: ExportRow) -> dict[str, object]:
         values = (finite_or_none(row.score), row.strategy, row.model, row.sha256)
         return {
             "row_data": row.uri or str(row.file),
-            "global_key": row.relative,
+            "global_key": global_key(row),
             "media_type": "IMAGE",
             "metadata_fields": [
                 {"name": name, "value": value}
@@ -72,3 +87,11 @@ class LabelboxExporter(Exporter):
                 if value is not None
             ],
         }
+
+
+def global_key(row: ExportRow) -> str:
+    """``<relative path>@<16 hex>``: unique per (scored folder, path, content) and stable across
+    reruns. Bytes of a name that are not UTF-8 appear as ``\\xNN`` (the key is text)."""
+    identity = b"\0".join([os.fsencode(row.folder), os.fsencode(row.relative), row.sha256.encode()])
+    readable = os.fsencode(row.relative).decode("utf-8", "backslashreplace")
+    return f"{readable}@{hashlib.sha256(identity).hexdigest()[:16]}"

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from collections.abc import Iterable
 from typing import TextIO
 
-from alselect.exporters.base import ExportContext, Exporter, ExportRow, register_exporter
+from alselect.exporters.base import ExportContext, Exporter, ExportRow, json_text, register_exporter
 
 
 @register_exporter
@@ -41,15 +39,9 @@ class JsonlExporter(Exporter):
         return written
 
 
-_NOT_UTF8 = re.compile("[\udc80-\udcff]")
-
-
 def json_line(record: dict[str, object]) -> str:
-    """One JSON object and a newline, UTF-8 as is; the bytes of a file name that are not UTF-8
-    (surrogate escapes) as ``\\udcXX`` escapes, so the line stays valid UTF-8 and ``json.loads``
-    gives back the name ``os.fsencode`` turns into the original bytes."""
-    text = json.dumps(record, ensure_ascii=False, allow_nan=False)
-    return _NOT_UTF8.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n"
+    """One JSON object and a newline (see ``json_text``: names that are not UTF-8 as escapes)."""
+    return json_text(record) + "\n"
 
 
 def json_number(text: str) -> float | None:
@@ -68,11 +60,16 @@ class PathsExporter(Exporter):
     def write(
         self, rows: Iterable[ExportRow], stream: TextIO, context: ExportContext | None = None
     ) -> list[ExportRow]:
+        context = context or ExportContext()
         written = []
         for row in rows:
-            text = row.uri or row.path
-            if "\n" in text or "\r" in text:
-                continue
-            stream.write(text + "\n")
-            written.append(row)
+            if self.unwritable(row, context) is None:  # export_latest left these out already
+                stream.write((row.uri or row.path) + "\n")
+                written.append(row)
         return written
+
+    def unwritable(self, row: ExportRow, context: ExportContext) -> str | None:
+        text = row.uri or row.path
+        if "\n" in text or "\r" in text:
+            return "path contains a line break, which one path per line cannot hold (use csv or jsonl)"
+        return super().unwritable(row, context)

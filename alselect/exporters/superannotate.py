@@ -27,7 +27,9 @@ from alselect.exporters.base import (
 
 MAX_NAME = 120
 MAX_PRIORITY = 1_000_000
-FORBIDDEN = re.compile(r'[<>:"\'/\\?*&$!+\x00-\x1f\x7f]')
+# the characters SuperAnnotate forbids, control characters, and the surrogate escapes of bytes that are
+# not UTF-8 (they cannot be written to its UTF-8 files)
+FORBIDDEN = re.compile(r'[<>:"\'/\\?*&$!+\x00-\x1f\x7f\udc80-\udcff]')
 ATTACH_FILE = "attach.csv"
 PRIORITIES_FILE = "priorities.json"
 
@@ -80,6 +82,7 @@ class SuperAnnotateExporter(Exporter):
     name = "superannotate"
     summary = "SuperAnnotate attach CSV (url,name) + priorities JSON (integers, higher first)"
     layout = "files"
+    file_names = (ATTACH_FILE, PRIORITIES_FILE)
     uri_schemes = ("http", "https")
     uri_required = True
 
