@@ -54,7 +54,8 @@ def folder_counts(store: Store, folder: str | None = None) -> list[FolderCounts]
     for root in sorted(by_status):  # the stored text's order, as SQLite's ORDER BY root
         counts = by_status[root]
         distinct = store.scalar(
-            "SELECT COUNT(*) FROM (SELECT DISTINCT sha256 FROM images WHERE root = ? AND status = 'present')",
+            "SELECT COUNT(*) FROM (SELECT DISTINCT sha256 FROM images "
+            "WHERE root = ? AND status = 'present' AND sha256 IS NOT NULL)",
             (root,),
         )
         absent, moved = store.rows(

@@ -273,11 +273,14 @@ class Store:
             "SELECT id, relpath, sha256, size, mtime_ns, status, reason, link FROM images WHERE root = ?",
             (to_db(root),),
         )
-        records = (
-            ImageRecord(id_, from_db(rel), sha, size, mtime, status, reason, bool(link))
-            for id_, rel, sha, size, mtime, status, reason, link in rows
-        )
-        return {record.relpath: record for record in records}
+        make = ImageRecord._make
+        records = {}
+        for row in rows:  # one tuple per row; names other than plain text (rare) are converted
+            record = make(row)
+            if "\x00" in record.relpath:
+                record = record._replace(relpath=from_db(record.relpath))
+            records[record.relpath] = record
+        return records
 
     def upsert_images(self, root: str, rows: Sequence[tuple[Any, ...]]) -> None:
         """Insert or update ``(relpath, sha256, size, mtime_ns, status, reason[, link])`` rows."""
