@@ -21,7 +21,14 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from alselect.errors import AlselectError, UsageError
 from alselect.images import OUT_OF_MEMORY, ImageDecodeError, load_image_geometry
-from alselect.limits import DEFAULT_MAX_PIXELS, PREFETCH_BATCHES, check_batch_memory, default_workers
+from alselect.inference import Accelerated, check_precision, resolve_precision
+from alselect.limits import (
+    DEFAULT_MAX_PIXELS,
+    PREFETCH_BATCHES,
+    check_batch_memory,
+    default_threads,
+    default_workers,
+)
 from alselect.preprocess import Preprocess
 from alselect.progress import NULL_REPORTER, Reporter
 
@@ -43,19 +50,43 @@ class OutputModel(Protocol):
 
 @dataclass(frozen=True)
 class EmbedOptions:
-    """Where and how to run the model."""
+    """Where and how to run the model.
+
+    ``workers`` and ``threads`` (decoding processes, torch threads of the model) default to a
+    split of the CPUs this process may use (``alselect.limits``). ``precision``: ``auto``, ``fp32``,
+    ``bf16`` or ``fp16`` (``alselect.inference``); ``compile``: run the model through
+    ``torch.compile``.
+    """
 
     device: str = "auto"
     batch_size: int = 64
-    workers: int | None = None  # None: min(4, CPU count); 0: decode in this process
+    workers: int | None = None  # None: from the CPUs and the device; 0: decode in this process
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images fail as decompression bombs
+    precision: str = "auto"
+    compile: bool = False
+    threads: int | None = None  # None: from the CPUs and the workers
+
+    def __post_init__(self) -> None:
+        check_precision(self.precision)
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"--threads must be at least 1, got {self.threads}")
 
     def worker_count(self) -> int:
         if self.workers is not None:
             if self.workers < 0:
                 raise UsageError(f"--workers must be >= 0, got {self.workers}")
             return self.workers
-        return default_workers()
+        return default_workers(accelerator=self.device != "cpu" and _cuda_present())
+
+    def thread_count(self, workers: int, device: torch.device) -> int:
+        """Torch threads for the model: ``threads``, or the CPUs the decoding workers leave."""
+        if self.threads is not None:
+            return self.threads
+        return default_threads(workers, accelerator=device.type != "cpu")
+
+
+def _cuda_present() -> bool:
+    return torch.cuda.is_available()
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -99,7 +130,7 @@ class _ImageFiles(Dataset[Decoded]):
         expected = None if self.expected_sha256 is None else self.expected_sha256[index]
         try:
             pixels, geometry = load_image_geometry(
-                self.paths[index], self.preprocess, expected, max_pixels=self.max_pixels
+                self.paths[index], self.preprocess, expected, max_pixels=self.max_pixels, interleaved=True
             )
             return index, pixels, None, geometry
         except ImageDecodeError as exc:
@@ -108,8 +139,45 @@ class _ImageFiles(Dataset[Decoded]):
             return index, None, OUT_OF_MEMORY, None
 
 
-def _keep_as_list(batch: list[Decoded]) -> list[Decoded]:
-    return batch
+@dataclass
+class DecodedBatch:
+    """One batch as a decoding worker hands it over.
+
+    ``pixels``: ``uint8 [n, 3, S, S]`` of the ``n`` decoded images, stored ``[n, S, S, 3]`` (the
+    channels_last layout, built straight from Pillow's interleaved pixels in one copy); a tensor,
+    so it crosses from a worker in shared memory and can be pinned for an asynchronous copy to the
+    GPU. ``geometry``: ``int64 [n, 4]`` (``alselect.images.GEOMETRY``). ``indices``: the decoded
+    files' indices; ``failures``: ``(index, reason)`` of the others; ``count``: files in the batch.
+    """
+
+    indices: list[int]
+    pixels: torch.Tensor | None
+    geometry: torch.Tensor | None
+    failures: list[tuple[int, str]]
+    count: int
+
+    def pin_memory(self) -> DecodedBatch:
+        """The DataLoader's pinning thread calls this (``pin_memory=True`` on CUDA)."""
+        if self.pixels is not None:
+            self.pixels = self.pixels.pin_memory()
+        return self
+
+
+def collate(items: list[Decoded]) -> DecodedBatch:
+    """``DecodedBatch`` of decoded files (runs in the worker that decoded them)."""
+    ok = [(index, pixels, geometry) for index, pixels, _, geometry in items if pixels is not None]
+    failures = [
+        (index, reason) for index, pixels, reason, _ in items if pixels is None and reason is not None
+    ]
+    if not ok:
+        return DecodedBatch([], None, None, failures, len(items))
+    channels, height, width = ok[0][1].shape
+    batch = torch.empty((len(ok), height, width, channels), dtype=torch.uint8)
+    np.stack([pixels.transpose(1, 2, 0) for _, pixels, _ in ok], out=batch.numpy())
+    geometry = torch.from_numpy(
+        np.stack([g if g is not None else np.zeros(4, np.int32) for _, _, g in ok]).astype(np.int64)
+    )
+    return DecodedBatch([i for i, _, _ in ok], batch.permute(0, 3, 1, 2), geometry, failures, len(items))
 
 
 BatchSink = Callable[[list[int], dict[str, np.ndarray], list[tuple[int, str]]], None]
@@ -180,7 +248,7 @@ def _loader(dataset: Dataset[Decoded], batch_size: int, workers: int, device: to
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
-        collate_fn=_keep_as_list,
+        collate_fn=collate,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
         prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
@@ -220,6 +288,7 @@ def run_model(
     if expected_sha256 is not None and len(expected_sha256) != len(paths):
         raise ValueError(f"expected_sha256 has {len(expected_sha256)} entries for {len(paths)} paths")
     device = resolve_device(options.device)
+    model = accelerate(model, device, options, reporter)
     model.to(device)
     dataset = _ImageFiles(paths, preprocess, expected_sha256, options.max_pixels)
     mean = torch.tensor(preprocess.mean, device=device).view(1, 3, 1, 1) * 255.0
@@ -230,43 +299,67 @@ def run_model(
 
     with_geometry = bool(getattr(model, "needs_geometry", False))
 
-    def hand_over(batch: list[Decoded]) -> None:
+    def hand_over(batch: DecodedBatch) -> None:
         nonlocal handed
-        ok = [(i, arr, geometry) for i, arr, _, geometry in batch if arr is not None]
-        failures = [(i, reason) for i, arr, reason, _ in batch if arr is None and reason is not None]
-        if ok:
-            pixels = torch.from_numpy(np.stack([arr for _, arr, _ in ok]))
-            pixels = pixels.to(device, non_blocking=True).float().sub_(mean).div_(std)
+        if batch.pixels is not None:
+            pixels = batch.pixels.to(device, non_blocking=True).float().sub_(mean).div_(std)
             if with_geometry:
-                sizes = torch.from_numpy(np.stack([g for _, _, g in ok if g is not None]).astype(np.int64))
-                outputs = model.forward_outputs(pixels, sizes)  # type: ignore[call-arg]
+                outputs = model.forward_outputs(pixels, batch.geometry)  # type: ignore[call-arg]
             else:
                 outputs = model.forward_outputs(pixels)
-            on_batch([i for i, _, _ in ok], {k: v.cpu().numpy() for k, v in outputs.items()}, failures)
+            on_batch(batch.indices, {k: v.cpu().numpy() for k, v in outputs.items()}, batch.failures)
         else:
-            on_batch([], {}, failures)
-        handed += len(batch)
+            on_batch([], {}, batch.failures)
+        handed += batch.count
         reporter.progress("embed", handed, total)
 
-    if workers > 0:
-        iterator = None
-        try:
-            iterator = iter(_loader(dataset, options.batch_size, workers, device))
-            for batch in iterator:
-                with _worker_deaths_deferred():
-                    hand_over(batch)
-            return
-        except RuntimeError as exc:
-            if not _is_worker_death(exc):
-                raise
-            reason = str(exc).strip()
-        finally:
-            _shutdown(iterator)
-        if handed < total:
-            reporter.warning(
-                f"an image decoding worker died ({reason}); "
-                f"decoding the remaining {total - handed} image(s) in this process"
-            )
-    remaining: Dataset[Decoded] = Subset(dataset, range(handed, total)) if handed else dataset
-    for batch in _loader(remaining, options.batch_size, 0, device):
-        hand_over(batch)
+    with torch_threads(options.thread_count(workers, device)):
+        if workers > 0:
+            iterator = None
+            try:
+                iterator = iter(_loader(dataset, options.batch_size, workers, device))
+                for batch in iterator:
+                    with _worker_deaths_deferred():
+                        hand_over(batch)
+                return
+            except RuntimeError as exc:
+                if not _is_worker_death(exc):
+                    raise
+                reason = str(exc).strip()
+            finally:
+                _shutdown(iterator)
+            if handed < total:
+                reporter.warning(
+                    f"an image decoding worker died ({reason}); "
+                    f"decoding the remaining {total - handed} image(s) in this process"
+                )
+        remaining: Dataset[Decoded] = Subset(dataset, range(handed, total)) if handed else dataset
+        for batch in _loader(remaining, options.batch_size, 0, device):
+            hand_over(batch)
+
+
+def accelerate(model: OutputModel, device: torch.device, options: EmbedOptions, reporter: Reporter) -> Any:
+    """``model`` wrapped to run at ``options.precision`` (``auto`` resolved for ``device``), in
+    channels_last (classifiers), and compiled with ``options.compile``.
+
+    Detectors and segmenters (models that take ``geometry``) stay fp32 under ``auto`` and keep
+    the contiguous layout they were written for.
+    """
+    if isinstance(model, Accelerated):
+        return model
+    plain = not getattr(model, "needs_geometry", False)
+    precision = resolve_precision(options.precision, device, reduced_ok=plain)
+    return Accelerated(model, precision, channels_last=plain, compile=options.compile, warn=reporter.warning)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` torch threads in this process, then restore the setting."""
+    previous = torch.get_num_threads()
+    if count != previous:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)

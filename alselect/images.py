@@ -61,15 +61,21 @@ def load_image_geometry(
     expected_sha256: str | None = None,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    interleaved: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``load_image`` plus the image's ``GEOMETRY`` (``int32 [4]``, see ``GEOMETRY``)."""
+    """``load_image`` plus the image's ``GEOMETRY`` (``int32 [4]``, see ``GEOMETRY``).
+
+    With ``interleaved`` the ``[3, S, S]`` pixels are a view of ``[S, S, 3]`` contiguous memory,
+    as Pillow holds them: no copy is made to reorder them, and a batch stacks them into the
+    channels_last layout the model runs in (``alselect.embed.collate``) with one copy.
+    """
     try:
         data = path.read_bytes()
     except Exception as exc:
         raise decode_error(exc) from None
     if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256.lower():
         raise ImageDecodeError(CHANGED_WHILE_READING)
-    return decode_image_geometry(data, preprocess, max_pixels=max_pixels)
+    return decode_image_geometry(data, preprocess, max_pixels=max_pixels, interleaved=interleaved)
 
 
 def decode_image(data: bytes, preprocess: Preprocess, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -78,15 +84,16 @@ def decode_image(data: bytes, preprocess: Preprocess, *, max_pixels: int = DEFAU
 
 
 def decode_image_geometry(
-    data: bytes, preprocess: Preprocess, *, max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes, preprocess: Preprocess, *, max_pixels: int = DEFAULT_MAX_PIXELS, interleaved: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """``load_image_geometry`` for the bytes of a file already in memory."""
     try:
         if not data:
             raise ImageDecodeError("empty file")
-        return _decode(io.BytesIO(data), preprocess, max_pixels)
+        pixels, geometry = _decode(io.BytesIO(data), preprocess, max_pixels)
     except Exception as exc:  # decode_error passes ImageDecodeError through
         raise decode_error(exc) from None
+    return (pixels if interleaved else np.ascontiguousarray(pixels)), geometry
 
 
 def decode_error(exc: Exception) -> ImageDecodeError:
@@ -180,7 +187,7 @@ def _decode(source: IO[bytes], preprocess: Preprocess, max_pixels: int) -> tuple
             out = resize_and_crop(rgb, preprocess, source_size=source_size, reduced_by=reduced_by)
             content = (preprocess.image_size, preprocess.image_size)
     geometry = np.array([full[1], full[0], content[0], content[1]], dtype=np.int32)
-    return np.ascontiguousarray(np.asarray(out, dtype=np.uint8).transpose(2, 0, 1)), geometry
+    return np.asarray(out, dtype=np.uint8).transpose(2, 0, 1), geometry
 
 
 def to_rgb(img: Image.Image, factor: int = 1) -> Image.Image:

@@ -6,7 +6,7 @@ import hashlib
 import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,7 @@ class PreparedModel:
     """A loaded checkpoint with its store key; ``runner`` (default: the model) computes its outputs.
 
     ``task``: classification, detection or segmentation (detectors and segmenters have a runner).
+    ``precision``: fp32, bf16 or fp16; outputs made in bf16 or fp16 have their own key.
     """
 
     model: LoadedModel
@@ -79,6 +80,7 @@ class PreparedModel:
     display: str
     runner: OutputModel | None = None
     task: str = CLASSIFICATION
+    precision: str = "fp32"  # the number format its outputs are made in (see ``with_precision``)
 
 
 @dataclass
@@ -192,9 +194,9 @@ def embed_folder(
 ) -> EmbedResult:
     """Sync the folder and run the model over images not yet embedded with this model."""
     options = options or EmbedOptions()
-    resolve_device(options.device)  # fail before any work when the device is missing
+    device = resolve_device(options.device)  # fail before any work when the device is missing
     root = resolve_root(folder)
-    prepared = prepare_model(spec)
+    prepared = with_precision(store, prepare_model(spec), options.precision, device)
     # before the scan: options that cannot fit in memory are a usage error, not an OOM kill
     check_batch_memory(options.batch_size, prepared.preprocess.image_size, options.worker_count())
     register(store, prepared)
@@ -204,8 +206,47 @@ def embed_folder(
     return result
 
 
+def precision_key(key: str, precision: str) -> str:
+    """Store key of outputs made in ``precision``: fp32 keeps ``key`` (every store made before
+    reduced precision existed stays valid); bf16 and fp16 outputs get keys of their own."""
+    if precision == "fp32":
+        return key
+    return hashlib.sha256(f"{key}:precision={precision}".encode()).hexdigest()
+
+
+def with_precision(store: Store, prepared: PreparedModel, requested: str, device: Any) -> PreparedModel:
+    """``prepared`` keyed for the precision its outputs will be made in.
+
+    ``requested`` is ``--precision``. ``auto`` means the device's fast reduced precision for
+    classifiers (``alselect.inference.resolve_precision``), but a store that already holds this
+    model's fp32 outputs and none in that precision keeps fp32: an existing pool is never
+    re-embedded, nor split between two number formats, because a newer alselect or another
+    machine would pick differently. ``--precision bf16`` once moves it (``alselect gc`` then
+    frees the fp32 arrays).
+    """
+    from alselect.inference import resolve_precision
+
+    precision = resolve_precision(requested, device, reduced_ok=prepared.task == CLASSIFICATION)
+    reduced = precision_key(prepared.key, precision)
+    fp32_pool = _has_outputs(store, prepared.key) and not _has_outputs(store, reduced)
+    if requested == "auto" and precision != "fp32" and fp32_pool:
+        precision = "fp32"
+    if precision == "fp32":
+        return prepared
+    return replace(
+        prepared, key=reduced, display=model_display_name(prepared.model.sha256, reduced), precision=precision
+    )
+
+
+def _has_outputs(store: Store, key: str) -> bool:
+    return int((store.model(key) or {}).get("slots") or 0) > 0
+
+
 def register(store: Store, prepared: PreparedModel) -> None:
     model = prepared.model
+    settings = prepared.preprocess.to_dict()
+    if prepared.precision != "fp32":
+        settings["precision"] = prepared.precision
     store.register_model(
         prepared.key,
         model.sha256,
@@ -214,7 +255,7 @@ def register(store: Store, prepared: PreparedModel) -> None:
         model.arch,
         model.num_classes,
         model.classes,
-        prepared.preprocess.to_dict(),
+        settings,
     )
 
 
@@ -274,6 +315,7 @@ def embed_synced(
         result.embedded += len(indices)
 
     runner = prepared.runner or prepared.model
+    options = replace(options, precision=prepared.precision)  # the precision its key was made for
     run_model(runner, paths, prepared.preprocess, options, persist, reporter, expected_sha256=shas)
     return result
 
@@ -374,11 +416,15 @@ def score_folder(
     if not models.task:
         raise UsageError("scoring needs at least one --model")
     options = options or EmbedOptions()
-    resolve_device(options.device)
+    device = resolve_device(options.device)
     root = resolve_root(folder)
     extra_roots = [resolve_root(d) for d in labeled_dirs]
-    task = [prepare_model(s) for s in models.task]
-    embedder = prepare_model(models.embed) if models.embed is not None else None
+    task = [with_precision(store, prepare_model(s), options.precision, device) for s in models.task]
+    embedder = (
+        with_precision(store, prepare_model(models.embed), options.precision, device)
+        if models.embed is not None
+        else None
+    )
     check_ensemble(task)
     check_task_run(strategy, task, reduction)
     mc_mode = mc_source(strategy, task, models.mc)
@@ -524,6 +570,7 @@ def full_pass_model(task: PreparedModel, samples: int) -> PreparedModel:
         key=mc_key(task.key, samples),
         display=f"{task.display}+mc{samples}",
         runner=FullPassModel(task.model, samples),
+        precision=task.precision,
     )
 
 
@@ -573,7 +620,7 @@ def pool_inputs(
             mc_probs = store.pool_array(pool, mc_pass.key, "mc_probs").astype(np.float32)
         elif mc_head is not None:
             stored = store.pool_array(pool, task[0].key, "embedding")
-            weight, bias = head_layer(task[0].model, probs, stored)
+            weight, bias = head_layer(task[0].model, probs, stored, precision=task[0].precision)
             mc_probs = head_mc_probs(stored, weight, bias, mc_head.samples, mc_head.rate)
         else:
             raise UsageError(f"strategy {strategy.name!r} needs several predictions per image")

@@ -53,7 +53,24 @@ MaxFailed = Annotated[
 Device = Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda or cuda:N.")]
 BatchSize = Annotated[int, typer.Option(min=1, help="Images per model call.")]
 Workers = Annotated[
-    int | None, typer.Option(min=0, help="Decoding processes (default: min(4, CPUs)); 0 = none.")
+    int | None,
+    typer.Option(
+        min=0, help="Decoding processes (default: CPUs - 1 with a GPU, else half the CPUs); 0 = none."
+    ),
+]
+Threads = Annotated[
+    int | None, typer.Option(min=1, help="Torch threads of the model (default: the CPUs decoding leaves).")
+]
+Precision = Annotated[
+    str,
+    typer.Option(
+        metavar="P",
+        help="auto, fp32, bf16 or fp16 (auto: bf16 on GPUs and CPUs that compute it natively, else fp32).",
+    ),
+]
+Compile = Annotated[
+    bool,
+    typer.Option("--compile", help="Run the model through torch.compile (slower start, faster batches)."),
 ]
 ImageSize = Annotated[int | None, typer.Option(min=1, help="Crop size in pixels (overrides checkpoint).")]
 Mean = Annotated[str | None, typer.Option(metavar="R,G,B", help="Normalisation mean (0–1 scale).")]
@@ -158,6 +175,9 @@ def embed(
     allow_empty: AllowEmpty = False,
     max_failed: MaxFailed = None,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
+    precision: Precision = "auto",
+    compile: Compile = False,
+    threads: Threads = None,
 ) -> None:
     """Embed new or changed images into the store.
 
@@ -174,14 +194,23 @@ def embed(
     ]
     safeguards = _safeguards(allow_empty, max_failed)
     _check_inputs(folder, *model)
-    _check_memory(batch_size, workers, image_size)
+    _check_memory(batch_size, workers, image_size, device)
+    options = EmbedOptions(
+        device,
+        batch_size,
+        workers,
+        max_pixels,
+        precision=precision,
+        compile=compile,
+        threads=threads,
+    )
     with Store.open(globals_of(ctx).store, write=True, create=True) as store, reporter_for(ctx) as reporter:
         results = [
             embed_folder(
                 store,
                 folder,
                 spec,
-                EmbedOptions(device, batch_size, workers, max_pixels),
+                options,
                 reporter,
                 retry_failed=retry_failed,
                 safeguards=safeguards,
@@ -280,6 +309,9 @@ def score(
     allow_empty: AllowEmpty = False,
     max_failed: MaxFailed = None,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
+    precision: Precision = "auto",
+    compile: Compile = False,
+    threads: Threads = None,
 ) -> None:
     """Rank the unlabeled images of a folder and record the run.
 
@@ -317,7 +349,16 @@ def score(
     _check_inputs(folder, *model, embed_model)
     for other in labeled_dir or []:
         _check_inputs(other)
-    _check_memory(batch_size, workers, image_size)
+    _check_memory(batch_size, workers, image_size, device)
+    options = EmbedOptions(
+        device,
+        batch_size,
+        workers,
+        max_pixels,
+        precision=precision,
+        compile=compile,
+        threads=threads,
+    )
     with Store.open(globals_of(ctx).store, write=True, create=True) as store, reporter_for(ctx) as reporter:
         result = score_folder(
             store,
@@ -325,7 +366,7 @@ def score(
             models,
             chosen,
             budget=budget,
-            options=EmbedOptions(device, batch_size, workers, max_pixels),
+            options=options,
             reporter=reporter,
             command=command,
             labeled_dirs=labeled_dir or [],
@@ -358,16 +399,18 @@ def _check_inputs(folder: Path, *models: Path | None) -> None:
             check_checkpoint_path(model)
 
 
-def _check_memory(batch_size: int, workers: int | None, image_size: int | None) -> None:
+def _check_memory(batch_size: int, workers: int | None, image_size: int | None, device: str = "auto") -> None:
     """Options that cannot fit in memory are a usage error up front (``alselect.limits``).
 
-    Without ``--image-size`` the size comes from the checkpoint: checked once that is loaded.
+    Without ``--image-size`` the size comes from the checkpoint: checked once that is loaded (with
+    ``--device auto``, also once it is known whether there is a GPU, which sets the default workers).
     """
     from alselect.limits import check_batch_memory, check_image_size, default_workers
 
     if image_size is not None:
         check_image_size(image_size)
-        check_batch_memory(batch_size, image_size, default_workers() if workers is None else workers)
+        default = default_workers(accelerator=device.startswith("cuda"))
+        check_batch_memory(batch_size, image_size, default if workers is None else workers)
 
 
 def _safeguards(allow_empty: bool, max_failed: str | None) -> Safeguards:
