@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
@@ -19,15 +19,24 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from alselect.device_decode import DeviceDecoder, JpegFile, device_decodable
 from alselect.errors import AlselectError, UsageError
-from alselect.images import OUT_OF_MEMORY, ImageDecodeError, load_image_geometry
-from alselect.inference import Accelerated, check_precision, resolve_precision
+from alselect.images import (
+    OUT_OF_MEMORY,
+    ImageDecodeError,
+    decode_image_geometry,
+    jpeg_header,
+    load_image_geometry,
+    read_image_file,
+)
+from alselect.inference import Accelerated, ThreadTuner, check_precision, resolve_precision
 from alselect.limits import (
     DEFAULT_MAX_PIXELS,
     PREFETCH_BATCHES,
     check_batch_memory,
     default_threads,
     default_workers,
+    usable_cpus,
 )
 from alselect.preprocess import Preprocess
 from alselect.progress import NULL_REPORTER, Reporter
@@ -48,6 +57,9 @@ class OutputModel(Protocol):
     def forward_outputs(self, batch: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
 
+DECODE_MODES = ("auto", "cpu", "gpu")
+
+
 @dataclass(frozen=True)
 class EmbedOptions:
     """Where and how to run the model.
@@ -55,7 +67,8 @@ class EmbedOptions:
     ``workers`` and ``threads`` (decoding processes, torch threads of the model) default to a
     split of the CPUs this process may use (``alselect.limits``). ``precision``: ``auto``, ``fp32``,
     ``bf16`` or ``fp16`` (``alselect.inference``); ``compile``: run the model through
-    ``torch.compile``.
+    ``torch.compile``; ``decode``: ``gpu`` decodes JPEGs in batches on the CUDA device
+    (``alselect.device_decode``), ``cpu`` in the workers, ``auto`` the first with a CUDA device.
     """
 
     device: str = "auto"
@@ -65,9 +78,12 @@ class EmbedOptions:
     precision: str = "auto"
     compile: bool = False
     threads: int | None = None  # None: from the CPUs and the workers
+    decode: str = "auto"  # where JPEGs are decoded: auto (gpu on CUDA devices), cpu, gpu
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
+        if self.decode not in DECODE_MODES:
+            raise UsageError(f"--decode must be auto, cpu or gpu, got {self.decode!r}")
         if self.threads is not None and self.threads < 1:
             raise UsageError(f"--threads must be at least 1, got {self.threads}")
 
@@ -83,6 +99,14 @@ class EmbedOptions:
         if self.threads is not None:
             return self.threads
         return default_threads(workers, accelerator=device.type != "cpu")
+
+    def thread_candidates(self, workers: int, device: torch.device) -> list[int]:
+        """Thread counts ``ThreadTuner`` tries on a CPU device when ``threads`` is not given:
+        the CPUs the workers leave, and all of them. One fixed count otherwise."""
+        fixed = self.thread_count(workers, device)
+        if self.threads is not None or device.type != "cpu":
+            return [fixed]
+        return [fixed, usable_cpus()]
 
 
 def _cuda_present() -> bool:
@@ -107,21 +131,27 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-Decoded = tuple[int, "np.ndarray | None", "str | None", "np.ndarray | None"]
+# (index, pixels, failure reason, geometry, a JPEG left for the device to decode)
+Decoded = tuple[int, "np.ndarray | None", "str | None", "np.ndarray | None", "JpegFile | None"]
 
 
 class _ImageFiles(Dataset[Decoded]):
+    """Decodes file ``index`` (in a worker). With ``device_jpegs``, a JPEG the device can decode is
+    only read, hashed and looked at: it comes back as a ``JpegFile``."""
+
     def __init__(
         self,
         paths: Sequence[Path],
         preprocess: Preprocess,
         expected_sha256: Sequence[str] | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        device_jpegs: bool = False,
     ) -> None:
         self.paths = paths
         self.preprocess = preprocess
         self.expected_sha256 = expected_sha256
         self.max_pixels = max_pixels
+        self.device_jpegs = device_jpegs
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -129,19 +159,34 @@ class _ImageFiles(Dataset[Decoded]):
     def __getitem__(self, index: int) -> Decoded:
         expected = None if self.expected_sha256 is None else self.expected_sha256[index]
         try:
+            if self.device_jpegs:
+                return self._for_device(index, expected)
             pixels, geometry = load_image_geometry(
                 self.paths[index], self.preprocess, expected, max_pixels=self.max_pixels, interleaved=True
             )
-            return index, pixels, None, geometry
+            return index, pixels, None, geometry, None
         except ImageDecodeError as exc:
-            return index, None, str(exc), None
+            return index, None, str(exc), None, None
         except MemoryError:
-            return index, None, OUT_OF_MEMORY, None
+            return index, None, OUT_OF_MEMORY, None, None
+
+    def _for_device(self, index: int, expected: str | None) -> Decoded:
+        data = read_image_file(self.paths[index], expected)
+        header = jpeg_header(data, self.max_pixels) if data else None
+        if device_decodable(header):
+            assert header is not None
+            width, height, orientation, _ = header
+            raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            return index, None, None, None, JpegFile(index, raw, width, height, orientation)
+        pixels, geometry = decode_image_geometry(
+            data, self.preprocess, max_pixels=self.max_pixels, interleaved=True
+        )
+        return index, pixels, None, geometry, None
 
 
 @dataclass
 class DecodedBatch:
-    """One batch as a decoding worker hands it over.
+    """One batch as a decoding worker hands it over (``jpegs``: see ``alselect.device_decode``).
 
     ``pixels``: ``uint8 [n, 3, S, S]`` of the ``n`` decoded images, stored ``[n, S, S, 3]`` (the
     channels_last layout, built straight from Pillow's interleaved pixels in one copy); a tensor,
@@ -155,6 +200,7 @@ class DecodedBatch:
     geometry: torch.Tensor | None
     failures: list[tuple[int, str]]
     count: int
+    jpegs: list[JpegFile] = field(default_factory=list)  # not decoded yet: for the device
 
     def pin_memory(self) -> DecodedBatch:
         """The DataLoader's pinning thread calls this (``pin_memory=True`` on CUDA)."""
@@ -165,19 +211,19 @@ class DecodedBatch:
 
 def collate(items: list[Decoded]) -> DecodedBatch:
     """``DecodedBatch`` of decoded files (runs in the worker that decoded them)."""
-    ok = [(index, pixels, geometry) for index, pixels, _, geometry in items if pixels is not None]
-    failures = [
-        (index, reason) for index, pixels, reason, _ in items if pixels is None and reason is not None
-    ]
+    ok = [(index, pixels, geometry) for index, pixels, _, geometry, _ in items if pixels is not None]
+    failures = [(index, reason) for index, _, reason, _, _ in items if reason is not None]
+    jpegs = [jpeg for *_, jpeg in items if jpeg is not None]
     if not ok:
-        return DecodedBatch([], None, None, failures, len(items))
+        return DecodedBatch([], None, None, failures, len(items), jpegs)
     channels, height, width = ok[0][1].shape
     batch = torch.empty((len(ok), height, width, channels), dtype=torch.uint8)
     np.stack([pixels.transpose(1, 2, 0) for _, pixels, _ in ok], out=batch.numpy())
     geometry = torch.from_numpy(
         np.stack([g if g is not None else np.zeros(4, np.int32) for _, _, g in ok]).astype(np.int64)
     )
-    return DecodedBatch([i for i, _, _ in ok], batch.permute(0, 3, 1, 2), geometry, failures, len(items))
+    indices = [i for i, _, _ in ok]
+    return DecodedBatch(indices, batch.permute(0, 3, 1, 2), geometry, failures, len(items), jpegs)
 
 
 BatchSink = Callable[[list[int], dict[str, np.ndarray], list[tuple[int, str]]], None]
@@ -290,7 +336,9 @@ def run_model(
     device = resolve_device(options.device)
     model = accelerate(model, device, options, reporter)
     model.to(device)
-    dataset = _ImageFiles(paths, preprocess, expected_sha256, options.max_pixels)
+    on_device = jpegs_on_device(options, device)
+    decoder = DeviceDecoder(preprocess, device, options.max_pixels) if on_device else None
+    dataset = _ImageFiles(paths, preprocess, expected_sha256, options.max_pixels, device_jpegs=on_device)
     mean = torch.tensor(preprocess.mean, device=device).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(preprocess.std, device=device).view(1, 3, 1, 1) * 255.0
     total = len(paths)
@@ -301,6 +349,12 @@ def run_model(
 
     def hand_over(batch: DecodedBatch) -> None:
         nonlocal handed
+        with tuner.batch(len(batch.indices) + len(batch.jpegs)):
+            forward(with_device_jpegs(batch, decoder) if batch.jpegs and decoder is not None else batch)
+        handed += batch.count
+        reporter.progress("embed", handed, total)
+
+    def forward(batch: DecodedBatch) -> None:
         if batch.pixels is not None:
             pixels = batch.pixels.to(device, non_blocking=True).float().sub_(mean).div_(std)
             if with_geometry:
@@ -310,10 +364,9 @@ def run_model(
             on_batch(batch.indices, {k: v.cpu().numpy() for k, v in outputs.items()}, batch.failures)
         else:
             on_batch([], {}, batch.failures)
-        handed += batch.count
-        reporter.progress("embed", handed, total)
 
-    with torch_threads(options.thread_count(workers, device)):
+    with threads_restored():
+        tuner = ThreadTuner(options.thread_candidates(workers, device))
         if workers > 0:
             iterator = None
             try:
@@ -338,6 +391,38 @@ def run_model(
             hand_over(batch)
 
 
+def jpegs_on_device(options: EmbedOptions, device: torch.device) -> bool:
+    """Whether JPEGs are decoded on the device: ``--decode gpu`` (which needs a CUDA device), or
+    ``auto`` with one."""
+    if options.decode == "gpu" and device.type != "cuda":
+        raise UsageError(f"--decode gpu needs a CUDA device; the model runs on {device}")
+    return options.decode != "cpu" and device.type == "cuda"
+
+
+def with_device_jpegs(batch: DecodedBatch, decoder: DeviceDecoder) -> DecodedBatch:
+    """``batch`` with its JPEGs decoded on the device and merged in index order (pixels on the device)."""
+    rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    if batch.pixels is not None and batch.geometry is not None:
+        pixels = batch.pixels.to(decoder.device, non_blocking=True)
+        rows = {index: (pixels[row], batch.geometry[row]) for row, index in enumerate(batch.indices)}
+    failures = list(batch.failures)
+    for index, image, geometry, reason in decoder.decode(batch.jpegs):
+        if image is not None and geometry is not None:
+            rows[index] = (image, geometry)
+        elif reason is not None:
+            failures.append((index, reason))
+    indices = sorted(rows)
+    if not indices:
+        return DecodedBatch([], None, None, sorted(failures), batch.count)
+    return DecodedBatch(
+        indices,
+        torch.stack([rows[i][0] for i in indices]),
+        torch.stack([rows[i][1] for i in indices]),
+        sorted(failures),
+        batch.count,
+    )
+
+
 def accelerate(model: OutputModel, device: torch.device, options: EmbedOptions, reporter: Reporter) -> Any:
     """``model`` wrapped to run at ``options.precision`` (``auto`` resolved for ``device``), in
     channels_last (classifiers), and compiled with ``options.compile``.
@@ -353,11 +438,9 @@ def accelerate(model: OutputModel, device: torch.device, options: EmbedOptions, 
 
 
 @contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Run the block with ``count`` torch threads in this process, then restore the setting."""
+def threads_restored() -> Iterator[None]:
+    """Whatever the block sets torch's thread count to, this process gets its setting back after."""
     previous = torch.get_num_threads()
-    if count != previous:
-        torch.set_num_threads(count)
     try:
         yield
     finally:

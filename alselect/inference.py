@@ -239,3 +239,64 @@ def _uncompile(module: torch.nn.Module) -> None:
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+class ThreadTuner:
+    """Picks the model's torch thread count from the first batches of a run, by measuring them.
+
+    Whether a CPU model runs faster on all cores or on the cores the decoding workers leave
+    depends on the model (a large one gains from every core; a small one loses more to workers
+    and to other processes preempting its threads than it gains) and on what else runs on the
+    machine. The tuner tries each of ``candidates`` on ``per_candidate`` batches, in turns, after
+    one warm-up batch, then keeps the one with the least time per image for the rest of the run.
+    ``clock`` and ``set_threads`` are injectable (tests).
+    """
+
+    def __init__(
+        self,
+        candidates: list[int],
+        per_candidate: int = 1,
+        *,
+        clock: Callable[[], float] | None = None,
+        set_threads: Callable[[int], None] = torch.set_num_threads,
+    ) -> None:
+        import time
+
+        self.candidates = list(dict.fromkeys(c for c in candidates if c >= 1)) or [1]
+        self.schedule = [c for _ in range(per_candidate) for c in self.candidates]
+        self.clock = clock or time.perf_counter
+        self.set_threads = set_threads
+        self.seconds = dict.fromkeys(self.candidates, 0.0)
+        self.images = dict.fromkeys(self.candidates, 0)
+        self.chosen: int | None = self.candidates[0] if len(self.candidates) == 1 else None
+        self._batches = 0
+        self._measured = 0
+        self._current = self.candidates[0]
+        self.set_threads(self._current)
+
+    @contextlib.contextmanager
+    def batch(self, images: int) -> Iterator[None]:
+        """Time the block (one batch of ``images``) and move on to the next setting to try."""
+        if self.chosen is not None:
+            yield
+            return
+        start = self.clock()
+        yield
+        elapsed = self.clock() - start
+        self._batches += 1
+        if self._batches == 1 or images == 0:  # warm-up (allocator, kernel selection), empty batch
+            return
+        self.seconds[self._current] += elapsed
+        self.images[self._current] += images
+        self._measured += 1
+        if self._measured < len(self.schedule):
+            self._use(self.schedule[self._measured])
+            return
+        rate = {c: self.seconds[c] / self.images[c] for c in self.candidates if self.images[c]}
+        self.chosen = min(rate, key=lambda c: (rate[c], c))
+        self._use(self.chosen)
+
+    def _use(self, threads: int) -> None:
+        if threads != self._current:
+            self.set_threads(threads)
+            self._current = threads

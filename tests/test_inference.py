@@ -18,7 +18,7 @@ from alselect.checkpoints import load_checkpoint
 from alselect.checkpoints.alselect_dict import save_alselect_checkpoint
 from alselect.embed import EmbedOptions
 from alselect.errors import UsageError
-from alselect.inference import Accelerated, _cpuinfo_bf16, resolve_precision
+from alselect.inference import Accelerated, ThreadTuner, _cpuinfo_bf16, resolve_precision
 from alselect.models.small_cnn import SmallCNN
 from alselect.pipeline import ModelSpec, embed_folder, precision_key
 from alselect.preprocess import Preprocess
@@ -356,3 +356,29 @@ def test_a_decoded_batch_is_channels_last_uint8_equal_to_the_decoded_images(
         np.testing.assert_array_equal(batch.geometry[row].numpy(), geometry)
     empty = collate([files[2]])
     assert empty.pixels is None and empty.indices == [] and empty.count == 1
+
+
+def test_thread_tuner_keeps_the_fastest_setting_it_measured() -> None:
+    now = [0.0]
+    applied: list[int] = []
+    seconds_per_image = {1: 0.010, 2: 0.025}  # two threads lose here (a shared, busy machine)
+    tuner = ThreadTuner([1, 2], per_candidate=2, clock=lambda: now[0], set_threads=applied.append)
+
+    def run_batch(images: int) -> None:
+        with tuner.batch(images):
+            now[0] += images * seconds_per_image[applied[-1]]
+
+    run_batch(8)  # warm-up, not counted
+    assert tuner.chosen is None
+    for _ in range(4):
+        run_batch(8)
+    assert tuner.chosen == 1 and applied == [1, 2, 1, 2, 1]
+    run_batch(8)
+    assert applied[-1] == 1  # fixed for the rest of the run
+    seconds_per_image.update({1: 0.02, 2: 0.011})  # and the other way round
+    applied.clear()
+    tuner = ThreadTuner([1, 2], per_candidate=1, clock=lambda: now[0], set_threads=applied.append)
+    for images in (8, 0, 8, 8):  # an empty batch (all files failed) tells nothing
+        run_batch(images)
+    assert tuner.chosen == 2 and applied == [1, 2]
+    assert ThreadTuner([3], set_threads=applied.append).chosen == 3  # one candidate: nothing to try
