@@ -1,16 +1,22 @@
-"""Batched inference over image files: decode in worker processes, run the model, hand back arrays."""
+"""Batched inference over image files: decode in worker processes, run the model, hand back arrays.
+
+Two engines produce the same ``(indices, outputs, failures)`` batches for the caller to store:
+``local`` (this module: DataLoader decode workers, the model in this process) and ``ray``
+(``alselect.ray_engine``: decode in Ray tasks, the model in an actor pool across a cluster).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import functools
+import importlib.util
 import os
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
@@ -58,11 +64,34 @@ class OutputModel(Protocol):
 
 
 DECODE_MODES = ("auto", "cpu", "gpu")
+ENGINES = ("local", "ray")
+RAY_INSTALL_HINT = "pip install 'alselect[ray]'"
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How the Ray engine runs.
+
+    ``address``: a running cluster (``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``); None starts a
+    local Ray instance for the run and shuts it down after. ``actors``: model actors (None: one per
+    ``gpus_per_actor`` GPUs of the cluster, or half its CPUs without GPUs). ``gpus_per_actor``:
+    None picks 1 when the cluster has GPUs and ``--device`` allows them, else 0.
+    """
+
+    address: str | None = None
+    actors: int | None = None
+    gpus_per_actor: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.actors is not None and self.actors < 1:
+            raise UsageError(f"--ray-actors must be at least 1, got {self.actors}")
+        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
+            raise UsageError(f"--ray-gpus-per-actor must be >= 0, got {self.gpus_per_actor}")
 
 
 @dataclass(frozen=True)
 class EmbedOptions:
-    """Where and how to run the model.
+    """Where and how to run the model: device, batch size, decode workers, and the engine.
 
     ``workers`` and ``threads`` (decoding processes, torch threads of the model) default to a
     split of the CPUs this process may use (``alselect.limits``). ``precision``: ``auto``, ``fp32``,
@@ -79,9 +108,13 @@ class EmbedOptions:
     compile: bool = False
     threads: int | None = None  # None: from the CPUs and the workers
     decode: str = "auto"  # where JPEGs are decoded: auto (gpu on CUDA devices), cpu, gpu
+    engine: str = "local"  # "local" or "ray"
+    ray: RayOptions = RayOptions()
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
+        if self.engine not in ENGINES:
+            raise UsageError(f"--engine must be local or ray, got {self.engine!r}")
         if self.decode not in DECODE_MODES:
             raise UsageError(f"--decode must be auto, cpu or gpu, got {self.decode!r}")
         if self.threads is not None and self.threads < 1:
@@ -107,6 +140,31 @@ class EmbedOptions:
         if self.threads is not None or device.type != "cpu":
             return [fixed]
         return [fixed, usable_cpus()]
+
+    def check(self) -> None:
+        """Fail before any work: a missing local device, or a Ray engine that cannot run here."""
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.engine == "local":
+            resolve_device(self.device)
+            return
+        local_only = {
+            "--precision": self.precision not in ("auto", "fp32"),
+            "--compile": self.compile,
+            "--threads": self.threads is not None,
+            "--decode": self.decode != "auto",
+        }
+        if any(local_only.values()):
+            named = ", ".join(name for name, given in local_only.items() if given)
+            raise UsageError(f"{named}: only with the local engine (Ray runs the model in fp32)")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UsageError(
+                f"--device {self.device}: with --engine ray use auto, cpu or cuda (Ray gives actors GPUs)"
+            )
+        if self.device == "cpu" and self.ray.gpus_per_actor:
+            raise UsageError("--device cpu and --ray-gpus-per-actor > 0 contradict each other")
+        if importlib.util.find_spec("ray") is None:
+            raise AlselectError(f"--engine ray needs Ray, which is not installed: {RAY_INSTALL_HINT}")
 
 
 def _cuda_present() -> bool:
@@ -135,6 +193,62 @@ def resolve_device(spec: str) -> torch.device:
 Decoded = tuple[int, "np.ndarray | None", "str | None", "np.ndarray | None", "JpegFile | None"]
 
 
+def decode_file(
+    path: Path,
+    preprocess: Preprocess,
+    expected_sha256: str | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    interleaved: bool = False,
+) -> tuple[np.ndarray | None, str | None, np.ndarray | None]:
+    """``(pixels, None, geometry)`` or ``(None, reason, None)``: ``load_image_geometry`` with its
+    failure as the recorded reason (``interleaved`` as there).
+
+    Every engine decodes through here, so failures and their reasons are the same everywhere.
+    """
+    try:
+        pixels, geometry = load_image_geometry(
+            path, preprocess, expected_sha256, max_pixels=max_pixels, interleaved=interleaved
+        )
+        return pixels, None, geometry
+    except ImageDecodeError as exc:
+        return None, str(exc), None
+    except MemoryError:
+        return None, OUT_OF_MEMORY, None
+
+
+class BatchForward:
+    """The model on a device, fed ``uint8 [n, 3, S, S]`` pixels: normalises, runs, returns numpy arrays.
+
+    Shared by the engines so that a batch gives the same arrays whichever engine runs it.
+    """
+
+    def __init__(self, model: OutputModel, preprocess: Preprocess, device: torch.device) -> None:
+        self.model = model
+        self.device = device
+        model.to(device)
+        self.mean = torch.tensor(preprocess.mean, device=device).view(1, 3, 1, 1) * 255.0
+        self.std = torch.tensor(preprocess.std, device=device).view(1, 3, 1, 1) * 255.0
+
+    def __call__(
+        self, pixels: np.ndarray | torch.Tensor, geometry: np.ndarray | torch.Tensor | None = None
+    ) -> dict[str, np.ndarray]:
+        """``pixels uint8 [n, 3, S, S]`` (a tensor keeps its memory layout, e.g. channels_last,
+        and may be pinned or already on the device); ``geometry int [n, 4]`` for models that need it."""
+        batch = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(pixels))
+        batch = batch.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
+        if getattr(self.model, "needs_geometry", False):
+            if geometry is None:
+                raise ValueError("this model needs each image's geometry")
+            sizes = torch.as_tensor(
+                np.asarray(geometry, dtype=np.int64) if isinstance(geometry, np.ndarray) else geometry
+            )
+            outputs = self.model.forward_outputs(batch, sizes)  # type: ignore[call-arg]
+        else:
+            outputs = self.model.forward_outputs(batch)
+        return {name: value.cpu().numpy() for name, value in outputs.items()}
+
+
 class _ImageFiles(Dataset[Decoded]):
     """Decodes file ``index`` (in a worker). With ``device_jpegs``, a JPEG the device can decode is
     only read, hashed and looked at: it comes back as a ``JpegFile``."""
@@ -158,13 +272,15 @@ class _ImageFiles(Dataset[Decoded]):
 
     def __getitem__(self, index: int) -> Decoded:
         expected = None if self.expected_sha256 is None else self.expected_sha256[index]
-        try:
-            if self.device_jpegs:
-                return self._for_device(index, expected)
-            pixels, geometry = load_image_geometry(
-                self.paths[index], self.preprocess, expected, max_pixels=self.max_pixels, interleaved=True
+        if not self.device_jpegs:
+            path = self.paths[index]
+            return (
+                index,
+                *decode_file(path, self.preprocess, expected, self.max_pixels, interleaved=True),
+                None,
             )
-            return index, pixels, None, geometry, None
+        try:
+            return self._for_device(index, expected)
         except ImageDecodeError as exc:
             return index, None, str(exc), None, None
         except MemoryError:
@@ -329,39 +445,30 @@ def run_model(
     handed to ``on_batch`` are decoded in this process instead; a ``MemoryError`` there fails
     that file with "out of memory while decoding".
     """
+    if options.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {options.batch_size}")
     workers = options.worker_count()
     check_batch_memory(options.batch_size, preprocess.image_size, workers)
-    if expected_sha256 is not None and len(expected_sha256) != len(paths):
-        raise ValueError(f"expected_sha256 has {len(expected_sha256)} entries for {len(paths)} paths")
+    check_expected(paths, expected_sha256)
     device = resolve_device(options.device)
-    model = accelerate(model, device, options, reporter)
-    model.to(device)
+    forward = BatchForward(accelerate(model, device, options, reporter), preprocess, device)
     on_device = jpegs_on_device(options, device)
     decoder = DeviceDecoder(preprocess, device, options.max_pixels) if on_device else None
     dataset = _ImageFiles(paths, preprocess, expected_sha256, options.max_pixels, device_jpegs=on_device)
-    mean = torch.tensor(preprocess.mean, device=device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(preprocess.std, device=device).view(1, 3, 1, 1) * 255.0
     total = len(paths)
     handed = 0
     reporter.progress("embed", 0, total)
 
-    with_geometry = bool(getattr(model, "needs_geometry", False))
-
     def hand_over(batch: DecodedBatch) -> None:
         nonlocal handed
         with tuner.batch(len(batch.indices) + len(batch.jpegs)):
-            forward(with_device_jpegs(batch, decoder) if batch.jpegs and decoder is not None else batch)
+            run(with_device_jpegs(batch, decoder) if batch.jpegs and decoder is not None else batch)
         handed += batch.count
         reporter.progress("embed", handed, total)
 
-    def forward(batch: DecodedBatch) -> None:
+    def run(batch: DecodedBatch) -> None:
         if batch.pixels is not None:
-            pixels = batch.pixels.to(device, non_blocking=True).float().sub_(mean).div_(std)
-            if with_geometry:
-                outputs = model.forward_outputs(pixels, batch.geometry)  # type: ignore[call-arg]
-            else:
-                outputs = model.forward_outputs(pixels)
-            on_batch(batch.indices, {k: v.cpu().numpy() for k, v in outputs.items()}, batch.failures)
+            on_batch(batch.indices, forward(batch.pixels, batch.geometry), batch.failures)
         else:
             on_batch([], {}, batch.failures)
 
@@ -446,3 +553,73 @@ def threads_restored() -> Iterator[None]:
     finally:
         if torch.get_num_threads() != previous:
             torch.set_num_threads(previous)
+
+
+def check_expected(paths: Sequence[Path], expected_sha256: Sequence[str] | None) -> None:
+    if expected_sha256 is not None and len(expected_sha256) != len(paths):
+        raise ValueError(f"expected_sha256 has {len(expected_sha256)} entries for {len(paths)} paths")
+
+
+ModelSource = Callable[[], OutputModel]
+
+
+class Engine(Protocol):
+    """Produces ``on_batch(indices, outputs, failures)`` batches for ``paths``; see ``run_model``.
+
+    ``precision``: the number format the store key of the outputs was made for
+    (``alselect.pipeline.with_precision``). ``recipe`` (optional) rebuilds ``model`` in another
+    process (a checkpoint path and how to load
+    it); an engine that runs the model elsewhere uses it rather than sending the object itself.
+    """
+
+    def run(
+        self,
+        model: OutputModel,
+        paths: Sequence[Path],
+        preprocess: Preprocess,
+        on_batch: BatchSink,
+        reporter: Reporter = NULL_REPORTER,
+        *,
+        expected_sha256: Sequence[str] | None = None,
+        recipe: ModelSource | None = None,
+        precision: str = "fp32",
+    ) -> None: ...
+
+
+class LocalEngine:
+    """``run_model`` in this process (DataLoader decode workers, the model on ``options.device``)."""
+
+    def __init__(self, options: EmbedOptions) -> None:
+        self.options = options
+
+    def run(
+        self,
+        model: OutputModel,
+        paths: Sequence[Path],
+        preprocess: Preprocess,
+        on_batch: BatchSink,
+        reporter: Reporter = NULL_REPORTER,
+        *,
+        expected_sha256: Sequence[str] | None = None,
+        recipe: ModelSource | None = None,
+        precision: str = "fp32",
+    ) -> None:
+        options = replace(self.options, precision=precision)
+        run_model(model, paths, preprocess, options, on_batch, reporter, expected_sha256=expected_sha256)
+
+
+@contextlib.contextmanager
+def open_engine(options: EmbedOptions) -> Iterator[Engine]:
+    """The engine ``options.engine`` names, for one command: a Ray engine connects on first use
+    (or starts a local Ray instance) and lets go of Ray when the block ends."""
+    options.check()
+    if options.engine == "local":
+        yield LocalEngine(options)
+        return
+    from alselect.ray_engine import RayEngine
+
+    engine = RayEngine(options)
+    try:
+        yield engine
+    finally:
+        engine.close()

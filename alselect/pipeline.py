@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import socket
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -15,8 +17,8 @@ import numpy as np
 from alselect import __version__
 from alselect.checkpoints import CheckpointOptions, LoadedModel, load_checkpoint
 from alselect.discover import resolve_root
-from alselect.embed import EmbedOptions, OutputModel, resolve_device, run_model
-from alselect.errors import NothingUsableError, UsageError
+from alselect.embed import EmbedOptions, Engine, OutputModel, open_engine, resolve_device
+from alselect.errors import CheckpointError, NothingUsableError, UsageError
 from alselect.images import CHANGED_WHILE_READING
 from alselect.limits import check_batch_memory
 from alselect.mc_dropout import (
@@ -49,6 +51,9 @@ from alselect.tasks.pool import LazyArrays, task_pool
 
 NOT_FINITE = "model output not finite (NaN or infinity)"
 TASK_DEFAULTS = Reduction()  # detection / segmentation scoring options when none are given
+STANDARD_INPUTS = frozenset({"probs", "embeddings", "mc_probs"})
+# How to get a checkpoint that produces a per-image array a strategy needs.
+ARRAY_SOURCES = {"loss_pred": "train one with 'alselect train --loss-prediction'"}
 
 
 @dataclass(frozen=True)
@@ -66,9 +71,36 @@ class ModelSpec:
     max_detections: int = DEFAULT_MAX_DETECTIONS
 
 
+@dataclass(frozen=True)
+class ModelRecipe:
+    """How another process (a Ray actor) builds the same runner: load ``checkpoint`` (an absolute
+    path every node can read) with ``options``, insist on the driver's ``sha256``, and wrap it for
+    ``mc_samples`` MC-dropout passes where given. Small and picklable, unlike some loaded models
+    (TorchScript)."""
+
+    checkpoint: str
+    options: CheckpointOptions
+    sha256: str
+    mc_samples: int | None = None
+    settings: TaskSettings | None = None  # detectors and segmenters: their runner's settings
+
+    def __call__(self) -> OutputModel:
+        model = load_checkpoint(self.checkpoint, self.options)
+        if model.sha256 != self.sha256:
+            raise CheckpointError(
+                f"{self.checkpoint} on {socket.gethostname()} has sha256 {model.sha256[:12]}, not "
+                f"{self.sha256[:12]} as where alselect runs: every node must see the same checkpoint"
+            )
+        if self.mc_samples:
+            return FullPassModel(model, self.mc_samples)
+        runner = task_runner(model, self.settings) if self.settings is not None else None
+        return runner or model
+
+
 @dataclass
 class PreparedModel:
-    """A loaded checkpoint with its store key; ``runner`` (default: the model) computes its outputs.
+    """A loaded checkpoint with its store key; ``runner`` (default: the model) computes its outputs;
+    ``recipe`` rebuilds the runner elsewhere.
 
     ``task``: classification, detection or segmentation (detectors and segmenters have a runner).
     ``precision``: fp32, bf16 or fp16; outputs made in bf16 or fp16 have their own key.
@@ -81,6 +113,7 @@ class PreparedModel:
     runner: OutputModel | None = None
     task: str = CLASSIFICATION
     precision: str = "fp32"  # the number format its outputs are made in (see ``with_precision``)
+    recipe: ModelRecipe | None = None
 
 
 @dataclass
@@ -143,10 +176,8 @@ def prepare_model(spec: ModelSpec) -> PreparedModel:
     non-default number of boxes: then a hash of both, so outputs made differently never mix.
     """
     check_task(spec.task)
-    model = load_checkpoint(
-        spec.checkpoint,
-        CheckpointOptions(spec.arch, spec.num_classes, spec.trust_checkpoint, spec.task),
-    )
+    options = CheckpointOptions(spec.arch, spec.num_classes, spec.trust_checkpoint, spec.task)
+    model = load_checkpoint(spec.checkpoint, options)
     task = model.task or CLASSIFICATION
     if spec.task is not None and spec.task != task:
         raise UsageError(
@@ -164,8 +195,9 @@ def prepare_model(spec: ModelSpec) -> PreparedModel:
         key = hashlib.sha256(f"{model.sha256}:{settings_text}".encode()).hexdigest()
     display = model_display_name(model.sha256, key)
     runner = task_runner(model, settings)
+    recipe = ModelRecipe(str(Path(spec.checkpoint).resolve()), options, model.sha256, settings=settings)
     return PreparedModel(
-        model=model, preprocess=preprocess, key=key, display=display, runner=runner, task=task
+        model=model, preprocess=preprocess, key=key, display=display, runner=runner, task=task, recipe=recipe
     )
 
 
@@ -191,17 +223,23 @@ def embed_folder(
     *,
     retry_failed: bool = False,
     safeguards: Safeguards = Safeguards(),
+    engine: Engine | None = None,
 ) -> EmbedResult:
-    """Sync the folder and run the model over images not yet embedded with this model."""
+    """Sync the folder and run the model over images not yet embedded with this model.
+
+    ``engine`` (from ``open_engine``) lets several calls share one; by default the call opens the
+    engine ``options`` name for itself.
+    """
     options = options or EmbedOptions()
-    device = resolve_device(options.device)  # fail before any work when the device is missing
+    options.check()  # fail before any work when the device or the engine is missing
     root = resolve_root(folder)
-    prepared = with_precision(store, prepare_model(spec), options.precision, device)
+    prepared = with_precision(store, prepare_model(spec), options)
     # before the scan: options that cannot fit in memory are a usage error, not an OOM kill
     check_batch_memory(options.batch_size, prepared.preprocess.image_size, options.worker_count())
     register(store, prepared)
-    sync = sync_folder(store, root, reporter, allow_empty=safeguards.allow_empty)
-    result = embed_synced(store, root, sync, prepared, options, reporter, retry_failed)
+    with engine_for(options, engine) as running:  # an unreachable cluster fails before hashing
+        sync = sync_folder(store, root, reporter, allow_empty=safeguards.allow_empty)
+        result = embed_synced(store, root, sync, prepared, options, reporter, retry_failed, engine=running)
     check_failures([result], safeguards)
     return result
 
@@ -214,18 +252,22 @@ def precision_key(key: str, precision: str) -> str:
     return hashlib.sha256(f"{key}:precision={precision}".encode()).hexdigest()
 
 
-def with_precision(store: Store, prepared: PreparedModel, requested: str, device: Any) -> PreparedModel:
+def with_precision(store: Store, prepared: PreparedModel, options: EmbedOptions) -> PreparedModel:
     """``prepared`` keyed for the precision its outputs will be made in.
 
-    ``requested`` is ``--precision``. ``auto`` means the device's fast reduced precision for
-    classifiers (``alselect.inference.resolve_precision``), but a store that already holds this
-    model's fp32 outputs and none in that precision keeps fp32: an existing pool is never
-    re-embedded, nor split between two number formats, because a newer alselect or another
-    machine would pick differently. ``--precision bf16`` once moves it (``alselect gc`` then
-    frees the fp32 arrays).
+    ``options.precision`` is ``--precision``, resolved for ``options.device``. ``auto`` means the
+    device's fast reduced precision for classifiers (``alselect.inference.resolve_precision``), but a
+    store that already holds this model's fp32 outputs and none in that precision keeps fp32: an
+    existing pool is never re-embedded, nor split between two number formats, because a newer alselect
+    or another machine would pick differently. ``--precision bf16`` once moves it (``alselect gc`` then
+    frees the fp32 arrays). The Ray engine runs models in fp32 (``EmbedOptions.check``).
     """
     from alselect.inference import resolve_precision
 
+    requested = options.precision
+    if options.engine != "local":
+        return prepared
+    device = resolve_device(options.device)
     precision = resolve_precision(requested, device, reduced_ok=prepared.task == CLASSIFICATION)
     reduced = precision_key(prepared.key, precision)
     fp32_pool = _has_outputs(store, prepared.key) and not _has_outputs(store, reduced)
@@ -240,6 +282,16 @@ def with_precision(store: Store, prepared: PreparedModel, requested: str, device
 
 def _has_outputs(store: Store, key: str) -> bool:
     return int((store.model(key) or {}).get("slots") or 0) > 0
+
+
+@contextlib.contextmanager
+def engine_for(options: EmbedOptions, engine: Engine | None) -> Iterator[Engine]:
+    """``engine`` when the caller has one open, else the one ``options`` name, open for the block."""
+    if engine is not None:
+        yield engine
+        return
+    with open_engine(options) as opened:
+        yield opened
 
 
 def register(store: Store, prepared: PreparedModel) -> None:
@@ -267,8 +319,15 @@ def embed_synced(
     options: EmbedOptions,
     reporter: Reporter,
     retry_failed: bool = False,
+    *,
+    engine: Engine | None = None,
 ) -> EmbedResult:
-    """Run the model over the synced folder's images it has no outputs for; store them per batch."""
+    """Run the model over the synced folder's images it has no outputs for; store them per batch.
+
+    Whatever the engine, every batch goes through ``persist``: outputs that are not finite fail
+    for this model, the rest are appended, fsynced and registered in one transaction, and decode
+    failures are recorded for the content. ``failures`` end up in path order.
+    """
     key = str(root)
     result = EmbedResult(sync=sync, model_key=prepared.key, model_display=prepared.display)
     if retry_failed:
@@ -315,8 +374,18 @@ def embed_synced(
         result.embedded += len(indices)
 
     runner = prepared.runner or prepared.model
-    options = replace(options, precision=prepared.precision)  # the precision its key was made for
-    run_model(runner, paths, prepared.preprocess, options, persist, reporter, expected_sha256=shas)
+    with engine_for(options, engine) as running:
+        running.run(
+            runner,
+            paths,
+            prepared.preprocess,
+            persist,
+            reporter,
+            expected_sha256=shas,
+            recipe=prepared.recipe,
+            precision=prepared.precision,  # the precision its key was made for
+        )
+    result.failures.sort()
     return result
 
 
@@ -394,6 +463,7 @@ def score_folder(
     retry_failed: bool = False,
     safeguards: Safeguards = Safeguards(),
     reduction: Reduction = TASK_DEFAULTS,
+    engine: Engine | None = None,
 ) -> ScoreResult:
     """Embed what is missing, score every present unlabeled image, record a ranked run.
 
@@ -402,6 +472,7 @@ def score_folder(
     already labeled (kept outside ``folder``): they are embedded too and enter the strategy as
     labeled rows (coreset covers them, DAL learns from them), never as candidates.
     ``reduction``: how a detector's boxes or a segmenter's pixels become per-image scores.
+    ``engine`` as for ``embed_folder``: every model's embedding in this run shares it.
     """
     strategy = (
         strategy_name
@@ -416,17 +487,16 @@ def score_folder(
     if not models.task:
         raise UsageError("scoring needs at least one --model")
     options = options or EmbedOptions()
-    device = resolve_device(options.device)
+    options.check()
     root = resolve_root(folder)
     extra_roots = [resolve_root(d) for d in labeled_dirs]
-    task = [with_precision(store, prepare_model(s), options.precision, device) for s in models.task]
+    task = [with_precision(store, prepare_model(s), options) for s in models.task]
     embedder = (
-        with_precision(store, prepare_model(models.embed), options.precision, device)
-        if models.embed is not None
-        else None
+        with_precision(store, prepare_model(models.embed), options) if models.embed is not None else None
     )
     check_ensemble(task)
     check_task_run(strategy, task, reduction)
+    check_outputs(strategy, task[0])
     mc_mode = mc_source(strategy, task, models.mc)
     mc_pass = full_pass_model(task[0], models.mc.samples) if mc_mode == "full" else None
     extras = [m for m in (embedder, mc_pass) if m is not None]
@@ -436,13 +506,17 @@ def score_folder(
     for prepared in everyone:
         register(store, prepared)
 
-    sync = sync_folder(store, root, reporter, allow_empty=safeguards.allow_empty)
-    results = [embed_synced(store, root, sync, p, options, reporter, retry_failed) for p in everyone]
-    check_failures(results, safeguards)
-    for other in extra_roots:
-        other_sync = sync_folder(store, other, reporter)
-        for prepared in everyone:
-            embed_synced(store, other, other_sync, prepared, options, reporter, retry_failed)
+    with engine_for(options, engine) as running:  # an unreachable cluster fails before hashing
+        sync = sync_folder(store, root, reporter, allow_empty=safeguards.allow_empty)
+        results = [
+            embed_synced(store, root, sync, p, options, reporter, retry_failed, engine=running)
+            for p in everyone
+        ]
+        check_failures(results, safeguards)
+        for other in extra_roots:
+            other_sync = sync_folder(store, other, reporter)
+            for p in everyone:
+                embed_synced(store, other, other_sync, p, options, reporter, retry_failed, engine=running)
 
     pool = store.pool_rows(str(root), [p.key for p in everyone], [str(r) for r in extra_roots])
     inputs = pool_inputs(
@@ -548,6 +622,17 @@ def check_task_run(strategy: Strategy, task: Sequence[PreparedModel], reduction:
     reduction.for_task(kind)
 
 
+def check_outputs(strategy: Strategy, task: PreparedModel) -> None:
+    """Refuse, before any work, a strategy that needs a per-image array the model does not produce."""
+    missing = sorted(strategy.needs - STANDARD_INPUTS - task.model.output_names())
+    if missing:
+        hints = "; ".join(f"for {name}: {ARRAY_SOURCES[name]}" for name in missing if name in ARRAY_SOURCES)
+        raise UsageError(
+            f"strategy {strategy.name!r} needs {', '.join(missing)} per image, which checkpoint "
+            f"{task.model.path} does not produce" + (f" ({hints})" if hints else "")
+        )
+
+
 def mc_source(strategy: Strategy, task: Sequence[PreparedModel], mc: McDropout) -> str | None:
     """How ``mc_probs`` are made for this run: None (not needed, or an ensemble), full or head."""
     if "mc_probs" not in strategy.needs or len(task) > 1:
@@ -571,6 +656,7 @@ def full_pass_model(task: PreparedModel, samples: int) -> PreparedModel:
         display=f"{task.display}+mc{samples}",
         runner=FullPassModel(task.model, samples),
         precision=task.precision,
+        recipe=replace(task.recipe, mc_samples=samples) if task.recipe is not None else None,
     )
 
 
@@ -624,8 +710,7 @@ def pool_inputs(
             mc_probs = head_mc_probs(stored, weight, bias, mc_head.samples, mc_head.rate)
         else:
             raise UsageError(f"strategy {strategy.name!r} needs several predictions per image")
-    standard = {"probs", "embeddings", "mc_probs"}
-    arrays = {name: store.pool_array(pool, task[0].key, name) for name in sorted(needs - standard)}
+    arrays = {name: store.pool_array(pool, task[0].key, name) for name in sorted(needs - STANDARD_INPUTS)}
     return PoolInputs(
         probs=np.asarray(probs, dtype=np.float32),
         labeled=pool.labeled,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gzip
 import shutil
 import sys
 import time
@@ -31,18 +30,11 @@ if TYPE_CHECKING:
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-CLASS_NAMES = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-]
+try:
+    from alselect.datasets import FASHION_MNIST_CLASSES as CLASS_NAMES
+except ImportError:  # run from a checkout where alselect is not installed
+    sys.path.insert(0, str(REPO_ROOT))
+    from alselect.datasets import FASHION_MNIST_CLASSES as CLASS_NAMES
 MEAN = 0.2860
 STD = 0.3530
 IMAGE_SIZE = 28
@@ -105,15 +97,6 @@ PHOTOS = [
 ]
 RGBA_PHOTO = "chelsea"
 
-IDX_DTYPES: dict[int, str] = {
-    0x08: "u1",
-    0x09: "i1",
-    0x0B: ">i2",
-    0x0C: ">i4",
-    0x0D: ">f4",
-    0x0E: ">f8",
-}
-
 MIT_LICENSE = """\
 The MIT License (MIT)
 
@@ -136,25 +119,10 @@ OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE SO
 """
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """Parse a gzipped IDX file: 2 zero bytes, dtype code, ndim, big-endian uint32 dims, data."""
-    data = gzip.decompress(path.read_bytes())
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise ValueError(f"{path}: bad IDX magic number {data[:4].hex()}")
-    code, ndim = data[2], data[3]
-    if code not in IDX_DTYPES:
-        raise ValueError(f"{path}: unknown IDX data type 0x{code:02x}")
-    header = 4 + 4 * ndim
-    dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    array = np.frombuffer(data, dtype=IDX_DTYPES[code], offset=header)
-    expected = int(np.prod(dims))
-    if array.size != expected:
-        raise ValueError(f"{path}: {array.size} values, header says {dims}")
-    return array.reshape(dims)
-
-
 def load_split(fmnist_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Images ``[N, 28, 28] uint8`` and labels ``[N] uint8`` of ``train`` or ``t10k``."""
+    from alselect.datasets import read_idx
+
     images = read_idx(fmnist_dir / f"{split}-images-idx3-ubyte.gz")
     labels = read_idx(fmnist_dir / f"{split}-labels-idx1-ubyte.gz")
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):

@@ -250,7 +250,16 @@ def test_strategies_lists_every_registered_strategy(capsys: pytest.CaptureFixtur
     code, out, _ = cli(capsys, "strategies")
     names = [line.split()[0] for line in out.splitlines()]
     assert code == 0 and names == list(available())
-    assert {"entropy", "least-confidence", "margin", "random", "ratio", "bald", "batchbald"} <= set(names)
+    assert {
+        "entropy",
+        "least-confidence",
+        "margin",
+        "random",
+        "ratio",
+        "bald",
+        "batchbald",
+        "learning-loss",
+    } <= set(names)
 
 
 def test_python_dash_m_reports_version() -> None:

@@ -13,8 +13,10 @@ from tests.helpers import MakeImages, cli
 def command_names() -> list[str]:
     import typer
 
-    from alselect.cli import info_cmds, model_cmds, output_cmds, preview_cmds, store_cmds  # noqa: F401
+    from alselect.cli import register_commands
     from alselect.cli.app import app
+
+    register_commands()
 
     return sorted(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
 
@@ -31,7 +33,18 @@ def _eighty_columns(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_every_command_is_covered() -> None:
-    assert command_names() == ["embed", "export", "gc", "label", "preview", "score", "status", "strategies"]
+    assert sorted(command_names()) == [
+        "benchmark",
+        "embed",
+        "export",
+        "gc",
+        "label",
+        "preview",
+        "score",
+        "status",
+        "strategies",
+        "train",
+    ]
 
 
 @pytest.mark.parametrize("command", ["", *command_names()])
@@ -131,9 +144,10 @@ def test_quiet_after_the_command_silences_score(
     ],
 )
 def test_hoist_global_options(args: list[str], expected: list[str]) -> None:
-    from alselect.cli import info_cmds, model_cmds, output_cmds, preview_cmds, store_cmds  # noqa: F401
+    from alselect.cli import register_commands
     from alselect.cli.app import build_command, hoist_global_options
 
+    register_commands()
     assert hoist_global_options(build_command(args), args) == expected
 
 

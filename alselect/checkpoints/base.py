@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -32,6 +32,14 @@ class CheckpointOptions:
     task: str | None = None  # --task: overrides what the checkpoint says
 
 
+class OutputHead(Protocol):
+    """An extra per-image output computed from what the backbone just ran (e.g. ``loss_pred``)."""
+
+    def to(self, device: torch.device) -> Any: ...
+
+    def read(self) -> torch.Tensor: ...
+
+
 @dataclass
 class LoadedModel:
     """A model ready for inference: ``predict(x [N,3,H,W]) -> (probs [N,C], embedding [N,D])``.
@@ -45,6 +53,8 @@ class LoadedModel:
     ``fixed_batch``: the model only takes batches of this size (a torch.export program exported
     with a static batch); ``predict`` then runs it on chunks of that size, padding the last.
     ``input_size``: the only crop size the model takes, when it has one.
+    ``heads`` name extra outputs (``loss_pred`` of a learning-loss checkpoint), each read after the
+    backbone's pass over the batch.
     """
 
     module: nn.Module
@@ -61,9 +71,12 @@ class LoadedModel:
     metadata: dict[str, Any] = field(default_factory=dict)
     fixed_batch: int | None = None
     input_size: int | None = None
+    heads: dict[str, OutputHead] = field(default_factory=dict)
 
     def to(self, device: torch.device) -> LoadedModel:
         self.module.to(device)
+        for head in self.heads.values():
+            head.to(device)
         return self
 
     def check_input_size(self, image_size: int) -> None:
@@ -74,6 +87,10 @@ class LoadedModel:
                 f"image size is {image_size}: drop --image-size, or export the model with dynamic "
                 "height and width"
             )
+
+    def output_names(self) -> frozenset[str]:
+        """The named arrays ``forward_outputs`` gives: ``probs``, ``embedding`` and any heads'."""
+        return frozenset({"probs", "embedding", *self.heads})
 
     @torch.inference_mode()
     def predict(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,10 +121,15 @@ class LoadedModel:
             embedding = scores
         return probs, embedding.float().flatten(1)
 
+    @torch.inference_mode()
     def forward_outputs(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The named per-image arrays the store keeps for this model: ``probs``, ``embedding``."""
+        """The named per-image arrays the store keeps for this model: ``probs``, ``embedding``, and
+        one per head (``loss_pred [n]``)."""
         probs, embedding = self.predict(batch)
-        return {"probs": probs, "embedding": embedding}
+        outputs = {"probs": probs, "embedding": embedding}
+        for name, head in self.heads.items():
+            outputs[name] = head.read().float()
+        return outputs
 
 
 def split_outputs(raw: Any) -> tuple[torch.Tensor, torch.Tensor | None, bool]:

@@ -21,14 +21,20 @@ def _discard_stdout() -> None:
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
-def main(argv: list[str] | None = None) -> None:
-    from alselect.cli import (  # noqa: F401  (register commands)
+def register_commands() -> None:
+    """Import every command module: each registers its commands on the app."""
+    from alselect.cli import (  # noqa: F401
         info_cmds,
         model_cmds,
         output_cmds,
         preview_cmds,
         store_cmds,
+        train_cmds,
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    register_commands()
     from alselect.cli.app import build_command, click_module, err, hoist_global_options, set_invocation
 
     args = list(sys.argv[1:] if argv is None else argv)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, NamedTuple
 
 import typer
 
@@ -12,6 +12,7 @@ from alselect.limits import DEFAULT_MAX_PIXELS
 from alselect.progress import Reporter
 
 if TYPE_CHECKING:
+    from alselect.embed import EmbedOptions
     from alselect.pipeline import EmbedResult, ModelSpec, Safeguards
 
 Folder = Annotated[Path, typer.Argument(metavar="DIR", help="Image folder (searched recursively).")]
@@ -68,6 +69,13 @@ Precision = Annotated[
         help="auto, fp32, bf16 or fp16 (auto: bf16 on GPUs and CPUs that compute it natively, else fp32).",
     ),
 ]
+Decode = Annotated[
+    str,
+    typer.Option(
+        metavar="WHERE",
+        help="auto, cpu or gpu: where JPEGs are decoded (auto: in batches on the GPU the model runs on).",
+    ),
+]
 Compile = Annotated[
     bool,
     typer.Option("--compile", help="Run the model through torch.compile (slower start, faster batches)."),
@@ -115,6 +123,22 @@ Task = Annotated[
     ),
 ]
 MaxDetections = Annotated[int, typer.Option(min=1, help="Detection: boxes kept per image (highest scores).")]
+Engine = Annotated[
+    str,
+    typer.Option(help="local, or ray: run the model on a Ray cluster (needs the ray extra of alselect)."),
+]
+RayAddress = Annotated[
+    str | None,
+    typer.Option(help="Cluster to join: auto, HOST:PORT or ray://HOST:PORT (default: start a local one)."),
+]
+RayActors = Annotated[
+    int | None,
+    typer.Option(min=1, help="Model actors (default: one per GPU of the cluster, else half its CPUs)."),
+]
+RayGpusPerActor = Annotated[
+    float | None,
+    typer.Option(min=0, help="GPUs per model actor, may be fractional (default: 1 if the cluster has GPUs)."),
+]
 
 
 def _spec(
@@ -178,13 +202,18 @@ def embed(
     precision: Precision = "auto",
     compile: Compile = False,
     threads: Threads = None,
+    decode: Decode = "auto",
+    engine: Engine = "local",
+    ray_address: RayAddress = None,
+    ray_actors: RayActors = None,
+    ray_gpus_per_actor: RayGpusPerActor = None,
 ) -> None:
     """Embed new or changed images into the store.
 
     Stores each image's class probabilities and penultimate features; files this model has
     seen before (by content) are not run again.
     """
-    from alselect.embed import EmbedOptions
+    from alselect.embed import open_engine
     from alselect.pipeline import embed_folder
     from alselect.store import Store
 
@@ -193,18 +222,24 @@ def embed(
         for m in model
     ]
     safeguards = _safeguards(allow_empty, max_failed)
-    _check_inputs(folder, *model)
-    _check_memory(batch_size, workers, image_size, device)
-    options = EmbedOptions(
+    options = _options(
         device,
         batch_size,
         workers,
+        engine,
+        ray_address,
+        ray_actors,
+        ray_gpus_per_actor,
         max_pixels,
-        precision=precision,
-        compile=compile,
-        threads=threads,
+        speed=Speed(precision, compile, threads, decode),
     )
-    with Store.open(globals_of(ctx).store, write=True, create=True) as store, reporter_for(ctx) as reporter:
+    _check_inputs(folder, *model)
+    _check_memory(batch_size, workers, image_size, device)
+    with (
+        Store.open(globals_of(ctx).store, write=True, create=True) as store,
+        reporter_for(ctx) as reporter,
+        open_engine(options) as running,
+    ):
         results = [
             embed_folder(
                 store,
@@ -214,6 +249,7 @@ def embed(
                 reporter,
                 retry_failed=retry_failed,
                 safeguards=safeguards,
+                engine=running,
             )
             for spec in specs
         ]
@@ -312,12 +348,16 @@ def score(
     precision: Precision = "auto",
     compile: Compile = False,
     threads: Threads = None,
+    decode: Decode = "auto",
+    engine: Engine = "local",
+    ray_address: RayAddress = None,
+    ray_actors: RayActors = None,
+    ray_gpus_per_actor: RayGpusPerActor = None,
 ) -> None:
     """Rank the unlabeled images of a folder and record the run.
 
     Embeds what is missing first; 'alselect export' then writes the ranking.
     """
-    from alselect.embed import EmbedOptions
     from alselect.pipeline import McDropout, ModelSpec, ScoreModels, score_folder
     from alselect.store import Store
     from alselect.strategies import parse_params, strategy_from_options
@@ -345,20 +385,22 @@ def score(
         mc=McDropout(samples=mc_samples, mode=mc_mode, rate=mc_dropout),
     )
     safeguards = _safeguards(allow_empty, max_failed)
+    options = _options(
+        device,
+        batch_size,
+        workers,
+        engine,
+        ray_address,
+        ray_actors,
+        ray_gpus_per_actor,
+        max_pixels,
+        speed=Speed(precision, compile, threads, decode),
+    )
     command = command_line()
     _check_inputs(folder, *model, embed_model)
     for other in labeled_dir or []:
         _check_inputs(other)
     _check_memory(batch_size, workers, image_size, device)
-    options = EmbedOptions(
-        device,
-        batch_size,
-        workers,
-        max_pixels,
-        precision=precision,
-        compile=compile,
-        threads=threads,
-    )
     with Store.open(globals_of(ctx).store, write=True, create=True) as store, reporter_for(ctx) as reporter:
         result = score_folder(
             store,
@@ -411,6 +453,47 @@ def _check_memory(batch_size: int, workers: int | None, image_size: int | None, 
         check_image_size(image_size)
         default = default_workers(accelerator=device.startswith("cuda"))
         check_batch_memory(batch_size, image_size, default if workers is None else workers)
+
+
+def _options(
+    device: str,
+    batch_size: int,
+    workers: int | None,
+    engine: str,
+    ray_address: str | None,
+    ray_actors: int | None,
+    ray_gpus_per_actor: float | None,
+    max_pixels: int,
+    *,
+    speed: Speed,
+) -> EmbedOptions:
+    from alselect.embed import EmbedOptions, RayOptions
+    from alselect.errors import UsageError
+
+    ray = RayOptions(ray_address, ray_actors, ray_gpus_per_actor)
+    if engine != "ray" and ray != RayOptions():
+        raise UsageError("--ray-address, --ray-actors and --ray-gpus-per-actor need --engine ray")
+    return EmbedOptions(
+        device,
+        batch_size,
+        workers,
+        max_pixels,
+        precision=speed.precision,
+        compile=speed.compile,
+        threads=speed.threads,
+        decode=speed.decode,
+        engine=engine,
+        ray=ray,
+    )
+
+
+class Speed(NamedTuple):
+    """``embed`` and ``score``'s ``--precision``, ``--compile``, ``--threads`` and ``--decode``."""
+
+    precision: str
+    compile: bool
+    threads: int | None
+    decode: str
 
 
 def _safeguards(allow_empty: bool, max_failed: str | None) -> Safeguards:

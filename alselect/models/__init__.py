@@ -1,5 +1,6 @@
-"""Architectures by name: alselect's own (``small_cnn``), torchvision classifiers, and torchvision
-detection and segmentation models."""
+"""Architectures by name: alselect's own (``small_cnn``), torchvision classifiers, small-image
+ResNets (``resnet18_cifar`` etc.: a 3×3 stride-1 stem and no max-pool, as in the CIFAR papers), and
+torchvision detection and segmentation models."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ def torchvision_classifiers() -> list[str]:
     import torchvision.models as tvm
 
     return sorted(tvm.list_models(module=tvm))
+
+
+CIFAR_SUFFIX = "_cifar"
 
 
 def torchvision_detectors() -> list[str]:
@@ -55,6 +59,10 @@ def build_model(arch: str, num_classes: int, state_keys: Iterable[str] = ()) -> 
     Detection models count the background in ``num_classes`` (torchvision's convention: class 0).
     ``state_keys`` (the checkpoint's weight names) tell whether a segmentation model was trained
     with an auxiliary classifier, so its weights load strictly.
+
+    ``<resnet>_cifar`` (e.g. ``resnet18_cifar``) is torchvision's ResNet with the stem for 32-px
+    images of the CIFAR experiments (Yoo & Kweon's ResNet-18): a 3×3 stride-1 first convolution
+    and no max-pool, so 32 px reach the last stage as 4×4 instead of 1×1.
     """
     if num_classes < 1:
         raise CheckpointError(f"--num-classes must be at least 1, got {num_classes}")
@@ -83,6 +91,22 @@ def build_model(arch: str, num_classes: int, state_keys: Iterable[str] = ()) -> 
             )
             return segmenter
         raise CheckpointError(f"unknown segmentation architecture {arch!r}; known: {', '.join(known)}")
+    if arch.endswith(CIFAR_SUFFIX):
+        base = arch[: -len(CIFAR_SUFFIX)]
+        if not base.startswith(("resnet", "resnext", "wide_resnet")) or base not in torchvision_classifiers():
+            raise CheckpointError(
+                f"unknown architecture {arch!r}: the {CIFAR_SUFFIX} variants exist for ResNets"
+            )
+        from torch import nn as torch_nn
+
+        resnet: nn.Module = tvm.get_model(base, weights=None, num_classes=num_classes)
+        stem = resnet.conv1
+        if not isinstance(stem, torch_nn.Conv2d):
+            raise CheckpointError(f"{base} has no conv1 stem to adapt")
+        resnet.conv1 = torch_nn.Conv2d(3, stem.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        resnet.maxpool = torch_nn.Identity()
+        return resnet
+
     known = torchvision_classifiers()
     if arch not in known:
         raise CheckpointError(
