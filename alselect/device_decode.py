@@ -6,16 +6,18 @@ the decoding workers only read, hash and look at the header of each JPEG; the ma
 decodes a batch of them at once with nvJPEG (``torchvision.io.decode_jpeg`` on the device) and
 preprocesses them there:
 
+- the DCT scale the CPU path decodes at (Pillow's ``draft``) emulated by averaging blocks of the
+  full decode (a DCT-scaled decode is close to, not equal to, a block mean);
 - EXIF orientation, as ``ImageOps.exif_transpose``;
 - large images box-reduced (mean of ``k × k`` blocks) to no less than twice the target, as the CPU
-  path does for formats without reduced decoding;
+  path does;
 - the crop (or letterbox) resampled with Pillow's BILINEAR weights (``images.bilinear_weights``,
   applied as two matrix products with a rounding to 8 bits between and after them, as Pillow
-  does), so an image gives the pixels Pillow gives for the full-size decode, within 1 level.
+  does).
 
-The CPU path decodes JPEGs at a reduced DCT scale (``draft``) instead of decoding them whole and
-averaging, so the two paths differ slightly (``tests/test_device_decode.py`` states by how much on
-real photos). Anything else (other formats, CMYK JPEGs, JPEGs over ``DEVICE_MAX_PIXELS``, files
+So the two paths agree closely but not exactly; ``tests/test_device_decode.py`` states by how much
+on real photos (there with ``decode_jpeg`` on the CPU: the logic is the same on every device).
+Anything else (other formats, CMYK JPEGs, JPEGs over ``DEVICE_MAX_PIXELS``, files
 nvJPEG refuses) is decoded by the CPU path, in the workers or, after a device failure, here.
 """
 
@@ -35,6 +37,7 @@ from alselect.images import (
     bilinear_weights,
     decode_image_geometry,
     letterbox_fill,
+    oriented_size,
     reduce_factor,
     resample_plan,
 )
@@ -95,12 +98,32 @@ def _weights(in_size: int, out_size: int, start: float, end: float) -> np.ndarra
     return bilinear_weights(in_size, out_size, start, end).astype(np.float32)
 
 
+def draft_scale(width: int, height: int, preprocess: Preprocess) -> int:
+    """The DCT scale (1, 2, 4 or 8) at which the CPU path decodes a ``width × height`` JPEG: Pillow's
+    ``draft`` for ``(resize_size, resize_size)``, the largest that keeps both sides at least that."""
+    target = max(preprocess.resize_size, 1)
+    fits = min(width // target, height // target)
+    return next((s for s in (8, 4, 2) if fits >= s), 1)
+
+
+def drafted(image: torch.Tensor, scale: int) -> torch.Tensor:
+    """``uint8 [3, H, W]`` reduced as a DCT-scaled decode at ``1 / scale`` does it, approximately: the
+    mean of each ``scale × scale`` block (partial blocks at the edges), rounded to 8 bits."""
+    if scale < 2:
+        return image
+    reduced = F.avg_pool2d(image[None].float(), scale, stride=scale, ceil_mode=True)[0]
+    return reduced.add_(0.5).floor_().clamp_(0, 255).to(torch.uint8)
+
+
 def preprocess_images(
-    images: Sequence[torch.Tensor], preprocess: Preprocess
+    images: Sequence[torch.Tensor],
+    preprocess: Preprocess,
+    full_sizes: Sequence[tuple[int, int]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``uint8 [n, 3, S, S]`` model input and ``int64 [n, 4]`` geometry for upright ``uint8
     [3, H, W]`` images (any device; the result is on theirs), as ``images.load_image_geometry``
-    makes them: box-reduce, crop or letterbox, bilinear resample."""
+    makes them: box-reduce, crop or letterbox, bilinear resample. ``full_sizes``: each image's
+    upright ``(height, width)`` before a draft reduction, for the geometry (default: its size)."""
     if not images:
         raise ValueError("no images")
     device = images[0].device
@@ -125,6 +148,8 @@ def preprocess_images(
             else:
                 out[target] = resized
             geometry[rows] = torch.tensor([height, width, content[0], content[1]], dtype=torch.int64)
+    if full_sizes is not None:
+        geometry[:, :2] = torch.tensor(list(full_sizes), dtype=torch.int64).view(len(images), 2)
     return out, geometry
 
 
@@ -175,13 +200,19 @@ class DeviceDecoder:
             decoded.extend(self._decode_part(jpegs[start:end]))
             start = end
         upright = [
-            (jpeg, orient(image, jpeg.orientation))
+            (
+                jpeg,
+                orient(
+                    drafted(image, draft_scale(jpeg.width, jpeg.height, self.preprocess)), jpeg.orientation
+                ),
+            )
             for jpeg, image in zip(jpegs, decoded, strict=True)
             if image is not None
         ]
         done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if upright:
-            pixels, geometry = preprocess_images([image for _, image in upright], self.preprocess)
+            full = [oriented_size(jpeg.height, jpeg.width, jpeg.orientation) for jpeg, _ in upright]
+            pixels, geometry = preprocess_images([image for _, image in upright], self.preprocess, full)
             done = {jpeg.index: (pixels[row], geometry[row]) for row, (jpeg, _) in enumerate(upright)}
         return [
             (jpeg.index, *done[jpeg.index], None) if jpeg.index in done else self._on_cpu(jpeg)

@@ -249,6 +249,8 @@ class ThreadTuner:
     and to other processes preempting its threads than it gains) and on what else runs on the
     machine. The tuner tries each of ``candidates`` on ``per_candidate`` batches, in turns, after
     one warm-up batch, then keeps the one with the least time per image for the rest of the run.
+    A batch's time runs from the end of the previous batch to its own end, so it includes waiting
+    for the decoding workers: threads that starve the workers of a core lose the comparison.
     ``clock`` and ``set_threads`` are injectable (tests).
     """
 
@@ -272,6 +274,7 @@ class ThreadTuner:
         self._batches = 0
         self._measured = 0
         self._current = self.candidates[0]
+        self._last_end: float | None = None
         self.set_threads(self._current)
 
     @contextlib.contextmanager
@@ -282,7 +285,9 @@ class ThreadTuner:
             return
         start = self.clock()
         yield
-        elapsed = self.clock() - start
+        end = self.clock()
+        elapsed = end - (start if self._last_end is None else self._last_end)
+        self._last_end = end
         self._batches += 1
         if self._batches == 1 or images == 0:  # warm-up (allocator, kernel selection), empty batch
             return

@@ -382,3 +382,18 @@ def test_thread_tuner_keeps_the_fastest_setting_it_measured() -> None:
         run_batch(images)
     assert tuner.chosen == 2 and applied == [1, 2]
     assert ThreadTuner([3], set_threads=applied.append).chosen == 3  # one candidate: nothing to try
+
+
+def test_thread_tuner_counts_the_wait_for_decoded_batches() -> None:
+    """Two threads run the model faster but take the decoding worker's core: the time between
+    batches (waiting for pixels) makes one thread the faster pipeline."""
+    now = [0.0]
+    applied: list[int] = []
+    model_seconds = {1: 0.010, 2: 0.006}
+    wait_seconds = {1: 0.0, 2: 0.010}  # per image, before the batch arrives
+    tuner = ThreadTuner([1, 2], per_candidate=2, clock=lambda: now[0], set_threads=applied.append)
+    for _ in range(5):
+        now[0] += 8 * wait_seconds[applied[-1]]
+        with tuner.batch(8):
+            now[0] += 8 * model_seconds[applied[-1]]
+    assert tuner.chosen == 1  # 0.010 s per image against 0.016
