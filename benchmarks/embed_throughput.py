@@ -4,7 +4,8 @@ Prints machine facts and a Markdown table to stdout; progress goes to stderr. Se
 
     python benchmarks/embed_throughput.py [--device auto|cpu|cuda] [--cases resnet18,smallcnn]
         [--batch-size 64] [--workers N] [--threads N] [--precision auto]
-        [--repeats 3] [--jpegs 200] [--small 6000] [--no-naive] [--json results.json]
+        [--repeats 3] [--jpegs 200] [--small 6000] [--model-images 512] [--no-naive]
+        [--json results.json]
     python benchmarks/embed_throughput.py --device cuda --cases resnet50 --jpegs 50000 --batch-size 256
 """
 
@@ -49,7 +50,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_DATA = REPO_ROOT / "sample_data"
 JPEG_SIZE = (1024, 768)  # width, height
 BASE_JPEGS = 200  # distinct generated pictures; more files are copies with a unique JPEG comment
-WARMUP_BATCHES = 2
+WARMUP_BATCHES = 1
 CASES = ("resnet18", "smallcnn", "resnet50")
 
 
@@ -289,8 +290,9 @@ def measure(case: Case, args: argparse.Namespace, device: torch.device, scratch:
     pre = model.preprocess
     result = CaseResult(case.name, case.description, count, model.arch, pre.image_size, pre.resize_size)
     variants = model_variants(device)
+    model_count = min(count, args.model_images)
     timers = {
-        name: time_model(model, count, args.batch_size, pre.image_size, device, variant)
+        name: time_model(model, model_count, args.batch_size, pre.image_size, device, variant)
         for name, variant in variants.items()
     }
     log(f"[{case.name}] {count} images, {model.arch} at {pre.image_size} px, {args.repeats} repeat(s)")
@@ -304,6 +306,7 @@ def measure(case: Case, args: argparse.Namespace, device: torch.device, scratch:
                 workers=args.workers,
                 precision=args.precision,
                 threads=args.threads,
+                decode=decode,
             )
             seconds, embedded, failed = time_end_to_end(case, scratch / f"store-{case.name}", options, device)
             result.end_to_end.setdefault(decode, []).append(count / seconds)
@@ -317,8 +320,8 @@ def measure(case: Case, args: argparse.Namespace, device: torch.device, scratch:
                     )
         for name, timer in timers.items():
             seconds = timer()
-            result.model_only.setdefault(name, []).append(count / seconds)
-            line.append(f"model[{name}] {count / seconds:.1f}")
+            result.model_only.setdefault(name, []).append(model_count / seconds)
+            line.append(f"model[{name}] {model_count / seconds:.1f}")
         if args.naive:
             seconds = time_naive(paths, model, args.batch_size, device)
             result.naive.append(count / seconds)
@@ -465,6 +468,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--small", type=int, default=6000, help="28 px Fashion-MNIST PNG files (default: 6000)"
     )
+    parser.add_argument(
+        "--model-images",
+        type=int,
+        default=512,
+        metavar="N",
+        help="images per model-only timing, at most the case's (default: 512)",
+    )
+    parser.add_argument(
+        "--decode",
+        default="auto",
+        metavar="LIST",
+        help="end-to-end decode modes measured side by side, e.g. gpu,cpu on CUDA (default: auto)",
+    )
     parser.add_argument("--no-naive", dest="naive", action="store_false", help="skip the naive pipeline")
     parser.add_argument(
         "--decode-only",
@@ -482,12 +498,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write results as JSON")
     args = parser.parse_args(argv)
-    for name in ("batch_size", "repeats", "jpegs", "small"):
+    for name in ("batch_size", "repeats", "jpegs", "small", "model_images"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.workers is not None and args.workers < 0:
         parser.error("--workers must be >= 0")
-    args.decode = ["auto"]
+    args.decode = [d for d in args.decode.split(",") if d]
+    if not args.decode or set(args.decode) - {"auto", "cpu", "gpu"}:
+        parser.error("--decode: a comma-separated list of auto, cpu, gpu")
     for needed in (args.sample_data / "images", args.sample_data / "model.pt"):
         if not needed.exists():
             parser.error(f"{needed} not found (see --sample-data; scripts/make_sample_data.py makes it)")
