@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
@@ -25,9 +25,25 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from alselect.device_decode import DeviceDecoder, JpegFile, device_decodable
 from alselect.errors import AlselectError, UsageError
-from alselect.images import OUT_OF_MEMORY, ImageDecodeError, load_image_geometry
-from alselect.limits import DEFAULT_MAX_PIXELS, check_batch_memory, default_workers
+from alselect.images import (
+    OUT_OF_MEMORY,
+    ImageDecodeError,
+    decode_image_geometry,
+    jpeg_header,
+    load_image_geometry,
+    read_image_file,
+)
+from alselect.inference import Accelerated, ThreadTuner, check_precision, resolve_precision
+from alselect.limits import (
+    DEFAULT_MAX_PIXELS,
+    PREFETCH_BATCHES,
+    check_batch_memory,
+    default_threads,
+    default_workers,
+    usable_cpus,
+)
 from alselect.preprocess import Preprocess
 from alselect.progress import NULL_REPORTER, Reporter
 
@@ -47,6 +63,7 @@ class OutputModel(Protocol):
     def forward_outputs(self, batch: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
 
+DECODE_MODES = ("auto", "cpu", "gpu")
 ENGINES = ("local", "ray")
 RAY_INSTALL_HINT = "pip install 'alselect[ray]'"
 
@@ -74,25 +91,55 @@ class RayOptions:
 
 @dataclass(frozen=True)
 class EmbedOptions:
-    """Where and how to run the model: device, batch size, decode workers, and the engine."""
+    """Where and how to run the model: device, batch size, decode workers, and the engine.
+
+    ``workers`` and ``threads`` (decoding processes, torch threads of the model) default to a
+    split of the CPUs this process may use (``alselect.limits``). ``precision``: ``auto``, ``fp32``,
+    ``bf16`` or ``fp16`` (``alselect.inference``); ``compile``: run the model through
+    ``torch.compile``; ``decode``: ``gpu`` decodes JPEGs in batches on the CUDA device
+    (``alselect.device_decode``), ``cpu`` in the workers, ``auto`` the first with a CUDA device.
+    """
 
     device: str = "auto"
     batch_size: int = 64
-    workers: int | None = None  # None: min(4, CPU count); 0: decode in this process (local engine)
+    workers: int | None = None  # None: from the CPUs and the device; 0: decode in this process
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images fail as decompression bombs
+    precision: str = "auto"
+    compile: bool = False
+    threads: int | None = None  # None: from the CPUs and the workers
+    decode: str = "auto"  # where JPEGs are decoded: auto (gpu on CUDA devices), cpu, gpu
     engine: str = "local"  # "local" or "ray"
     ray: RayOptions = RayOptions()
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         if self.engine not in ENGINES:
             raise UsageError(f"--engine must be local or ray, got {self.engine!r}")
+        if self.decode not in DECODE_MODES:
+            raise UsageError(f"--decode must be auto, cpu or gpu, got {self.decode!r}")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"--threads must be at least 1, got {self.threads}")
 
     def worker_count(self) -> int:
         if self.workers is not None:
             if self.workers < 0:
                 raise UsageError(f"--workers must be >= 0, got {self.workers}")
             return self.workers
-        return default_workers()
+        return default_workers(accelerator=self.device != "cpu" and _cuda_present())
+
+    def thread_count(self, workers: int, device: torch.device) -> int:
+        """Torch threads for the model: ``threads``, or the CPUs the decoding workers leave."""
+        if self.threads is not None:
+            return self.threads
+        return default_threads(workers, accelerator=device.type != "cpu")
+
+    def thread_candidates(self, workers: int, device: torch.device) -> list[int]:
+        """Thread counts ``ThreadTuner`` tries on a CPU device when ``threads`` is not given:
+        the CPUs the workers leave, and all of them. One fixed count otherwise."""
+        fixed = self.thread_count(workers, device)
+        if self.threads is not None or device.type != "cpu":
+            return [fixed]
+        return [fixed, usable_cpus()]
 
     def check(self) -> None:
         """Fail before any work: a missing local device, or a Ray engine that cannot run here."""
@@ -101,6 +148,15 @@ class EmbedOptions:
         if self.engine == "local":
             resolve_device(self.device)
             return
+        local_only = {
+            "--precision": self.precision not in ("auto", "fp32"),
+            "--compile": self.compile,
+            "--threads": self.threads is not None,
+            "--decode": self.decode != "auto",
+        }
+        if any(local_only.values()):
+            named = ", ".join(name for name, given in local_only.items() if given)
+            raise UsageError(f"{named}: only with the local engine (Ray runs the model in fp32)")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UsageError(
                 f"--device {self.device}: with --engine ray use auto, cpu or cuda (Ray gives actors GPUs)"
@@ -109,6 +165,10 @@ class EmbedOptions:
             raise UsageError("--device cpu and --ray-gpus-per-actor > 0 contradict each other")
         if importlib.util.find_spec("ray") is None:
             raise AlselectError(f"--engine ray needs Ray, which is not installed: {RAY_INSTALL_HINT}")
+
+
+def _cuda_present() -> bool:
+    return torch.cuda.is_available()
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -129,7 +189,8 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-Decoded = tuple[int, "np.ndarray | None", "str | None", "np.ndarray | None"]
+# (index, pixels, failure reason, geometry, a JPEG left for the device to decode)
+Decoded = tuple[int, "np.ndarray | None", "str | None", "np.ndarray | None", "JpegFile | None"]
 
 
 def decode_file(
@@ -137,14 +198,18 @@ def decode_file(
     preprocess: Preprocess,
     expected_sha256: str | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    interleaved: bool = False,
 ) -> tuple[np.ndarray | None, str | None, np.ndarray | None]:
     """``(pixels, None, geometry)`` or ``(None, reason, None)``: ``load_image_geometry`` with its
-    failure as the recorded reason.
+    failure as the recorded reason (``interleaved`` as there).
 
     Every engine decodes through here, so failures and their reasons are the same everywhere.
     """
     try:
-        pixels, geometry = load_image_geometry(path, preprocess, expected_sha256, max_pixels=max_pixels)
+        pixels, geometry = load_image_geometry(
+            path, preprocess, expected_sha256, max_pixels=max_pixels, interleaved=interleaved
+        )
         return pixels, None, geometry
     except ImageDecodeError as exc:
         return None, str(exc), None
@@ -165,14 +230,19 @@ class BatchForward:
         self.mean = torch.tensor(preprocess.mean, device=device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(preprocess.std, device=device).view(1, 3, 1, 1) * 255.0
 
-    def __call__(self, pixels: np.ndarray, geometry: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """``pixels uint8 [n, 3, S, S]``; ``geometry int [n, 4]`` for models that need it."""
-        batch = torch.from_numpy(np.ascontiguousarray(pixels))
+    def __call__(
+        self, pixels: np.ndarray | torch.Tensor, geometry: np.ndarray | torch.Tensor | None = None
+    ) -> dict[str, np.ndarray]:
+        """``pixels uint8 [n, 3, S, S]`` (a tensor keeps its memory layout, e.g. channels_last,
+        and may be pinned or already on the device); ``geometry int [n, 4]`` for models that need it."""
+        batch = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(pixels))
         batch = batch.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
         if getattr(self.model, "needs_geometry", False):
             if geometry is None:
                 raise ValueError("this model needs each image's geometry")
-            sizes = torch.from_numpy(np.asarray(geometry, dtype=np.int64))
+            sizes = torch.as_tensor(
+                np.asarray(geometry, dtype=np.int64) if isinstance(geometry, np.ndarray) else geometry
+            )
             outputs = self.model.forward_outputs(batch, sizes)  # type: ignore[call-arg]
         else:
             outputs = self.model.forward_outputs(batch)
@@ -180,28 +250,96 @@ class BatchForward:
 
 
 class _ImageFiles(Dataset[Decoded]):
+    """Decodes file ``index`` (in a worker). With ``device_jpegs``, a JPEG the device can decode is
+    only read, hashed and looked at: it comes back as a ``JpegFile``."""
+
     def __init__(
         self,
         paths: Sequence[Path],
         preprocess: Preprocess,
         expected_sha256: Sequence[str] | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        device_jpegs: bool = False,
     ) -> None:
         self.paths = paths
         self.preprocess = preprocess
         self.expected_sha256 = expected_sha256
         self.max_pixels = max_pixels
+        self.device_jpegs = device_jpegs
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Decoded:
         expected = None if self.expected_sha256 is None else self.expected_sha256[index]
-        return (index, *decode_file(self.paths[index], self.preprocess, expected, self.max_pixels))
+        if not self.device_jpegs:
+            path = self.paths[index]
+            return (
+                index,
+                *decode_file(path, self.preprocess, expected, self.max_pixels, interleaved=True),
+                None,
+            )
+        try:
+            return self._for_device(index, expected)
+        except ImageDecodeError as exc:
+            return index, None, str(exc), None, None
+        except MemoryError:
+            return index, None, OUT_OF_MEMORY, None, None
+
+    def _for_device(self, index: int, expected: str | None) -> Decoded:
+        data = read_image_file(self.paths[index], expected)
+        header = jpeg_header(data, self.max_pixels) if data else None
+        if device_decodable(header):
+            assert header is not None
+            width, height, orientation, _ = header
+            raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            return index, None, None, None, JpegFile(index, raw, width, height, orientation)
+        pixels, geometry = decode_image_geometry(
+            data, self.preprocess, max_pixels=self.max_pixels, interleaved=True
+        )
+        return index, pixels, None, geometry, None
 
 
-def _keep_as_list(batch: list[Decoded]) -> list[Decoded]:
-    return batch
+@dataclass
+class DecodedBatch:
+    """One batch as a decoding worker hands it over (``jpegs``: see ``alselect.device_decode``).
+
+    ``pixels``: ``uint8 [n, 3, S, S]`` of the ``n`` decoded images, stored ``[n, S, S, 3]`` (the
+    channels_last layout, built straight from Pillow's interleaved pixels in one copy); a tensor,
+    so it crosses from a worker in shared memory and can be pinned for an asynchronous copy to the
+    GPU. ``geometry``: ``int64 [n, 4]`` (``alselect.images.GEOMETRY``). ``indices``: the decoded
+    files' indices; ``failures``: ``(index, reason)`` of the others; ``count``: files in the batch.
+    """
+
+    indices: list[int]
+    pixels: torch.Tensor | None
+    geometry: torch.Tensor | None
+    failures: list[tuple[int, str]]
+    count: int
+    jpegs: list[JpegFile] = field(default_factory=list)  # not decoded yet: for the device
+
+    def pin_memory(self) -> DecodedBatch:
+        """The DataLoader's pinning thread calls this (``pin_memory=True`` on CUDA)."""
+        if self.pixels is not None:
+            self.pixels = self.pixels.pin_memory()
+        return self
+
+
+def collate(items: list[Decoded]) -> DecodedBatch:
+    """``DecodedBatch`` of decoded files (runs in the worker that decoded them)."""
+    ok = [(index, pixels, geometry) for index, pixels, _, geometry, _ in items if pixels is not None]
+    failures = [(index, reason) for index, _, reason, _, _ in items if reason is not None]
+    jpegs = [jpeg for *_, jpeg in items if jpeg is not None]
+    if not ok:
+        return DecodedBatch([], None, None, failures, len(items), jpegs)
+    channels, height, width = ok[0][1].shape
+    batch = torch.empty((len(ok), height, width, channels), dtype=torch.uint8)
+    np.stack([pixels.transpose(1, 2, 0) for _, pixels, _ in ok], out=batch.numpy())
+    geometry = torch.from_numpy(
+        np.stack([g if g is not None else np.zeros(4, np.int32) for _, _, g in ok]).astype(np.int64)
+    )
+    indices = [i for i, _, _ in ok]
+    return DecodedBatch(indices, batch.permute(0, 3, 1, 2), geometry, failures, len(items), jpegs)
 
 
 BatchSink = Callable[[list[int], dict[str, np.ndarray], list[tuple[int, str]]], None]
@@ -272,10 +410,10 @@ def _loader(dataset: Dataset[Decoded], batch_size: int, workers: int, device: to
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
-        collate_fn=_keep_as_list,
+        collate_fn=collate,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
-        prefetch_factor=4 if workers > 0 else None,
+        prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
         worker_init_fn=functools.partial(_die_with_parent, os.getpid()) if workers > 0 else None,
     )
 
@@ -313,47 +451,108 @@ def run_model(
     check_batch_memory(options.batch_size, preprocess.image_size, workers)
     check_expected(paths, expected_sha256)
     device = resolve_device(options.device)
-    forward = BatchForward(model, preprocess, device)
-    dataset = _ImageFiles(paths, preprocess, expected_sha256, options.max_pixels)
+    forward = BatchForward(accelerate(model, device, options, reporter), preprocess, device)
+    on_device = jpegs_on_device(options, device)
+    decoder = DeviceDecoder(preprocess, device, options.max_pixels) if on_device else None
+    dataset = _ImageFiles(paths, preprocess, expected_sha256, options.max_pixels, device_jpegs=on_device)
     total = len(paths)
     handed = 0
     reporter.progress("embed", 0, total)
 
-    def hand_over(batch: list[Decoded]) -> None:
+    def hand_over(batch: DecodedBatch) -> None:
         nonlocal handed
-        ok = [(i, arr, geometry) for i, arr, _, geometry in batch if arr is not None]
-        failures = [(i, reason) for i, arr, reason, _ in batch if arr is None and reason is not None]
-        if ok:
-            shapes = [g for _, _, g in ok if g is not None]
-            geometry = np.stack(shapes) if len(shapes) == len(ok) else None
-            on_batch([i for i, _, _ in ok], forward(np.stack([arr for _, arr, _ in ok]), geometry), failures)
-        else:
-            on_batch([], {}, failures)
-        handed += len(batch)
+        with tuner.batch(len(batch.indices) + len(batch.jpegs)):
+            run(with_device_jpegs(batch, decoder) if batch.jpegs and decoder is not None else batch)
+        handed += batch.count
         reporter.progress("embed", handed, total)
 
-    if workers > 0:
-        iterator = None
-        try:
-            iterator = iter(_loader(dataset, options.batch_size, workers, device))
-            for batch in iterator:
-                with _worker_deaths_deferred():
-                    hand_over(batch)
-            return
-        except RuntimeError as exc:
-            if not _is_worker_death(exc):
-                raise
-            reason = str(exc).strip()
-        finally:
-            _shutdown(iterator)
-        if handed < total:
-            reporter.warning(
-                f"an image decoding worker died ({reason}); "
-                f"decoding the remaining {total - handed} image(s) in this process"
-            )
-    remaining: Dataset[Decoded] = Subset(dataset, range(handed, total)) if handed else dataset
-    for batch in _loader(remaining, options.batch_size, 0, device):
-        hand_over(batch)
+    def run(batch: DecodedBatch) -> None:
+        if batch.pixels is not None:
+            on_batch(batch.indices, forward(batch.pixels, batch.geometry), batch.failures)
+        else:
+            on_batch([], {}, batch.failures)
+
+    with threads_restored():
+        tuner = ThreadTuner(options.thread_candidates(workers, device))
+        if workers > 0:
+            iterator = None
+            try:
+                iterator = iter(_loader(dataset, options.batch_size, workers, device))
+                for batch in iterator:
+                    with _worker_deaths_deferred():
+                        hand_over(batch)
+                return
+            except RuntimeError as exc:
+                if not _is_worker_death(exc):
+                    raise
+                reason = str(exc).strip()
+            finally:
+                _shutdown(iterator)
+            if handed < total:
+                reporter.warning(
+                    f"an image decoding worker died ({reason}); "
+                    f"decoding the remaining {total - handed} image(s) in this process"
+                )
+        remaining: Dataset[Decoded] = Subset(dataset, range(handed, total)) if handed else dataset
+        for batch in _loader(remaining, options.batch_size, 0, device):
+            hand_over(batch)
+
+
+def jpegs_on_device(options: EmbedOptions, device: torch.device) -> bool:
+    """Whether JPEGs are decoded on the device: ``--decode gpu`` (which needs a CUDA device), or
+    ``auto`` with one."""
+    if options.decode == "gpu" and device.type != "cuda":
+        raise UsageError(f"--decode gpu needs a CUDA device; the model runs on {device}")
+    return options.decode != "cpu" and device.type == "cuda"
+
+
+def with_device_jpegs(batch: DecodedBatch, decoder: DeviceDecoder) -> DecodedBatch:
+    """``batch`` with its JPEGs decoded on the device and merged in index order (pixels on the device)."""
+    rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    if batch.pixels is not None and batch.geometry is not None:
+        pixels = batch.pixels.to(decoder.device, non_blocking=True)
+        rows = {index: (pixels[row], batch.geometry[row]) for row, index in enumerate(batch.indices)}
+    failures = list(batch.failures)
+    for index, image, geometry, reason in decoder.decode(batch.jpegs):
+        if image is not None and geometry is not None:
+            rows[index] = (image, geometry)
+        elif reason is not None:
+            failures.append((index, reason))
+    indices = sorted(rows)
+    if not indices:
+        return DecodedBatch([], None, None, sorted(failures), batch.count)
+    return DecodedBatch(
+        indices,
+        torch.stack([rows[i][0] for i in indices]),
+        torch.stack([rows[i][1] for i in indices]),
+        sorted(failures),
+        batch.count,
+    )
+
+
+def accelerate(model: OutputModel, device: torch.device, options: EmbedOptions, reporter: Reporter) -> Any:
+    """``model`` wrapped to run at ``options.precision`` (``auto`` resolved for ``device``), in
+    channels_last (classifiers), and compiled with ``options.compile``.
+
+    Detectors and segmenters (models that take ``geometry``) stay fp32 under ``auto`` and keep
+    the contiguous layout they were written for.
+    """
+    if isinstance(model, Accelerated):
+        return model
+    plain = not getattr(model, "needs_geometry", False)
+    precision = resolve_precision(options.precision, device, reduced_ok=plain)
+    return Accelerated(model, precision, channels_last=plain, compile=options.compile, warn=reporter.warning)
+
+
+@contextlib.contextmanager
+def threads_restored() -> Iterator[None]:
+    """Whatever the block sets torch's thread count to, this process gets its setting back after."""
+    previous = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
 
 
 def check_expected(paths: Sequence[Path], expected_sha256: Sequence[str] | None) -> None:
@@ -367,7 +566,9 @@ ModelSource = Callable[[], OutputModel]
 class Engine(Protocol):
     """Produces ``on_batch(indices, outputs, failures)`` batches for ``paths``; see ``run_model``.
 
-    ``recipe`` (optional) rebuilds ``model`` in another process (a checkpoint path and how to load
+    ``precision``: the number format the store key of the outputs was made for
+    (``alselect.pipeline.with_precision``). ``recipe`` (optional) rebuilds ``model`` in another
+    process (a checkpoint path and how to load
     it); an engine that runs the model elsewhere uses it rather than sending the object itself.
     """
 
@@ -381,6 +582,7 @@ class Engine(Protocol):
         *,
         expected_sha256: Sequence[str] | None = None,
         recipe: ModelSource | None = None,
+        precision: str = "fp32",
     ) -> None: ...
 
 
@@ -400,8 +602,10 @@ class LocalEngine:
         *,
         expected_sha256: Sequence[str] | None = None,
         recipe: ModelSource | None = None,
+        precision: str = "fp32",
     ) -> None:
-        run_model(model, paths, preprocess, self.options, on_batch, reporter, expected_sha256=expected_sha256)
+        options = replace(self.options, precision=precision)
+        run_model(model, paths, preprocess, options, on_batch, reporter, expected_sha256=expected_sha256)
 
 
 @contextlib.contextmanager

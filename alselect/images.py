@@ -28,6 +28,7 @@ _SCALED_GREY = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
 # Others (palette, 1-bit, alpha) are converted first so alpha is dropped exactly as at full size.
 _REDUCE_BEFORE_CONVERT = frozenset({"L", "RGB", "RGBX", "CMYK", "YCbCr", "LAB"})
 _STRIP_PIXELS = 1 << 20
+_ORIENTATION = 0x0112  # the EXIF tag
 
 
 class ImageDecodeError(Exception):
@@ -61,15 +62,28 @@ def load_image_geometry(
     expected_sha256: str | None = None,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    interleaved: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``load_image`` plus the image's ``GEOMETRY`` (``int32 [4]``, see ``GEOMETRY``)."""
+    """``load_image`` plus the image's ``GEOMETRY`` (``int32 [4]``, see ``GEOMETRY``).
+
+    With ``interleaved`` the ``[3, S, S]`` pixels are a view of ``[S, S, 3]`` contiguous memory,
+    as Pillow holds them: no copy is made to reorder them, and a batch stacks them into the
+    channels_last layout the model runs in (``alselect.embed.collate``) with one copy.
+    """
+    data = read_image_file(path, expected_sha256)
+    return decode_image_geometry(data, preprocess, max_pixels=max_pixels, interleaved=interleaved)
+
+
+def read_image_file(path: Path, expected_sha256: str | None = None) -> bytes:
+    """The file's bytes, read once; with ``expected_sha256``, only if they still hash to it
+    (else ``ImageDecodeError("changed while reading")``)."""
     try:
         data = path.read_bytes()
     except Exception as exc:
         raise decode_error(exc) from None
     if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256.lower():
         raise ImageDecodeError(CHANGED_WHILE_READING)
-    return decode_image_geometry(data, preprocess, max_pixels=max_pixels)
+    return data
 
 
 def decode_image(data: bytes, preprocess: Preprocess, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -78,15 +92,16 @@ def decode_image(data: bytes, preprocess: Preprocess, *, max_pixels: int = DEFAU
 
 
 def decode_image_geometry(
-    data: bytes, preprocess: Preprocess, *, max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes, preprocess: Preprocess, *, max_pixels: int = DEFAULT_MAX_PIXELS, interleaved: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """``load_image_geometry`` for the bytes of a file already in memory."""
     try:
         if not data:
             raise ImageDecodeError("empty file")
-        return _decode(io.BytesIO(data), preprocess, max_pixels)
+        pixels, geometry = _decode(io.BytesIO(data), preprocess, max_pixels)
     except Exception as exc:  # decode_error passes ImageDecodeError through
         raise decode_error(exc) from None
+    return (pixels if interleaved else np.ascontiguousarray(pixels)), geometry
 
 
 def decode_error(exc: Exception) -> ImageDecodeError:
@@ -170,8 +185,7 @@ def _decode(source: IO[bytes], preprocess: Preprocess, max_pixels: int) -> tuple
         # converted and resampled at a fraction of their size; the bilinear resize that follows
         # still shrinks by 2x or more, which keeps the result close to a direct resize.
         source_size = img.size
-        side = max(source_size) if letterbox else min(source_size)
-        factor = side // (2 * max(preprocess.resize_size, preprocess.image_size, 1))
+        factor = reduce_factor(source_size, preprocess)
         rgb = to_rgb(img, factor)
         reduced_by = factor if rgb.size != source_size else 1  # 1 where the mode has no reduce
         if letterbox:
@@ -180,7 +194,7 @@ def _decode(source: IO[bytes], preprocess: Preprocess, max_pixels: int) -> tuple
             out = resize_and_crop(rgb, preprocess, source_size=source_size, reduced_by=reduced_by)
             content = (preprocess.image_size, preprocess.image_size)
     geometry = np.array([full[1], full[0], content[0], content[1]], dtype=np.int32)
-    return np.ascontiguousarray(np.asarray(out, dtype=np.uint8).transpose(2, 0, 1)), geometry
+    return np.asarray(out, dtype=np.uint8).transpose(2, 0, 1), geometry
 
 
 def to_rgb(img: Image.Image, factor: int = 1) -> Image.Image:
@@ -263,6 +277,83 @@ def _scaled_grey(img: Image.Image, factor: int) -> Image.Image:
     return Image.fromarray(np.concatenate(strips), "L")
 
 
+def jpeg_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int, int, str] | None:
+    """``(width, height, EXIF orientation, mode)`` of a baseline or progressive JPEG, from its
+    header only (nothing is decoded), or None for any other file.
+
+    Raises ``ImageDecodeError`` for images over ``max_pixels`` (and for unreadable headers).
+    """
+    try:
+        with pillow_limit_off(), Image.open(io.BytesIO(data)) as img:
+            check_pixels(img.size, max_pixels)
+            if img.format != "JPEG":
+                return None
+            orientation = img.getexif().get(_ORIENTATION, 1)
+            width, height = img.size
+            return width, height, orientation if orientation in range(1, 9) else 1, img.mode
+    except Exception as exc:
+        raise decode_error(exc) from None
+
+
+def oriented_size(width: int, height: int, orientation: int) -> tuple[int, int]:
+    """``(width, height)`` after EXIF ``orientation`` (5–8 swap the sides)."""
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def reduce_factor(size: tuple[int, int], preprocess: Preprocess) -> int:
+    """The box-reduce applied to an image of ``size`` (upright) before it is resampled: large
+    images are first reduced to no less than twice the target, then resized bilinearly."""
+    side = max(size) if preprocess.resize == "letterbox" else min(size)
+    return side // (2 * max(preprocess.resize_size, preprocess.image_size, 1))
+
+
+def resample_plan(
+    size: tuple[int, int], preprocess: Preprocess, reduced_by: int = 1
+) -> tuple[tuple[float, float, float, float], tuple[int, int], tuple[int, int]]:
+    """Where an upright image of ``size`` is sampled: ``(box, out_size, content)``.
+
+    ``box`` is in the pixels of the image box-reduced ``reduced_by`` times; ``out_size`` is the
+    ``(width, height)`` the box is resized to; ``content`` the ``(height, width)`` it occupies in
+    the ``image_size`` square (all of it for a crop). The same geometry as ``resize_and_crop`` and
+    ``letterbox_resize``.
+    """
+    width, height = size
+    side = preprocess.image_size
+    if preprocess.resize == "letterbox":
+        scale = side / max(width, height)
+        out = (max(1, min(side, round(width * scale))), max(1, min(side, round(height * scale))))
+        box = (0.0, 0.0, width / reduced_by, height / reduced_by)
+        return box, out, (out[1], out[0])
+    scale = preprocess.resize_size / min(width, height)
+    crop = side / scale
+    left = (width - crop) / 2
+    top = (height - crop) / 2
+    box = (max(left, 0.0), max(top, 0.0), min(left + crop, width), min(top + crop, height))
+    box = (box[0] / reduced_by, box[1] / reduced_by, box[2] / reduced_by, box[3] / reduced_by)
+    return box, (side, side), (side, side)
+
+
+def bilinear_weights(in_size: int, out_size: int, start: float, end: float) -> np.ndarray:
+    """``float64 [out_size, in_size]``: the weights with which Pillow's BILINEAR resize of the
+    input range ``[start, end)`` to ``out_size`` pixels averages input pixels (its
+    ``precompute_coeffs``: a triangle filter widened by the scale when shrinking, so it
+    antialiases; each row sums to 1). Lets another device resample exactly as Pillow does.
+    """
+    scale = (end - start) / out_size
+    filter_scale = max(scale, 1.0)
+    support = filter_scale  # the bilinear filter's support is 1
+    weights = np.zeros((out_size, in_size), dtype=np.float64)
+    for out in range(out_size):
+        center = start + (out + 0.5) * scale
+        low = max(int(center - support + 0.5), 0)
+        high = min(int(center + support + 0.5), in_size)
+        taps = np.arange(low, high)
+        row = np.clip(1.0 - np.abs((taps - center + 0.5) / filter_scale), 0.0, None)
+        total = row.sum()
+        weights[out, low:high] = row / total if total else row
+    return weights
+
+
 def letterbox_resize(
     img: Image.Image,
     preprocess: Preprocess,
@@ -275,16 +366,18 @@ def letterbox_resize(
     Returns the square and the ``(height, width)`` the image occupies in it. ``source_size`` and
     ``reduced_by`` as in ``resize_and_crop``.
     """
-    width, height = source_size or img.size
+    box, out, content = resample_plan(source_size or img.size, preprocess, reduced_by)
+    resized = img.resize(out, Image.Resampling.BILINEAR, box=box)
     size = preprocess.image_size
-    scale = size / max(width, height)
-    content = (max(1, min(size, round(width * scale))), max(1, min(size, round(height * scale))))
-    box = (0.0, 0.0, width / reduced_by, height / reduced_by)
-    resized = img.resize(content, Image.Resampling.BILINEAR, box=box)
-    fill = tuple(round(255 * m) for m in preprocess.mean)
-    canvas = Image.new("RGB", (size, size), fill)
+    canvas = Image.new("RGB", (size, size), letterbox_fill(preprocess))
     canvas.paste(resized, (0, 0))
-    return canvas, (content[1], content[0])
+    return canvas, content
+
+
+def letterbox_fill(preprocess: Preprocess) -> tuple[int, int, int]:
+    """The padding colour of a letterbox: ``mean`` in 0–255 (it normalises to 0)."""
+    red, green, blue = (round(255 * m) for m in preprocess.mean)
+    return red, green, blue
 
 
 def resize_and_crop(
@@ -300,13 +393,5 @@ def resize_and_crop(
     in source pixels and mapped onto ``img``: a partial block at the right or bottom edge (the
     reduced size is rounded up) then neither stretches nor shifts the result.
     """
-    width, height = source_size or img.size
-    scale = preprocess.resize_size / min(width, height)
-    crop = preprocess.image_size / scale  # crop side in source pixels
-    left = (width - crop) / 2
-    top = (height - crop) / 2
-    box = (max(left, 0.0), max(top, 0.0), min(left + crop, width), min(top + crop, height))
-    if reduced_by > 1:
-        box = (box[0] / reduced_by, box[1] / reduced_by, box[2] / reduced_by, box[3] / reduced_by)
-    size = preprocess.image_size
-    return img.resize((size, size), Image.Resampling.BILINEAR, box=box)
+    box, out, _ = resample_plan(source_size or img.size, preprocess, reduced_by)
+    return img.resize(out, Image.Resampling.BILINEAR, box=box)

@@ -30,9 +30,43 @@ MEMORY_SHARE = 0.5
 _CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
 
 
-def default_workers() -> int:
-    """Decoding processes when ``--workers`` is not given: one per core, at most 4."""
-    return min(4, os.cpu_count() or 1)
+# Decoding processes at most by default (each keeps PREFETCH_BATCHES batches in memory).
+MAX_DEFAULT_WORKERS = 32
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a container's CPU quota."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max" and int(period) > 0:
+            count = min(count, max(1, -(-int(quota) // int(period))))
+    return max(1, count)
+
+
+def default_workers(accelerator: bool = False, cpus: int | None = None) -> int:
+    """Decoding processes when ``--workers`` is not given.
+
+    With a GPU the model costs the CPUs nothing, so decoding gets all but one (the main process
+    feeds the GPU and stores results). On the CPU the model and decoding share the cores: half of
+    them decode (at least one, at most 4), and ``default_threads`` gives the model the rest.
+    """
+    cpus = usable_cpus() if cpus is None else cpus
+    if accelerator:
+        return max(1, min(MAX_DEFAULT_WORKERS, cpus - 1))
+    return max(1, min(4, cpus // 2))
+
+
+def default_threads(workers: int, accelerator: bool = False, cpus: int | None = None) -> int:
+    """Torch threads of the model when ``--threads`` is not given: the CPUs the workers leave.
+
+    Never more threads than CPUs in all: a model whose threads wait on each other at every layer
+    loses far more than the CPU time a decoding worker takes when they share a core.
+    """
+    cpus = usable_cpus() if cpus is None else cpus
+    if accelerator:
+        return max(1, min(4, cpus - workers))
+    return max(1, cpus - workers)
 
 
 def check_image_size(size: int, what: str = "--image-size") -> None:

@@ -17,7 +17,7 @@ import numpy as np
 from alselect import __version__
 from alselect.checkpoints import CheckpointOptions, LoadedModel, load_checkpoint
 from alselect.discover import resolve_root
-from alselect.embed import EmbedOptions, Engine, OutputModel, open_engine
+from alselect.embed import EmbedOptions, Engine, OutputModel, open_engine, resolve_device
 from alselect.errors import CheckpointError, NothingUsableError, UsageError
 from alselect.images import CHANGED_WHILE_READING
 from alselect.limits import check_batch_memory
@@ -102,6 +102,7 @@ class PreparedModel:
     ``recipe`` rebuilds the runner elsewhere.
 
     ``task``: classification, detection or segmentation (detectors and segmenters have a runner).
+    ``precision``: fp32, bf16 or fp16; outputs made in bf16 or fp16 have their own key.
     """
 
     model: LoadedModel
@@ -110,6 +111,7 @@ class PreparedModel:
     display: str
     runner: OutputModel | None = None
     task: str = CLASSIFICATION
+    precision: str = "fp32"  # the number format its outputs are made in (see ``with_precision``)
     recipe: ModelRecipe | None = None
 
 
@@ -230,7 +232,7 @@ def embed_folder(
     options = options or EmbedOptions()
     options.check()  # fail before any work when the device or the engine is missing
     root = resolve_root(folder)
-    prepared = prepare_model(spec)
+    prepared = with_precision(store, prepare_model(spec), options)
     # before the scan: options that cannot fit in memory are a usage error, not an OOM kill
     check_batch_memory(options.batch_size, prepared.preprocess.image_size, options.worker_count())
     register(store, prepared)
@@ -239,6 +241,46 @@ def embed_folder(
         result = embed_synced(store, root, sync, prepared, options, reporter, retry_failed, engine=running)
     check_failures([result], safeguards)
     return result
+
+
+def precision_key(key: str, precision: str) -> str:
+    """Store key of outputs made in ``precision``: fp32 keeps ``key`` (every store made before
+    reduced precision existed stays valid); bf16 and fp16 outputs get keys of their own."""
+    if precision == "fp32":
+        return key
+    return hashlib.sha256(f"{key}:precision={precision}".encode()).hexdigest()
+
+
+def with_precision(store: Store, prepared: PreparedModel, options: EmbedOptions) -> PreparedModel:
+    """``prepared`` keyed for the precision its outputs will be made in.
+
+    ``options.precision`` is ``--precision``, resolved for ``options.device``. ``auto`` means the
+    device's fast reduced precision for classifiers (``alselect.inference.resolve_precision``), but a
+    store that already holds this model's fp32 outputs and none in that precision keeps fp32: an
+    existing pool is never re-embedded, nor split between two number formats, because a newer alselect
+    or another machine would pick differently. ``--precision bf16`` once moves it (``alselect gc`` then
+    frees the fp32 arrays). The Ray engine runs models in fp32 (``EmbedOptions.check``).
+    """
+    from alselect.inference import resolve_precision
+
+    requested = options.precision
+    if options.engine != "local":
+        return prepared
+    device = resolve_device(options.device)
+    precision = resolve_precision(requested, device, reduced_ok=prepared.task == CLASSIFICATION)
+    reduced = precision_key(prepared.key, precision)
+    fp32_pool = _has_outputs(store, prepared.key) and not _has_outputs(store, reduced)
+    if requested == "auto" and precision != "fp32" and fp32_pool:
+        precision = "fp32"
+    if precision == "fp32":
+        return prepared
+    return replace(
+        prepared, key=reduced, display=model_display_name(prepared.model.sha256, reduced), precision=precision
+    )
+
+
+def _has_outputs(store: Store, key: str) -> bool:
+    return int((store.model(key) or {}).get("slots") or 0) > 0
 
 
 @contextlib.contextmanager
@@ -253,6 +295,9 @@ def engine_for(options: EmbedOptions, engine: Engine | None) -> Iterator[Engine]
 
 def register(store: Store, prepared: PreparedModel) -> None:
     model = prepared.model
+    settings = prepared.preprocess.to_dict()
+    if prepared.precision != "fp32":
+        settings["precision"] = prepared.precision
     store.register_model(
         prepared.key,
         model.sha256,
@@ -261,7 +306,7 @@ def register(store: Store, prepared: PreparedModel) -> None:
         model.arch,
         model.num_classes,
         model.classes,
-        prepared.preprocess.to_dict(),
+        settings,
     )
 
 
@@ -332,6 +377,7 @@ def embed_synced(
             reporter,
             expected_sha256=shas,
             recipe=prepared.recipe,
+            precision=prepared.precision,  # the precision its key was made for
         )
     result.failures.sort()
     return result
@@ -438,8 +484,10 @@ def score_folder(
     options.check()
     root = resolve_root(folder)
     extra_roots = [resolve_root(d) for d in labeled_dirs]
-    task = [prepare_model(s) for s in models.task]
-    embedder = prepare_model(models.embed) if models.embed is not None else None
+    task = [with_precision(store, prepare_model(s), options) for s in models.task]
+    embedder = (
+        with_precision(store, prepare_model(models.embed), options) if models.embed is not None else None
+    )
     check_ensemble(task)
     check_task_run(strategy, task, reduction)
     check_outputs(strategy, task[0])
@@ -601,6 +649,7 @@ def full_pass_model(task: PreparedModel, samples: int) -> PreparedModel:
         key=mc_key(task.key, samples),
         display=f"{task.display}+mc{samples}",
         runner=FullPassModel(task.model, samples),
+        precision=task.precision,
         recipe=replace(task.recipe, mc_samples=samples) if task.recipe is not None else None,
     )
 
@@ -651,7 +700,7 @@ def pool_inputs(
             mc_probs = store.pool_array(pool, mc_pass.key, "mc_probs").astype(np.float32)
         elif mc_head is not None:
             stored = store.pool_array(pool, task[0].key, "embedding")
-            weight, bias = head_layer(task[0].model, probs, stored)
+            weight, bias = head_layer(task[0].model, probs, stored, precision=task[0].precision)
             mc_probs = head_mc_probs(stored, weight, bias, mc_head.samples, mc_head.rate)
         else:
             raise UsageError(f"strategy {strategy.name!r} needs several predictions per image")

@@ -353,8 +353,12 @@ class RayEngine:
         *,
         expected_sha256: Sequence[str] | None = None,
         recipe: ModelSource | None = None,
+        precision: str = "fp32",
     ) -> None:
-        """As ``run_model``, but batches come back in completion order, several chunks at a time."""
+        """As ``run_model``, but batches come back in completion order, several chunks at a time.
+        Models run in fp32 here: ``precision`` must be ``fp32``."""
+        if precision != "fp32":
+            raise ValueError(f"the Ray engine runs models in fp32, not {precision}")
         check_expected(paths, expected_sha256)
         total = len(paths)
         if not total:

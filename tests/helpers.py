@@ -30,8 +30,9 @@ def score(
     store_path: Path, folder: Path, checkpoint: Path, strategy: str = "entropy", **kwargs: Any
 ) -> ScoreResult:
     spec = kwargs.pop("spec", None) or ModelSpec(checkpoint)
+    options = kwargs.pop("options", FAST)
     with Store.open(store_path, write=True, create=True) as store:
-        return score_folder(store, folder, spec, strategy, options=FAST, **kwargs)
+        return score_folder(store, folder, spec, strategy, options=options, **kwargs)
 
 
 def export_text(store_path: Path, fmt: str = "csv", **kwargs: Any) -> str:

@@ -78,3 +78,32 @@ def test_cli_refuses_options_that_cannot_fit_in_memory(
     assert out == "" and len(err.strip().splitlines()) == 1 and needle in err
     assert "Traceback" not in err
     assert not (tmp_path / "store" / "arrays").exists() or not any((tmp_path / "store" / "arrays").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("cpus", "workers", "threads", "gpu_workers", "gpu_threads"),
+    [
+        (1, 1, 1, 1, 1),
+        (2, 1, 1, 1, 1),
+        (4, 2, 2, 3, 1),
+        (8, 4, 4, 7, 1),
+        (16, 4, 12, 15, 1),
+        (64, 4, 60, 32, 4),
+    ],
+)
+def test_workers_and_threads_never_ask_for_more_cores_than_there_are(
+    cpus: int, workers: int, threads: int, gpu_workers: int, gpu_threads: int
+) -> None:
+    assert limits.default_workers(cpus=cpus) == workers
+    assert limits.default_threads(workers, cpus=cpus) == threads
+    assert workers + threads <= max(cpus, 2)  # one core: one worker and one thread cannot be fewer
+    assert limits.default_workers(accelerator=True, cpus=cpus) == gpu_workers
+    assert limits.default_threads(gpu_workers, accelerator=True, cpus=cpus) == gpu_threads
+
+
+def test_usable_cpus_is_this_process_share() -> None:
+    import os
+
+    assert 1 <= limits.usable_cpus() <= (os.cpu_count() or 1)
+    if hasattr(os, "sched_getaffinity"):
+        assert limits.usable_cpus() <= len(os.sched_getaffinity(0))

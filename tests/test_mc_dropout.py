@@ -49,7 +49,8 @@ def mc_run(store_path: Path, folder: Path, spec: ModelSpec, mc: McDropout, batch
             folder,
             ScoreModels(task=[spec], mc=mc),
             strategy,
-            options=EmbedOptions(device="cpu", batch_size=batch_size, workers=0),
+            # the references below are fp32 computations (auto picks bf16 on CPUs that have it)
+            options=EmbedOptions(device="cpu", batch_size=batch_size, workers=0, precision="fp32"),
         )
     (seen,) = strategy.seen
     assert seen.mc_probs is not None

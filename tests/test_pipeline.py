@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from alselect.labels import import_labels
 from alselect.pipeline import ModelSpec
 from alselect.store import Store
 from tests.conftest import TINY_CLASSES, write_image
-from tests.helpers import MakeImages, export_rows, export_text, score
+from tests.helpers import FAST, MakeImages, export_rows, export_text, score
 
 
 def test_first_run_embeds_all_and_second_run_embeds_none(
@@ -61,7 +62,8 @@ def test_stored_arrays_equal_direct_model_output(
     tmp_path: Path, store_path: Path, tiny_checkpoint: Path, make_images: MakeImages
 ) -> None:
     files = make_images(tmp_path / "pool", 5)
-    result = score(store_path, tmp_path / "pool", tiny_checkpoint)
+    # compared with the plain fp32 forward: on a CPU with native bf16, auto would pick bf16
+    result = score(store_path, tmp_path / "pool", tiny_checkpoint, options=replace(FAST, precision="fp32"))
     model = load_checkpoint(tiny_checkpoint)
     pixels = torch.from_numpy(np.stack([load_image(f, model.preprocess) for f in files])).float()
     mean = torch.tensor(model.preprocess.mean).view(1, 3, 1, 1) * 255

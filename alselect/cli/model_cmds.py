@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, NamedTuple
 
 import typer
 
@@ -54,7 +54,31 @@ MaxFailed = Annotated[
 Device = Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda or cuda:N.")]
 BatchSize = Annotated[int, typer.Option(min=1, help="Images per model call.")]
 Workers = Annotated[
-    int | None, typer.Option(min=0, help="Decoding processes (default: min(4, CPUs)); 0 = none.")
+    int | None,
+    typer.Option(
+        min=0, help="Decoding processes (default: CPUs - 1 with a GPU, else half the CPUs); 0 = none."
+    ),
+]
+Threads = Annotated[
+    int | None, typer.Option(min=1, help="Torch threads of the model (default: the CPUs decoding leaves).")
+]
+Precision = Annotated[
+    str,
+    typer.Option(
+        metavar="P",
+        help="auto, fp32, bf16 or fp16 (auto: bf16 on GPUs and CPUs that compute it natively, else fp32).",
+    ),
+]
+Decode = Annotated[
+    str,
+    typer.Option(
+        metavar="WHERE",
+        help="auto, cpu or gpu: where JPEGs are decoded (auto: in batches on the GPU the model runs on).",
+    ),
+]
+Compile = Annotated[
+    bool,
+    typer.Option("--compile", help="Run the model through torch.compile (slower start, faster batches)."),
 ]
 ImageSize = Annotated[int | None, typer.Option(min=1, help="Crop size in pixels (overrides checkpoint).")]
 Mean = Annotated[str | None, typer.Option(metavar="R,G,B", help="Normalisation mean (0–1 scale).")]
@@ -175,6 +199,10 @@ def embed(
     allow_empty: AllowEmpty = False,
     max_failed: MaxFailed = None,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
+    precision: Precision = "auto",
+    compile: Compile = False,
+    threads: Threads = None,
+    decode: Decode = "auto",
     engine: Engine = "local",
     ray_address: RayAddress = None,
     ray_actors: RayActors = None,
@@ -195,10 +223,18 @@ def embed(
     ]
     safeguards = _safeguards(allow_empty, max_failed)
     options = _options(
-        device, batch_size, workers, engine, ray_address, ray_actors, ray_gpus_per_actor, max_pixels
+        device,
+        batch_size,
+        workers,
+        engine,
+        ray_address,
+        ray_actors,
+        ray_gpus_per_actor,
+        max_pixels,
+        speed=Speed(precision, compile, threads, decode),
     )
     _check_inputs(folder, *model)
-    _check_memory(batch_size, workers, image_size)
+    _check_memory(batch_size, workers, image_size, device)
     with (
         Store.open(globals_of(ctx).store, write=True, create=True) as store,
         reporter_for(ctx) as reporter,
@@ -309,6 +345,10 @@ def score(
     allow_empty: AllowEmpty = False,
     max_failed: MaxFailed = None,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
+    precision: Precision = "auto",
+    compile: Compile = False,
+    threads: Threads = None,
+    decode: Decode = "auto",
     engine: Engine = "local",
     ray_address: RayAddress = None,
     ray_actors: RayActors = None,
@@ -346,13 +386,21 @@ def score(
     )
     safeguards = _safeguards(allow_empty, max_failed)
     options = _options(
-        device, batch_size, workers, engine, ray_address, ray_actors, ray_gpus_per_actor, max_pixels
+        device,
+        batch_size,
+        workers,
+        engine,
+        ray_address,
+        ray_actors,
+        ray_gpus_per_actor,
+        max_pixels,
+        speed=Speed(precision, compile, threads, decode),
     )
     command = command_line()
     _check_inputs(folder, *model, embed_model)
     for other in labeled_dir or []:
         _check_inputs(other)
-    _check_memory(batch_size, workers, image_size)
+    _check_memory(batch_size, workers, image_size, device)
     with Store.open(globals_of(ctx).store, write=True, create=True) as store, reporter_for(ctx) as reporter:
         result = score_folder(
             store,
@@ -393,16 +441,18 @@ def _check_inputs(folder: Path, *models: Path | None) -> None:
             check_checkpoint_path(model)
 
 
-def _check_memory(batch_size: int, workers: int | None, image_size: int | None) -> None:
+def _check_memory(batch_size: int, workers: int | None, image_size: int | None, device: str = "auto") -> None:
     """Options that cannot fit in memory are a usage error up front (``alselect.limits``).
 
-    Without ``--image-size`` the size comes from the checkpoint: checked once that is loaded.
+    Without ``--image-size`` the size comes from the checkpoint: checked once that is loaded (with
+    ``--device auto``, also once it is known whether there is a GPU, which sets the default workers).
     """
     from alselect.limits import check_batch_memory, check_image_size, default_workers
 
     if image_size is not None:
         check_image_size(image_size)
-        check_batch_memory(batch_size, image_size, default_workers() if workers is None else workers)
+        default = default_workers(accelerator=device.startswith("cuda"))
+        check_batch_memory(batch_size, image_size, default if workers is None else workers)
 
 
 def _options(
@@ -414,6 +464,8 @@ def _options(
     ray_actors: int | None,
     ray_gpus_per_actor: float | None,
     max_pixels: int,
+    *,
+    speed: Speed,
 ) -> EmbedOptions:
     from alselect.embed import EmbedOptions, RayOptions
     from alselect.errors import UsageError
@@ -421,7 +473,27 @@ def _options(
     ray = RayOptions(ray_address, ray_actors, ray_gpus_per_actor)
     if engine != "ray" and ray != RayOptions():
         raise UsageError("--ray-address, --ray-actors and --ray-gpus-per-actor need --engine ray")
-    return EmbedOptions(device, batch_size, workers, max_pixels, engine=engine, ray=ray)
+    return EmbedOptions(
+        device,
+        batch_size,
+        workers,
+        max_pixels,
+        precision=speed.precision,
+        compile=speed.compile,
+        threads=speed.threads,
+        decode=speed.decode,
+        engine=engine,
+        ray=ray,
+    )
+
+
+class Speed(NamedTuple):
+    """``embed`` and ``score``'s ``--precision``, ``--compile``, ``--threads`` and ``--decode``."""
+
+    precision: str
+    compile: bool
+    threads: int | None
+    decode: str
 
 
 def _safeguards(allow_empty: bool, max_failed: str | None) -> Safeguards:
