@@ -128,17 +128,23 @@ def test_empty_run(tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.Capture
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX pipes")
 @pytest.mark.parametrize("command", [("export",), ("export", "-f", "jsonl"), ("status",), ("strategies",)])
-def test_reader_gone_is_a_quiet_exit_and_nothing_is_recorded(
+def test_reader_gone_nothing_recorded_and_export_says_so(
     scored_store: Path, command: tuple[str, ...]
 ) -> None:
-    """Defect 12: like ``| head -1`` that has already exited, every write gets EPIPE."""
+    """Like ``| head -1`` that has already exited, every write gets EPIPE. An export says in one line
+    that nothing was recorded (issue 5); commands that record nothing end quietly (defect 12)."""
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
         done = run_alselect("--store", str(scored_store), *command, stdout=write_end)
     finally:
         os.close(write_end)
-    assert (done.returncode, done.stderr) == (1, "")
+    assert done.returncode == 1
+    if command[0] == "export":
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "broken pipe" in lines[0] and "--dry-run" in lines[0], done.stderr
+    else:
+        assert done.stderr == ""
     assert exported_count(scored_store) == 0
 
 

@@ -2,8 +2,8 @@
 
 Exit codes: 0 success, 1 runtime error, 2 usage error, 3 nothing usable (no run recorded, nothing
 labeled), 4 partial (``label``: some items were not matched; the rest was applied), 130 interrupted.
-A reader of stdout that goes away (broken pipe, ``| head -1``) ends any command quietly with status 1
-(click's convention, kept for every command).
+A reader of stdout that goes away (broken pipe, ``| head -1``) ends a command quietly with status 1
+(click's convention), except ``export``, which says in one line that nothing was recorded.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from alselect.cli.app import EXIT_PARTIAL, app, command_line, data_stdout, examples, globals_of, reporter_for
-from alselect.errors import DataError, NothingUsableError
+from alselect.errors import DataError, NothingUsableError, OutputClosedError
 from alselect.progress import Reporter
 
 if TYPE_CHECKING:
@@ -151,20 +151,27 @@ def export(
         reporter_for(ctx) as reporter,
         data_stdout() as stdout,
     ):
-        # a reader that goes away (broken pipe) ends the command quietly (alselect.cli.main) and,
-        # the export not being complete, nothing is recorded
-        result = export_latest(
-            store,
-            format,
-            top=top,
-            output=output,
-            stdout=lambda: stdout,
-            include_exported=include_exported,
-            record=not dry_run,
-            options=options,
-            fail_if_empty=fail_if_empty,
-            command=command_line(),
-        )
+        # Issue 5: an export records what it delivered, so a reader that goes away (broken pipe,
+        # `| head -1`) is one line saying nothing was recorded; other commands end quietly.
+        try:
+            result = export_latest(
+                store,
+                format,
+                top=top,
+                output=output,
+                stdout=lambda: stdout,
+                include_exported=include_exported,
+                record=not dry_run,
+                options=options,
+                fail_if_empty=fail_if_empty,
+                command=command_line(),
+            )
+        except BrokenPipeError as exc:
+            raise OutputClosedError(
+                "the reader closed stdout before the export was complete (broken pipe); nothing was "
+                "recorded as exported. To look at the next images without recording them: "
+                "'alselect export --dry-run | head'"
+            ) from exc
         if result.skipped:
             reasons = Counter(why for _, why in result.skipped)
             for why, count in reasons.most_common():
