@@ -439,15 +439,13 @@ class Store:
             (self.path / file, committed, array.reshape(n, -1))
             for (_, file, committed), array in zip(placed, data.values(), strict=True)
         ]
-        if len(appends) > 1:  # the fsyncs overlap: one device round trip instead of one per array
-            with ThreadPoolExecutor(len(appends)) as pool:
-                list(pool.map(lambda job: append_rows(*job), appends))
-        else:
-            append_rows(*appends[0])
-        self._fault("after-append")
         # Sorted by content (stable: a content given twice keeps its last slot): B-tree locality.
         rows = sorted(((model_id, sha, slot + i) for i, sha in enumerate(sha256)), key=lambda r: r[1])
-        with self.transaction() as conn:
+        # The arrays are appended and fsynced (one thread per file, so the fsyncs overlap) while the
+        # rows are inserted; the transaction commits only once every file is durable, so a crash
+        # anywhere before the commit leaves at most an uncommitted tail, as before.
+        with ThreadPoolExecutor(len(appends)) as pool, self.transaction() as conn:
+            written = [pool.submit(append_rows, *job) for job in appends]
             conn.executemany("INSERT OR REPLACE INTO outputs (model, sha256, slot) VALUES (?, ?, ?)", rows)
             conn.executemany(
                 "UPDATE array_segments SET rows = rows + ? WHERE id = ?", [(n, seg) for seg, _, _ in placed]
@@ -457,6 +455,9 @@ class Store:
                 conn.executemany(
                     "DELETE FROM output_failures WHERE model = ? AND sha256 = ?", [r[:2] for r in rows]
                 )
+            for done in written:
+                done.result()  # an append that failed rolls the transaction back
+            self._fault("after-append")
         self._fault("after-commit")
 
     def add_embeddings(
