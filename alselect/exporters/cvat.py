@@ -64,7 +64,7 @@ def oriented_size(path: Path) -> tuple[int, int]:
 class CvatExporter(Exporter):
     name = "cvat"
     summary = "CVAT dataset manifest (manifest.jsonl v1.1) in rank order, for --sorting-method predefined"
-    takes_uri_prefix = False
+    reads = frozenset({"document_root"})  # names relative to the share root; no URIs
 
     def check(self, rows: Sequence[ExportRow], context: ExportContext) -> None:
         super().check(rows, context)
