@@ -31,7 +31,7 @@ from alselect.exporters import (
     is_stream_target,
     join_uri,
 )
-from alselect.exporters.base import json_text
+from alselect.exporters.base import check_options, json_text
 from alselect.store import Store, model_display_name
 from alselect.uris import check_uri_prefix
 
@@ -224,6 +224,7 @@ def export_latest(
     options = options or ExportOptions()
     if absolute:
         options = replace(options, absolute=True)
+    check_options(type(exporter), options)  # an option the format would ignore: before any work
     if options.uri_prefix is not None:
         options = replace(options, uri_prefix=check_uri_prefix(options.uri_prefix))
     selection = select_rows(

@@ -126,16 +126,19 @@ class EmbedResult:
     already_embedded: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
     failed_before: int = 0  # contents skipped because they failed in an earlier run
-    counts: FolderCounts | None = None  # files, images and duplicates in the folder after the scan
+    counts: FolderCounts | None = None  # the folder's files, images and duplicates after the pass
 
     def failure_summary(self) -> str | None:
-        """One line: how many images failed and why, or None when all decoded."""
+        """One line: how many files failed in this pass and why, or None when all decoded.
+
+        A failed file is counted once per path, as ``status`` counts failed files (two copies of a
+        broken file are two failed files)."""
         failed = self.failures + self.sync.unreadable
         parts = []
         if failed:
             kinds = Counter(reason.split(":")[0] for _, reason in failed)
             detail = ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
-            parts.append(f"{len(failed)} image(s) skipped ({detail})")
+            parts.append(f"{len(failed)} file(s) skipped ({detail})")
         if self.failed_before:
             parts.append(f"{self.failed_before} that failed before not retried (--retry-failed)")
         if not parts:
@@ -363,8 +366,10 @@ def embed_synced(
         if failures:
             # a file edited since hashing is not broken: the next sync hashes its new content
             lasting = [(shas[i], reason) for i, reason in failures if reason != CHANGED_WHILE_READING]
-            store.mark_failed(key, lasting)
-            result.failures.extend((todo[i][1], reason) for i, reason in failures)
+            result.failures.extend(store.mark_failed(key, lasting))  # every file holding the content
+            result.failures.extend(
+                (todo[i][1], reason) for i, reason in failures if reason == CHANGED_WHILE_READING
+            )
         result.embedded += len(indices)
 
     runner = prepared.runner or prepared.model
@@ -380,6 +385,8 @@ def embed_synced(
             precision=prepared.precision,  # the precision its key was made for
         )
     result.failures.sort()
+    if result.failures:  # the counts after the pass: files that failed to decode are failed, not present
+        result.counts = next(iter(folder_counts(store, key)), None)
     return result
 
 
@@ -506,6 +513,8 @@ def score_folder(
             embed_synced(store, root, sync, p, options, reporter, retry_failed, engine=running)
             for p in everyone
         ]
+        for result in results:  # one scan, one folder: every model's summary shows the final counts
+            result.counts = results[-1].counts
         check_failures(results, safeguards)
         for other in extra_roots:
             other_sync = sync_folder(store, other, reporter)

@@ -10,6 +10,7 @@ content still in the folder under another path (moved, renamed, or a removed cop
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -31,6 +32,21 @@ class FolderCounts:
     def files(self) -> int:
         """Files found at the last scan."""
         return self.present + self.failed
+
+    def describe(self) -> str:
+        """The one wording of these counts, shared by ``status`` and the ``embed``/``score`` summary."""
+        return describe_files(asdict(self))
+
+
+def describe_files(counts: Mapping[str, Any]) -> str:
+    """``8 found: 5 present (4 image(s), 1 duplicate file(s)), 3 failed; 0 absent``, from a
+    ``FolderCounts`` or its dict (``status --json``'s ``folders`` entries and ``images`` totals)."""
+    present, failed = counts["present"], counts["failed"]
+    moved = f"; {counts['moved']} old path(s) of moved files" if counts["moved"] else ""
+    return (
+        f"{present + failed} found: {present} present ({counts['distinct']} image(s), "
+        f"{counts['duplicates']} duplicate file(s)), {failed} failed; {counts['absent']} absent{moved}"
+    )
 
 
 _STILL_HERE = (

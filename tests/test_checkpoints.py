@@ -806,3 +806,50 @@ def test_image_size_a_static_program_cannot_take_is_a_usage_error_before_any_wor
     assert code == 2 and out == "" and "only takes 8x8 inputs, but the image size is 16" in err, err
     code, _, err = cli(capsys, *store, *args[:-2])
     assert code == 0 and "embedded 1 " in err, err
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        ("truncated", "is damaged: it starts as a zip archive (as torch.save writes) but its directory"),
+        ("random", "is not a PyTorch checkpoint: it is neither a zip archive nor a pickle"),
+        ("pickle", "is damaged or not a PyTorch checkpoint: torch.load cannot read it (UnpicklingError: "),
+    ],
+)
+def test_a_damaged_checkpoint_is_one_whole_line_naming_the_file(
+    tmp_path: Path,
+    tiny_checkpoint: Path,
+    capsys: pytest.CaptureFixture[str],
+    damage: str,
+    expected: str,
+) -> None:
+    """Defect 17: torch's messages were cut mid-sentence at 200 characters; say what is wrong."""
+    import random
+
+    from tests.conftest import write_image
+    from tests.helpers import cli
+
+    rng = random.Random(3)
+    body = {
+        "truncated": tiny_checkpoint.read_bytes()[:3000],
+        "random": bytes([0xA5]) + rng.randbytes(4000),
+        "pickle": b"\x80\x02" + bytes([0x2D]) + rng.randbytes(100),
+    }[damage]
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(body)
+    write_image(tmp_path / "pool" / "a.png", seed=1)
+    code, out, err = cli(
+        capsys,
+        "--store",
+        str(tmp_path / "store"),
+        "embed",
+        str(tmp_path / "pool"),
+        "-m",
+        str(bad),
+        "--workers",
+        "0",
+    )
+    assert (code, out) == (1, "")
+    (line,) = err.strip().splitlines()  # no traceback without --verbose
+    assert line.startswith(f"alselect: error: {bad} ") and expected in line, line
+    assert "If you are seeing this error" not in line and not line.endswith("is")

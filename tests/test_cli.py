@@ -282,7 +282,7 @@ def test_max_pixels_reaches_the_decoder(
     args = ["score", str(tmp_path / "pool"), "-m", str(tiny_checkpoint), "-s", "entropy", "--workers", "0"]
     code, _, err = cli(capsys, *store, *args, "--max-pixels", "899")
     assert code == 0, err
-    assert "1 image(s) skipped (1 decompression bomb)" in err
+    assert "1 file(s) skipped (1 decompression bomb)" in err
     code, out, _ = cli(capsys, *store, "status", "--failed")
     reason = "decompression bomb: 30x30 = 900 pixels is over the limit of 899 pixels (--max-pixels)"
     assert out.count(reason) == 1 and "big.png" in out

@@ -228,6 +228,55 @@ def test_platform_errors_are_one_line_usage_errors(
     assert exported_count(scored_store) == 0
 
 
+@pytest.mark.parametrize(
+    ("args", "flag", "readers"),
+    [
+        (["-f", "csv", "--ls-config", "CONFIG"], "--ls-config", "label-studio"),
+        (["-f", "paths", "--predictions"], "--predictions", "label-studio"),
+        (["-f", "jsonl", "--ls-from-name", "choice"], "--ls-from-name", "label-studio"),
+        (["-f", "cvat", "--ls-to-name", "img"], "--ls-to-name", "label-studio"),
+        (
+            ["-f", "labelbox", "-o", "OUT/", "--document-root", "ROOT"],
+            "--document-root",
+            "cvat, label-studio",
+        ),
+        (
+            ["-f", "cvat", "--uri-prefix", "s3://b/p/"],
+            "--uri-prefix",
+            "csv, jsonl, label-studio, labelbox, paths, sagemaker, superannotate, tsv",
+        ),
+        (["-f", "label-studio", "--absolute"], "--absolute", "csv, jsonl, paths, tsv"),
+        (["-f", "fiftyone", "-o", "OUT/", "--absolute"], "--absolute", "csv, jsonl, paths, tsv"),
+    ],
+)
+def test_an_option_the_format_ignores_is_a_usage_error_naming_who_reads_it(
+    scored_store: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    flag: str,
+    readers: str,
+) -> None:
+    """Defect 17: platform options given to a format that does not read them were silently ignored."""
+    config = tmp_path / "config.xml"
+    config.write_text("<View/>")
+    where = {"CONFIG": str(config), "OUT/": f"{tmp_path / 'out'}/", "ROOT": str(tmp_path)}
+    args = [where.get(a, a) for a in args]
+    code, out, err = cli(capsys, "--store", str(scored_store), "export", *args)
+    assert (code, out) == (2, "")
+    fmt = args[1]
+    assert err.strip().endswith(f"{flag} does not apply to --format {fmt} (formats that read it: {readers})")
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    assert exported_count(scored_store) == 0
+
+
+def test_options_a_format_reads_are_accepted(scored_store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = ["--store", str(scored_store), "export", "--dry-run"]
+    assert cli(capsys, *store, "-f", "csv", "--uri-prefix", "s3://b/p/", "--absolute")[0] == 0
+    assert cli(capsys, *store, "-f", "label-studio", "--predictions", "--ls-from-name", "c")[0] == 0
+    assert cli(capsys, *store, "-f", "cvat", "--document-root", str(scored_store.parent))[0] == 0
+
+
 def test_label_studio_export_through_the_cli(
     scored_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -15,6 +15,7 @@ import io
 import itertools
 import json
 import re
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -36,7 +37,7 @@ from alselect.exporters import (
     get_exporter,
     join_uri,
 )
-from alselect.exporters.cvat import HINT_FILE_LIST_LIMIT
+from alselect.exporters.cvat import HINT_FILE_LIST_LIMIT, CvatExporter
 from alselect.exporters.label_studio import classification_config, local_files_url
 from alselect.exporters.superannotate import MAX_NAME, item_name, priorities, unique_names
 from alselect.store import Store
@@ -290,6 +291,44 @@ def test_cvat_hint_reads_the_file_list_back_from_the_manifest(
     rows = [r["path"] for r in ranked_csv(store)]
     assert listed.split("\n")[:-1] == rows  # "tab\there.png" survives; no name holds a newline
     assert any('--labels \'[{"name": "ant"}' in line for line in result.notes)
+
+
+def cvat_commands(notes: list[str]) -> list[list[str]]:
+    """The ``cvat-cli`` command lines of a CVAT hint, split as a shell would."""
+    import shlex
+
+    return [shlex.split(line.strip()) for line in notes if line.strip().startswith("cvat-cli ")]
+
+
+def test_cvat_hint_says_where_files_go_and_gives_a_command_cvat_cli_accepts(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """Defect 17: the share is the folder CVAT mounts; without class names the command must not name
+    a labels file that does not exist (cvat-cli refuses it) without saying to write it."""
+
+    folder = tmp_path / "pool"
+    row = ExportRow(1, "a b.png", 0.5, "entropy", "m", "", None, "0" * 64, folder=str(folder))
+    with_classes = CvatExporter().notes([row], ExportContext(run=RunInfo(id=7, classes=("cat", "dog"))), [])
+    assert with_classes[0].startswith(f"CVAT: {folder} must be the folder mounted as CVAT's file share")
+    assert "manifest.jsonl to its top level" in with_classes[0]
+    (command,) = cvat_commands(with_classes)
+    assert command[command.index("--labels") + 1] == '[{"name": "cat"}, {"name": "dog"}]'
+    assert command[command.index("share") + 1 :][:2] == ["manifest.jsonl", "a b.png"]
+
+    without = CvatExporter().notes([row], ExportContext(run=RunInfo(id=7)), [])
+    (command,) = cvat_commands(without)
+    assert command[command.index("--labels") + 1] == "labels.json"
+    assert any("write the task's labels to labels.json" in line for line in without)
+
+    cvat_cli = shutil.which("cvat-cli")  # the real parser, where installed
+    if cvat_cli is None:
+        pytest.skip("cvat-cli is not installed")
+    (tmp_path / "labels.json").write_text('[{"name": "cat"}]')
+    for command in (cvat_commands(with_classes)[0], cvat_commands(without)[0]):
+        # an unreachable server: arguments cvat-cli accepts fail on the connection (1), not usage (2)
+        argv = [cvat_cli, "--server-host", "http://127.0.0.1:9", "--auth", "u:p", *command[5:]]
+        done = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert done.returncode != 2 and "error: argument" not in done.stderr, done.stderr
 
 
 def test_cvat_takes_no_uri_prefix(hostile: tuple[Path, Path]) -> None:

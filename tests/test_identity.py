@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from alselect.status import describe_files
 from alselect.store import Store
 from alselect.sync import SyncResult, sync_folder
 from tests.conftest import write_image
@@ -47,7 +48,7 @@ def test_duplicates_are_one_image_represented_by_a_real_path(
 
     err = cli_score(capsys, store, pool, tiny_checkpoint)
     assert "7 image file(s): 7 new, 0 moved, 0 changed, 0 restored, 0 unchanged; 0 vanished" in err
-    assert "4 image(s) in 7 present file(s) (3 duplicate(s))" in err
+    assert "files 7 found: 7 present (4 image(s), 3 duplicate file(s)), 0 failed; 0 absent" in err
     assert "ranked 4 of 4 image(s) (0 labeled); 3 duplicate file(s) counted once" in err
 
     paths = exported_paths(capsys, store)
@@ -165,6 +166,49 @@ def test_status_shows_folders_latest_run_and_what_is_left_to_export(
     assert f"folder:    {second}  (latest run)" in out
     assert "  files:   5 found: 4 present (4 image(s), 0 duplicate file(s)), 1 failed; 0 absent" in out
     assert "ranked 4 of 4 image(s) (0 labeled); 1 still to export" in out
+
+
+def scan_counts(err: str) -> str:
+    """The counts the ``score`` summary line gives (``files N found: ...; M absent``)."""
+    line = next(line for line in err.splitlines() if " image file(s): " in line)
+    return line.split("; files ", 1)[1].split("; embedded ", 1)[0]
+
+
+def test_scan_summary_and_status_count_failed_files_alike_night_after_night(
+    tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Defect 14: files that fail to decode are failed, not present, in the summary of the run that
+    finds them, the next run's, and ``status`` (text and JSON) after each; copies count per file."""
+    pool, store = tmp_path / "pool", tmp_path / "store"
+    for i in range(3):
+        write_image(pool / f"good_{i}.png", seed=i)
+    shutil.copyfile(pool / "good_0.png", pool / "copy.png")
+    (pool / "empty.png").write_bytes(b"")
+    (pool / "empty_too.png").write_bytes(b"")  # same (empty) content: one image, two failed files
+    jpeg = write_image(tmp_path / "whole.jpg", seed=7, size=(64, 64)).read_bytes()
+    (pool / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 3])
+    (pool / "text.png").write_text("not a picture")
+
+    def night(expected: str, failed: int, reasons: dict[str, int]) -> str:
+        err = cli_score(capsys, store, pool, tiny_checkpoint)
+        assert scan_counts(err) == expected
+        code, out, _ = cli(capsys, "--store", str(store), "status")
+        assert code == 0 and f"  files:   {expected}\n" in out and f"files:     {expected}\n" in out
+        info = status(capsys, store)
+        (folder,) = info["folders"]
+        assert describe_files(folder) == describe_files(info["images"]) == expected
+        assert folder["failed"] == failed and info["failed_reasons"] == reasons
+        return err
+
+    reasons = {"empty file": 2, "not an image (unrecognised format)": 1, "truncated or corrupt": 1}
+    first = night("8 found: 4 present (3 image(s), 1 duplicate file(s)), 4 failed; 0 absent", 4, reasons)
+    assert "4 file(s) skipped (2 empty file, " in first  # per file, as status counts them
+    second = night("8 found: 4 present (3 image(s), 1 duplicate file(s)), 4 failed; 0 absent", 4, reasons)
+    assert "skipped" not in second and "8 unchanged" in second
+    write_image(pool / "text.png", seed=9)  # one bad file fixed
+    del reasons["not an image (unrecognised format)"]
+    third = night("8 found: 5 present (4 image(s), 1 duplicate file(s)), 3 failed; 0 absent", 3, reasons)
+    assert "1 changed, 0 restored, 7 unchanged" in third and "ranked 4 of 4 image(s)" in third
 
 
 def test_a_file_that_becomes_a_symlink_stops_representing(

@@ -205,7 +205,7 @@ def test_bad_files_are_recorded_skipped_and_not_retried(
     assert reasons["text.jpg"].startswith("not an image")
     assert reasons["truncated.png"].startswith("truncated or corrupt")
     summary = first.embed.failure_summary()
-    assert summary is not None and summary.startswith("3 image(s) skipped") and "\n" not in summary
+    assert summary is not None and summary.startswith("3 file(s) skipped") and "\n" not in summary
     second = score(store_path, pool, tiny_checkpoint)
     assert (second.embed.embedded, second.embed.failures) == (0, [])
     # fixing a file makes it eligible again

@@ -195,10 +195,17 @@ class CheckpointFile:
                 f"{self.path} holds pickled objects whose code is not importable here ({exc}): install "
                 "or put on PYTHONPATH the module that defined them, or save the model's state_dict instead"
             )
+        with open(self.path, "rb") as handle:
+            head = handle.read(2)
+        if not head.startswith((b"PK", b"\x80")):
+            return CheckpointError(  # torch.save writes a zip archive, or (before torch 1.6) a pickle
+                f"{self.path} is not a PyTorch checkpoint: it is neither a zip archive nor a pickle, the "
+                f"two forms torch.save writes (it starts with bytes {head.hex(' ')})"
+            )
         reason = _WEIGHTS_ERROR.search(detail)
-        detail = " ".join((reason.group(1) if reason else detail).split())[:200]
+        detail = first_sentence(" ".join((reason.group(1) if reason else detail).split()))
         return CheckpointError(
-            f"{self.path} is damaged or not a PyTorch checkpoint: its contents cannot be read "
+            f"{self.path} is damaged or not a PyTorch checkpoint: torch.load cannot read it "
             f"({type(exc).__name__}: {detail})"
         )
 
@@ -321,3 +328,11 @@ def model_from_archive(
         task=task,
         metadata=dict(meta),
     )
+
+
+def first_sentence(text: str, limit: int = 200) -> str:
+    """The first sentence of an error message, whole words up to ``limit`` characters ("…" when cut)."""
+    sentence = text.split(". ", 1)[0].rstrip(".")
+    if len(sentence) <= limit:
+        return sentence
+    return sentence[:limit].rsplit(" ", 1)[0] + "…"

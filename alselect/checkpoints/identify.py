@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import os
+import zipfile
 from pathlib import Path
 
 from alselect.errors import CheckpointError
@@ -47,6 +48,12 @@ def check_checkpoint_path(path: Path) -> None:
     what = foreign_format(head, path.suffix.lower())
     if what:
         raise CheckpointError(f"{path} is {what}, not a PyTorch checkpoint")
+    if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path} is damaged: it starts as a zip archive (as torch.save writes) but its directory, "
+            f"stored at the end, is missing or broken; the file is probably truncated ({size} bytes): "
+            "copy or download it again"
+        )
 
 
 def foreign_format(head: bytes, suffix: str = "") -> str | None:

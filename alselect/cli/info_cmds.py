@@ -40,21 +40,16 @@ def status(
 
 
 def _format_status(info: dict[str, Any]) -> str:
+    from alselect.status import describe_files
+
     images = info["images"]
     run = info["latest_run"]
     lines = [f"store:     {info['store']}" + ("  (read-only for you)" if info["read_only"] else "")]
-    lines.append(
-        f"images:    {images['present']} present ({_images(images)}), {images['absent']} absent, "
-        f"{images['failed']} failed"
-    )
+    lines.append(f"files:     {describe_files(images)}")
     for folder in info["folders"]:
         latest = "  (latest run)" if run and folder["folder"] == run["folder"] else ""
         lines.append(f"folder:    {folder['folder']}{latest}")
-        moved = f"; {folder['moved']} old path(s) of moved files" if folder["moved"] else ""
-        lines.append(
-            f"  files:   {folder['present'] + folder['failed']} found: {folder['present']} present "
-            f"({_images(folder)}), {folder['failed']} failed; {folder['absent']} absent{moved}"
-        )
+        lines.append(f"  files:   {describe_files(folder)}")
     for reason, count in info["failed_reasons"].items():
         lines.append(f"  failed:  {count} {reason}")
     for model in info["models"]:
@@ -96,11 +91,6 @@ def one_line(text: str) -> str:
     name that are not UTF-8 are kept as they are, as ``ls`` shows them."""
     named = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
     return _CONTROL.sub(lambda m: named.get(m.group(), f"\\x{ord(m.group()):02x}"), text)
-
-
-def _images(counts: dict[str, Any]) -> str:
-    """``253 images, 2 duplicate files``: distinct contents, and files repeating one."""
-    return f"{counts['distinct']} image(s), {counts['duplicates']} duplicate file(s)"
 
 
 @app.command(

@@ -520,14 +520,10 @@ def parse_share(text: str | None) -> float | None:
 
 def _report_embed(reporter: Reporter, result: EmbedResult) -> None:
     sync, counts = result.sync, result.counts
-    images = (
-        f"{counts.distinct} image(s) in {counts.present} present file(s) ({counts.duplicates} duplicate(s)); "
-        if counts
-        else ""
-    )
+    files = f"files {counts.describe()}; " if counts else ""  # status's wording and counts
     reporter.info(
         f"{sync.found} image file(s): {sync.new} new, {sync.moved} moved, {sync.changed} changed, "
-        f"{sync.restored} restored, {sync.unchanged} unchanged; {sync.vanished} vanished; {images}"
+        f"{sync.restored} restored, {sync.unchanged} unchanged; {sync.vanished} vanished; {files}"
         f"embedded {result.embedded} with model {result.model_display} "
         f"({result.already_embedded} already embedded)"
     )

@@ -115,6 +115,7 @@ def export(
     """
     from alselect.export import export_latest, run_info
     from alselect.exporters import ExportOptions, get_exporter
+    from alselect.exporters.base import check_options
     from alselect.store import Store
 
     get_exporter(format)  # an unknown format is a usage error, before the store is touched
@@ -146,6 +147,7 @@ def export(
         sys.stdout.write(config(run.class_names, ls_from_name, ls_to_name))
         return
 
+    check_options(type(get_exporter(format)), options)  # before the store is opened
     with (
         Store.open(globals_of(ctx).store, write=not dry_run) as store,  # a dry run only reads
         reporter_for(ctx) as reporter,

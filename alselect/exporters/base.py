@@ -10,7 +10,7 @@ import re
 import secrets
 import stat
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any, ClassVar, Literal, TextIO, overload
 
@@ -180,13 +180,23 @@ class ExportOptions:
     check predictions against.
     """
 
-    uri_prefix: str | None = None
-    absolute: bool = False
-    document_root: Path | None = None
-    predictions: bool = False
-    ls_from_name: str = "label"
-    ls_to_name: str = "image"
-    ls_config: str | None = None
+    # metadata "flag": the command-line option that sets the field (named in usage errors)
+    uri_prefix: str | None = field(default=None, metadata={"flag": "--uri-prefix"})
+    absolute: bool = field(default=False, metadata={"flag": "--absolute"})
+    document_root: Path | None = field(default=None, metadata={"flag": "--document-root"})
+    predictions: bool = field(default=False, metadata={"flag": "--predictions"})
+    ls_from_name: str = field(default="label", metadata={"flag": "--ls-from-name"})
+    ls_to_name: str = field(default="image", metadata={"flag": "--ls-to-name"})
+    ls_config: str | None = field(default=None, metadata={"flag": "--ls-config"})
+
+    def given(self) -> list[str]:
+        """The fields set to something other than their default, in declaration order."""
+        return [f.name for f in fields(self) if getattr(self, f.name) != f.default]
+
+
+def option_flag(name: str) -> str:
+    """The command-line option of the ``ExportOptions`` field ``name``."""
+    return next(f.metadata["flag"] for f in fields(ExportOptions) if f.name == name)
 
 
 @dataclass(frozen=True)
@@ -263,16 +273,14 @@ class Exporter:
     # URI schemes the format accepts in image references; empty: local paths, URIs optional.
     uri_schemes: ClassVar[tuple[str, ...]] = ()
     uri_required: ClassVar[bool] = False
-    takes_uri_prefix: ClassVar[bool] = True
+    # the ExportOptions fields the format reads; any other one given is a usage error (check_options)
+    reads: ClassVar[frozenset[str]] = frozenset()
     file_names: ClassVar[tuple[str, ...]] = ()  # "files"/"folder" layouts: the files it writes
 
     def check(self, rows: Sequence[ExportRow], context: ExportContext) -> None:
         """Refuse (``DataError``/``UsageError``) what the platform would reject or mangle."""
+        check_options(type(self), context.options)
         prefix = context.options.uri_prefix
-        if prefix is not None and not self.takes_uri_prefix:
-            raise UsageError(
-                f"--uri-prefix does not apply to --format {self.name} (it refers to local files)"
-            )
         if self.uri_required and prefix is None:
             example = "s3://BUCKET/pool/" if "s3" in self.uri_schemes else "https://HOST/pool/"
             raise UsageError(
@@ -316,6 +324,17 @@ def register_exporter(cls: type[Exporter]) -> type[Exporter]:
 
 def exporter_registry() -> dict[str, type[Exporter]]:
     return dict(sorted(_REGISTRY.items()))
+
+
+def check_options(exporter: type[Exporter], options: ExportOptions) -> None:
+    """A usage error for an option the format would ignore, naming the formats that read it."""
+    for name in options.given():
+        if name not in exporter.reads:
+            users = [fmt for fmt, cls in exporter_registry().items() if name in cls.reads]
+            raise UsageError(
+                f"{option_flag(name)} does not apply to --format {exporter.name} "
+                f"(formats that read it: {', '.join(users)})"
+            )
 
 
 # /dev/stdout, /dev/fd/N, /proc/self/fd/N: an open descriptor of this process, not a file to replace.

@@ -64,7 +64,7 @@ def oriented_size(path: Path) -> tuple[int, int]:
 class CvatExporter(Exporter):
     name = "cvat"
     summary = "CVAT dataset manifest (manifest.jsonl v1.1) in rank order, for --sorting-method predefined"
-    takes_uri_prefix = False
+    reads = frozenset({"document_root"})  # names relative to the share root; no URIs
 
     def check(self, rows: Sequence[ExportRow], context: ExportContext) -> None:
         super().check(rows, context)
@@ -110,17 +110,27 @@ class CvatExporter(Exporter):
         root = (context.options.document_root or Path(rows[0].folder)).resolve()
         files = [self.relpath(row, context) for row in rows]
         names = context.run.class_names
-        labels = json.dumps([{"name": name} for name in names], ensure_ascii=False)
-        labels_arg = shlex.quote(labels) if names else "LABELS.json"
+        # cvat-cli's --labels takes JSON text or the name of an existing JSON file (else it refuses
+        # the command); without class names the user writes that file, or names a project instead
+        labels_arg = shlex.quote(json.dumps([{"name": n} for n in names], ensure_ascii=False))
         create = (
             f"cvat-cli --server-host HOST --auth USER task create alselect-run-{context.run.id} share "
             f"{shlex.quote(manifest)} "
         )
-        options = f" --labels {labels_arg} --sorting-method predefined"
+        options = f" --labels {labels_arg if names else 'labels.json'} --sorting-method predefined"
+        # CVAT's "share" is the folder mounted into its server and worker containers as the file
+        # share (the cvat_share volume, /home/django/share); share resources are paths relative to it
         lines = [
-            f"CVAT: mount {root} as the share root, put {manifest} in it, and create the task with the "
-            "files in manifest order (frame 0 = rank 1):"
+            f"CVAT: {root} must be the folder mounted as CVAT's file share (manifest names are relative "
+            f"to it; --ls-document-root sets another root); copy {manifest} to its top level. With "
+            "--sorting-method predefined CVAT orders the frames as the manifest lists them "
+            "(frame 0 = rank 1); the files listed must be exactly the manifest's:"
         ]
+        if not names:
+            lines.append(
+                '  first write the task\'s labels to labels.json, e.g. [{"name": "cat"}, {"name": "dog"}] '
+                "(or replace --labels with --project_id ID of a project that has them)"
+            )
         if len(files) <= HINT_FILE_LIST_LIMIT:
             lines.append("  " + create + " ".join(shlex.quote(f) for f in files) + options)
         else:

@@ -51,7 +51,7 @@ class FiftyOneExporter(Exporter):
     summary = "FiftyOne CSVDataset folder: labels.csv with filepath and al_rank/al_score/... columns"
     layout = "folder"
     file_names = (LABELS_FILE,)
-    takes_uri_prefix = False
+    reads = frozenset()  # local paths only
 
     def write_files(
         self, rows: Sequence[ExportRow], files: FileSet, context: ExportContext

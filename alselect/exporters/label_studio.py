@@ -60,6 +60,9 @@ def classification_config(classes: Sequence[str], from_name: str = "label", to_n
 @register_exporter
 class LabelStudioExporter(Exporter):
     name = "label-studio"
+    reads = frozenset(
+        {"uri_prefix", "document_root", "predictions", "ls_from_name", "ls_to_name", "ls_config"}
+    )
     summary = "Label Studio tasks (JSON array): data.image, data.al_*; --predictions for pre-annotation"
 
     def check(self, rows: Sequence[ExportRow], context: ExportContext) -> None:

@@ -44,6 +44,7 @@ METADATA_FIELDS = ("al_rank", "al_score", "al_strategy", "al_model", "al_sha256"
 @register_exporter
 class LabelboxExporter(Exporter):
     name = "labelbox"
+    reads = frozenset({"uri_prefix"})
     summary = "Labelbox data rows (JSON array, al_* metadata) + priorities CSV (1 = first)"
     layout = "files"
     file_names = (ROWS_FILE, PRIORITIES_FILE)

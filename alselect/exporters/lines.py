@@ -12,6 +12,7 @@ from alselect.exporters.base import ExportContext, Exporter, ExportRow, json_tex
 @register_exporter
 class JsonlExporter(Exporter):
     name = "jsonl"
+    reads = frozenset({"uri_prefix", "absolute"})
     summary = "one JSON object per line with the csv columns (numbers as numbers)"
 
     def write(
@@ -55,6 +56,7 @@ def json_number(text: str) -> float | None:
 @register_exporter
 class PathsExporter(Exporter):
     name = "paths"
+    reads = frozenset({"uri_prefix", "absolute"})
     summary = "one path (or URI, with --uri-prefix) per line, no header; paths with a newline are skipped"
 
     def write(

@@ -23,6 +23,7 @@ MAX_ATTRIBUTE_CHARS = 20_000
 @register_exporter
 class SageMakerExporter(Exporter):
     name = "sagemaker"
+    reads = frozenset({"uri_prefix"})
     summary = "SageMaker Ground Truth input manifest (JSON Lines, source-ref = s3:// URI)"
     uri_schemes = ("s3",)
     uri_required = True

@@ -80,6 +80,7 @@ def priorities(count: int) -> list[int]:
 @register_exporter
 class SuperAnnotateExporter(Exporter):
     name = "superannotate"
+    reads = frozenset({"uri_prefix"})
     summary = "SuperAnnotate attach CSV (url,name) + priorities JSON (integers, higher first)"
     layout = "files"
     file_names = (ATTACH_FILE, PRIORITIES_FILE)

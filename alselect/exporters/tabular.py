@@ -12,6 +12,7 @@ from alselect.exporters.base import ExportContext, Exporter, ExportRow, columns_
 @register_exporter
 class CsvExporter(Exporter):
     name = "csv"
+    reads = frozenset({"uri_prefix", "absolute"})
     summary = "UTF-8 CSV with header; paths with commas, quotes or newlines are quoted"
     dialect: type[csv.Dialect] | str = "excel"
 

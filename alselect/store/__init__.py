@@ -316,14 +316,28 @@ class Store:
             )
         return len(items)
 
-    def mark_failed(self, root: str, failures: Sequence[tuple[str, str]]) -> None:
-        """Record ``(sha256, reason)`` decode failures for every path holding that content."""
+    def mark_failed(self, root: str, failures: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Record ``(sha256, reason)`` decode failures for every path holding that content.
+
+        Returns ``(relpath, reason)`` of every file marked failed: a copy of a broken file is a
+        failed file too, and counts as one (``alselect.status``)."""
+        root_db = to_db(root)
+        marked: list[tuple[str, str]] = []
         with self.transaction() as conn:
+            for sha, reason in failures:
+                marked.extend(
+                    (from_db(rel), reason)
+                    for (rel,) in conn.execute(
+                        "SELECT relpath FROM images WHERE root = ? AND sha256 = ? AND status = 'present'",
+                        (root_db, sha),
+                    )
+                )
             conn.executemany(
                 f"UPDATE images SET status = 'failed', reason = ?, {CHANGED_NOW} "
                 "WHERE root = ? AND sha256 = ? AND status = 'present'",
-                [(reason, to_db(root), sha) for sha, reason in failures],
+                [(reason, root_db, sha) for sha, reason in failures],
             )
+        return marked
 
     # -- models ---------------------------------------------------------------------------------
 
