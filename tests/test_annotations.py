@@ -285,3 +285,44 @@ def test_label_cli_format_forces_a_reader(
     assert code == 1 and "not a COCO JSON file" in err
     code, _, err = cli(capsys, *store, str(COCO_JSON), "--format", "label-studio")
     assert code == 1 and "a Label Studio JSON export is a list of tasks" in err
+
+
+def test_an_empty_class_name_is_skipped_with_a_reason_in_every_platform_format() -> None:
+    """Label Studio ``choices: [""]``, a CVAT tag or shape labeled "", a COCO category named "" (blanks
+    count as empty): the image is left unlabeled with a reason, never labeled without a class."""
+    ls = json.dumps(
+        [
+            {
+                "id": 1,
+                "data": {"image": "a.png"},
+                "annotations": [{"result": [{"value": {"choices": [""]}}]}],
+            },
+            {
+                "id": 2,
+                "data": {"image": "b.png"},
+                "annotations": [{"result": [{"value": {"choices": ["cat"]}}]}],
+            },
+            {
+                "id": 3,
+                "data": {"image": "c.png"},
+                "annotations": [{"result": [{"value": {"choices": ["  "]}}]}],
+            },
+        ]
+    )
+    cvat = (
+        '<annotations><image id="0" name="a.png"><tag label=""/></image>'
+        '<image id="1" name="b.png"><tag label="cat"/></image>'
+        '<image id="2" name="c.png"><box label=" " xtl="0" ytl="0" xbr="1" ybr="1"/></image></annotations>'
+    )
+    coco = json.dumps(
+        {
+            "images": [{"id": i, "file_name": f"{name}.png"} for i, name in ((1, "a"), (2, "b"), (3, "c"))],
+            "annotations": [{"image_id": 1, "category_id": 7}, {"image_id": 2, "category_id": 8},
+                            {"image_id": 3, "category_id": 8}, {"image_id": 3, "category_id": 7}],
+            "categories": [{"id": 7, "name": ""}, {"id": 8, "name": "cat"}],
+        }
+    )  # fmt: skip
+    for text in (ls, cvat, coco):
+        result = read_annotations(text)
+        assert [(r.path, r.label) for r in result.records] == [("b.png", "cat")], result.format
+        assert len(result.skipped) == 2 and all("empty class name" in why for _, why in result.skipped)

@@ -167,6 +167,15 @@ def class_name(value: object) -> str | None:
     return text or None
 
 
+def blank_class(value: object) -> bool:
+    """A class given as text that holds nothing (``""``, blanks): an annotation that names no class.
+    Readers skip such an image with a reason instead of labeling it without a class."""
+    return isinstance(value, str) and not value.strip()
+
+
+BLANK_CLASS = "empty class name (fix the label in the platform; the image stays unlabeled)"
+
+
 def single_class(labels: list[str | None]) -> tuple[str | None, bool]:
     """``(class, mixed)``: the one class all given labels share, else ``None`` and whether they differ."""
     distinct = {label for label in labels if label is not None}

@@ -10,11 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from alselect.annotations.base import (
+    BLANK_CLASS,
     AnnotationReader,
     Annotations,
     Document,
     LabelRecord,
     ReadOptions,
+    blank_class,
     class_name,
     count_note,
     register_reader,
@@ -43,6 +45,9 @@ class CocoReader(AnnotationReader):
         value: dict[str, Any] = doc.json
         listed_categories = [c for c in value.get("categories") or [] if isinstance(c, dict)]
         names = {category.get("id"): class_name(category.get("name")) for category in listed_categories}
+        blank_ids = {
+            category.get("id") for category in listed_categories if blank_class(category.get("name"))
+        }
         categories: dict[object, list[object]] = {}
         for annotation in value["annotations"]:
             if isinstance(annotation, dict):
@@ -62,6 +67,9 @@ class CocoReader(AnnotationReader):
             found = categories.get(image_id, [])
             if not found:
                 result.skipped.append((ref, "not annotated"))
+                continue
+            if any(category in blank_ids for category in found):
+                result.skipped.append((ref, BLANK_CLASS))
                 continue
             unnamed += sum(1 for category in found if names.get(category) is None)
             label, mixed = single_class([names.get(category) for category in found])

@@ -9,11 +9,13 @@ label; several different labels leave it labeled without a class.
 from __future__ import annotations
 
 from alselect.annotations.base import (
+    BLANK_CLASS,
     AnnotationReader,
     Annotations,
     Document,
     LabelRecord,
     ReadOptions,
+    blank_class,
     class_name,
     count_note,
     register_reader,
@@ -47,6 +49,9 @@ class CvatReader(AnnotationReader):
             shapes = [class_name(shape.get("label")) for shape in image if shape.tag != "tag"]
             if not tags and not shapes:
                 result.skipped.append((ref, "not annotated"))
+                continue
+            if any(blank_class(item.get("label")) for item in image):
+                result.skipped.append((ref, BLANK_CLASS))
                 continue
             label, mixed = single_class(tags or shapes)
             mixed_count += mixed

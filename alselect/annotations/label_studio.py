@@ -15,11 +15,13 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from alselect.annotations.base import (
+    BLANK_CLASS,
     AnnotationReader,
     Annotations,
     Document,
     LabelRecord,
     ReadOptions,
+    blank_class,
     class_name,
     count_note,
     register_reader,
@@ -58,14 +60,15 @@ def path_of(image: str, uri_prefix: str | None) -> str | None:
     return image
 
 
-def first_choice(annotation: dict[str, Any]) -> tuple[str | None, bool]:
-    """``(class, several)``: the first choice of the annotation's first ``choices`` result."""
+def first_choice(annotation: dict[str, Any]) -> tuple[str | None, bool, bool]:
+    """``(class, several, blank)``: the first choice of the annotation's first ``choices`` result;
+    ``blank`` when that choice is empty text (``choices: [""]``)."""
     for item in annotation.get("result") or []:
         value = item.get("value") if isinstance(item, dict) else None
         choices = value.get("choices") if isinstance(value, dict) else None
         if isinstance(choices, list) and choices:
-            return class_name(choices[0]), len(choices) > 1
-    return None, False
+            return class_name(choices[0]), len(choices) > 1, blank_class(choices[0])
+    return None, False, False
 
 
 @register_reader
@@ -99,8 +102,11 @@ class LabelStudioReader(AnnotationReader):
                 result.skipped.append((ref, "skipped (cancelled)" if annotations else "not annotated"))
                 continue
             picks = [first_choice(a) for a in [a for a in done if a.get("ground_truth")] or done]
-            several += sum(1 for _, many in picks if many)
-            label, mixed = single_class([choice for choice, _ in picks])
+            if any(blank for _, _, blank in picks):
+                result.skipped.append((ref, BLANK_CLASS))
+                continue
+            several += sum(1 for _, many, _ in picks if many)
+            label, mixed = single_class([choice for choice, _, _ in picks])
             disagree += mixed
             no_choice += label is None and not mixed
             sha = valid_sha256(data.get("al_sha256"))
