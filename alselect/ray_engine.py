@@ -51,6 +51,7 @@ from alselect.embed import (
     resolve_device,
 )
 from alselect.errors import AlselectError, UsageError
+from alselect.inference import Accelerated
 from alselect.limits import DEFAULT_MAX_PIXELS
 from alselect.preprocess import Preprocess
 from alselect.progress import NULL_REPORTER, Reporter
@@ -261,7 +262,12 @@ class ModelActor:
     """Ray actor: builds the model once, then runs it on each chunk's decoded images."""
 
     def __init__(self, source: ModelSource, preprocess: Preprocess, use_gpu: bool) -> None:
-        self.forward = BatchForward(source(), preprocess, resolve_device("cuda" if use_gpu else "cpu"))
+        model = source()
+        # fp32 in the local engine's memory layout (channels_last for classifiers), so both engines
+        # run the same kernels and store the same arrays
+        plain = not getattr(model, "needs_geometry", False)
+        fp32 = Accelerated(model, "fp32", channels_last=plain)
+        self.forward = BatchForward(fp32, preprocess, resolve_device("cuda" if use_gpu else "cpu"))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         payloads = []
