@@ -175,6 +175,26 @@ def test_balanced_quotas() -> None:
     assert balanced_quotas(10, [0, 3, 20]) == [0, 3, 7]
     assert balanced_quotas(100, [2, 3]) == [2, 3]
     assert balanced_quotas(0, [2, 3]) == [0, 0]
+    # a class that runs out hands its share to the classes with the fewest (outside review)
+    assert balanced_quotas(10, [2, 100, 100, 100]) == [2, 3, 3, 2]
+    assert balanced_quotas(253, [27, 26, 34, 30, 40, 25, 30, 28, 25, 30]) == [26, 26, 26] + [25] * 7
+
+
+def brute_force_quotas(total: int, available: list[int]) -> list[int]:
+    """One pick at a time to the class with the fewest so far that has candidates left (ties: priority)."""
+    quotas = [0] * len(available)
+    for _ in range(min(total, sum(available))):
+        open_classes = [i for i, n in enumerate(available) if quotas[i] < n]
+        quotas[min(open_classes, key=lambda i: (quotas[i], i))] += 1
+    return quotas
+
+
+def test_balanced_quotas_match_one_pick_at_a_time() -> None:
+    rng = np.random.default_rng(4)
+    for _ in range(300):
+        available = rng.integers(0, 30, rng.integers(1, 9)).tolist()
+        total = int(rng.integers(0, 120))
+        assert balanced_quotas(total, available) == brute_force_quotas(total, available), (total, available)
 
 
 def test_compose_names_needs_params_and_validation() -> None:

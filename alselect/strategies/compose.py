@@ -186,19 +186,27 @@ class ClassBalanced(Strategy):
 def balanced_quotas(total: int, available: list[int]) -> list[int]:
     """Split ``total`` over classes with ``available`` candidates (in priority order) as evenly as possible.
 
-    Counts differ by at most one among classes that are not exhausted; earlier classes get the
-    remainder. The sum is ``min(total, sum(available))``.
+    Water-filling: every class gets ``min(available, L)`` for the highest level L that fits, then
+    one more each for the first classes (in priority order) that still have candidates, until
+    ``total`` is reached. So counts differ by at most one among classes that are not exhausted,
+    and the sum is ``min(total, sum(available))``.
     """
-    quotas = [0] * len(available)
-    remaining = min(total, sum(available))
-    active = [i for i, n in enumerate(available) if n > 0]
-    while remaining > 0 and active:
-        share, extra = divmod(remaining, len(active))
-        for rank, i in enumerate(active):
-            give = min(share + (1 if rank < extra else 0), available[i] - quotas[i])
-            quotas[i] += give
-            remaining -= give
-        active = [i for i in active if quotas[i] < available[i]]
+    total = min(total, sum(available))
+    low, high = 0, max(available, default=0)
+    while low < high:  # the highest level L with sum(min(n, L)) <= total
+        middle = (low + high + 1) // 2
+        if sum(min(n, middle) for n in available) <= total:
+            low = middle
+        else:
+            high = middle - 1
+    quotas = [min(n, low) for n in available]
+    left = total - sum(quotas)
+    for i, n in enumerate(available):
+        if left == 0:
+            break
+        if n > quotas[i]:
+            quotas[i] += 1
+            left -= 1
     return quotas
 
 
