@@ -26,7 +26,10 @@ References measured in the same run, on the same files:
   bytes per batch as ``register``), which bounds registration for a given row size.
 
 ``--select NAME`` (repeatable) runs a selection in a fresh process on the built store (pool load,
-then ``NAME`` with ``--budget``), reporting its wall time and peak RSS (``ru_maxrss``). Peak RSS of
+then ``NAME`` with ``--budget``), reporting its wall time and peak RSS (``VmHWM``: a child's
+``ru_maxrss`` starts from its parent's); ``--select
+load`` loads the pool with probabilities and embeddings and selects nothing (what a fresh ``alselect
+score`` pays before a strategy that needs embeddings). Peak RSS of
 the whole benchmark process is reported at the end.
 """
 
@@ -170,21 +173,23 @@ def roof_write(work: Path, batch_bytes: int, batches: int) -> float:
 
 
 SELECT_CODE = """
-import json, resource, sys, time
+import json, sys, time
 from alselect.store import Store
 from alselect.strategies import PoolInputs, build_strategy
 path, key, name, budget = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 start = time.perf_counter()
 with Store.open(path) as store:
     pool = store.pool_rows("/pool", [key])
-    strategy = build_strategy(name, seed=0)
+    strategy = None if name == "load" else build_strategy(name, seed=0)
     probs = store.pool_array(pool, key, "probs")
-    emb = store.pool_array(pool, key, "embedding") if "embeddings" in strategy.needs else None
+    emb = store.pool_array(pool, key, "embedding") if not strategy or "embeddings" in strategy.needs else None
 loaded = time.perf_counter() - start
 inputs = PoolInputs(probs=probs, labeled=pool.labeled, embeddings=emb, pending=pool.exported & ~pool.labeled)
-picked = strategy.select(budget if strategy.batch_aware else None, inputs)
-print(json.dumps({"load_s": loaded, "select_s": time.perf_counter() - start - loaded,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+picked = strategy.select(budget if strategy.batch_aware else None, inputs) if strategy else None
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork and exec
+peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+selected = time.perf_counter() - start - loaded
+print(json.dumps({"load_s": loaded, "select_s": selected, "peak_rss_mb": peak_kb / 1024}))
 """
 
 

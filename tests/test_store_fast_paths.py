@@ -160,3 +160,20 @@ def test_pool_paths_are_read_on_demand_even_after_the_store_closed(store_path: P
         pool = store.pool_rows("/pool", [KEY])
     assert pool.relpaths == ["a.png", "b.png", "c/d.png"] and pool.roots == ["/pool"] * 3
     assert pool.sha256 == [sha(1), sha(0), sha(2)]
+
+
+def test_large_reads_land_in_writable_plain_memory(store_path: Path) -> None:
+    from alselect.store import arrays
+
+    with (
+        mock.patch.object(arrays, "LARGE_BYTES", 1),
+        Store.open(store_path, write=True, create=True) as store,
+    ):
+        store.register_model(KEY, KEY, "/m.pt", "test", None, 3, None, {})
+        emb = np.arange(40, dtype=np.float32).reshape(10, 4)
+        store.add_outputs(KEY, [sha(i) for i in range(10)], {"embedding": emb})
+        got = store.read_outputs(KEY, "embedding", np.arange(10))
+        np.testing.assert_array_equal(got, emb)
+        assert got.flags.writeable
+        got[0, 0] = -1  # callers may normalise in place
+        np.testing.assert_array_equal(store.read_outputs(KEY, "embedding", np.arange(10)), emb)

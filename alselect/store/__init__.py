@@ -20,7 +20,7 @@ import numpy as np
 
 from alselect.errors import StoreError
 from alselect.store import migrations
-from alselect.store.arrays import append_rows, read_rows, rows_fit
+from alselect.store.arrays import append_rows, empty_rows, read_rows, rows_fit
 from alselect.store.connect import READ_WAL, WRITE, can_write, open_connection, open_mode, read_only_error
 from alselect.store.keys import (
     content_keys,
@@ -566,7 +566,7 @@ class Store:
         shape = tuple(json.loads(segments[0][2]))
         dtype = np.dtype(segments[0][1])
         width = int(np.prod(shape, dtype=np.int64))
-        out = np.empty((len(slots), width), dtype=dtype)
+        out = empty_rows(len(slots), width, dtype)
         in_order = bool(np.all(slots[1:] > slots[:-1]))  # a pool in slot order reads straight into out
         order = np.arange(len(slots)) if in_order else np.argsort(slots, kind="stable")
         ordered = slots if in_order else slots[order]
