@@ -191,10 +191,12 @@ def test_labelbox_sdk_prepares_the_data_rows(hostile: tuple[Path, Path], tmp_pat
     expected = {r["path"]: r for r in ranked(store)}
     web_out = result[str(web_rows)]
     assert web_out["uploads"] == []  # URLs are referenced, not uploaded
-    assert sorted(p["global_key"] for p in web_out["payloads"]) == sorted(HOSTILE_NAMES)
+    # global keys are `<relative path>@<16 hex of (folder, path, content)>`: unique and stable
+    keys = {p["global_key"].rpartition("@")[0]: p["global_key"] for p in web_out["payloads"]}
+    assert sorted(keys) == sorted(HOSTILE_NAMES) and len(set(keys.values())) == len(HOSTILE_NAMES)
     for payload in web_out["payloads"]:
         metadata = {m["schemaId"].rstrip("x"): m["value"] for m in payload["metadata_fields"]}
-        row = expected[payload["global_key"]]
+        row = expected[payload["global_key"].rpartition("@")[0]]
         assert metadata["al_rank"] == float(row["rank"]) and metadata["al_sha256"] == row["sha256"]
         assert metadata["al_score"] == pytest.approx(float(row["score"]), rel=1e-7)
         assert payload["media_type"] == "IMAGE" and payload["row_data"].startswith("https://bucket.s3")
