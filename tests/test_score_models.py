@@ -240,3 +240,30 @@ def test_strategy_params_from_the_command_line() -> None:
         build_strategy("entropy", params={"beta": "1"})
     with pytest.raises(UsageError, match="--param seed=x"):
         build_strategy("random", params={"seed": "x"})
+
+
+@pytest.mark.parametrize("name", ["random", "coreset", "kmeans", "diverse-minibatch", "dal", "badge", "entropy"])
+def test_a_negative_or_huge_seed_is_a_usage_error_naming_the_option(name: str) -> None:
+    for bad in (-1, 2**63):
+        with pytest.raises(UsageError, match=r"^--seed must be an integer from 0 to"):
+            build_strategy(name, seed=bad)
+    if "seed" in build_strategy(name).get_params():
+        with pytest.raises(UsageError, match=rf"^--param seed for strategy '{name}' must be an integer"):
+            build_strategy(name, params={"seed": "-1"})
+        assert build_strategy(name, params={"seed": str(2**63 - 1)}).get_params()["seed"] == 2**63 - 1
+
+
+def test_a_negative_seed_on_the_command_line_is_exit_2_before_any_work(
+    tmp_path: Path, tiny_checkpoint: Path, make_images: MakeImages, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_images(tmp_path / "pool", 3)
+    base = ["--store", str(tmp_path / "store"), "score", str(tmp_path / "pool"), "-m", str(tiny_checkpoint)]
+    for extra, needle in (
+        (["-s", "random", "--seed", "-1"], "--seed must be"),
+        (["-s", "coreset", "--budget", "2", "--seed", "-1"], "--seed must be"),
+        (["-s", "kmeans", "--budget", "2", "--param", "seed=-1"], "--param seed for strategy 'kmeans'"),
+    ):
+        code, out, err = cli(capsys, *base, *extra)
+        assert (code, out) == (2, ""), err
+        assert len(err.strip().splitlines()) == 1 and needle in err, err
+        assert not (tmp_path / "store").exists()
