@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from alselect.device_decode import DeviceDecoder, JpegFile, device_decodable
+from alselect.devices import check_device
 from alselect.errors import AlselectError, UsageError
 from alselect.images import (
     OUT_OF_MEMORY,
@@ -171,22 +172,12 @@ def _cuda_present() -> bool:
     return torch.cuda.is_available()
 
 
-def resolve_device(spec: str) -> torch.device:
-    """``auto`` picks CUDA when available; an explicit CUDA device that is missing is an error."""
+def resolve_device(spec: str, option: str = "--device") -> torch.device:
+    """``auto`` picks CUDA when available; a device checked by ``check_device`` (``option`` names it)."""
+    check_device(spec, option)
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError as exc:
-        raise UsageError(f"--device: {exc}; use auto, cpu, cuda or cuda:N") from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise AlselectError(f"--device {spec}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise AlselectError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present")
-    elif device.type != "cpu":
-        raise UsageError(f"--device {spec}: use auto, cpu, cuda or cuda:N")
-    return device
+    return torch.device(spec)
 
 
 # (index, pixels, failure reason, geometry, a JPEG left for the device to decode)

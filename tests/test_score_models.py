@@ -267,3 +267,58 @@ def test_a_negative_seed_on_the_command_line_is_exit_2_before_any_work(
         assert (code, out) == (2, ""), err
         assert len(err.strip().splitlines()) == 1 and needle in err, err
         assert not (tmp_path / "store").exists()
+
+
+DEVICE_STRATEGIES = ["coreset", "badge", "kmeans", "diverse-minibatch", "dal", "batchbald"]
+
+
+@pytest.mark.parametrize("name", DEVICE_STRATEGIES)
+def test_a_strategy_device_is_checked_alike_when_the_strategy_is_built(name: str) -> None:
+    from alselect.errors import AlselectError
+
+    assert "device" in build_strategy(name).get_params()
+    for bad in ("tpu", "cuda:x", "CPU", "cuda:0:1", ""):
+        with pytest.raises(UsageError, match=r"^--param device=.*: use auto, cpu, cuda or cuda:N$"):
+            build_strategy(name, params={"device": bad})
+    assert build_strategy(name, params={"device": "cpu"}).get_params()["device"] == "cpu"
+    if not torch.cuda.is_available():
+        for missing in ("cuda", "cuda:0"):
+            with pytest.raises(AlselectError, match=r"^--param device=cuda(:0)?: CUDA is not available"):
+                build_strategy(name, params={"device": missing})
+    else:
+        with pytest.raises(AlselectError, match=r"CUDA device\(s\) present"):
+            build_strategy(name, params={"device": f"cuda:{torch.cuda.device_count()}"})
+
+
+@pytest.mark.parametrize(("value", "code"), [("tpu", 2), ("cuda", 1)])
+def test_a_strategy_device_on_the_command_line_is_one_line_before_any_work(
+    value: str,
+    code: int,
+    tmp_path: Path,
+    tiny_checkpoint: Path,
+    make_images: MakeImages,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    if value == "cuda" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    make_images(tmp_path / "pool", 3)
+    base = ["--store", str(tmp_path / "store"), "score", str(tmp_path / "pool"), "-m", str(tiny_checkpoint)]
+    for name in ("coreset", "kmeans"):
+        got, out, err = cli(capsys, *base, "-s", name, "--budget", "2", "--param", f"device={value}")
+        assert (got, out) == (code, ""), err
+        assert err.strip().splitlines() == [
+            f"alselect: error: --param device={value}: "
+            + ("use auto, cpu, cuda or cuda:N" if code == 2 else "CUDA is not available on this machine")
+        ]
+        assert not (tmp_path / "store").exists()
+
+
+def test_an_unknown_device_names_the_accepted_values_only(
+    tmp_path: Path, tiny_checkpoint: Path, make_images: MakeImages, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_images(tmp_path / "pool", 2)
+    got, _, err = cli(
+        capsys, "--store", str(tmp_path / "s"), "embed", str(tmp_path / "pool"), "-m", str(tiny_checkpoint),
+        "--device", "tpu",
+    )  # fmt: skip
+    assert got == 2 and err.strip() == "alselect: error: --device tpu: use auto, cpu, cuda or cuda:N", err

@@ -9,7 +9,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from alselect.devices import check_device
 from alselect.errors import UsageError
+
+DEVICE_PARAM = "--param device="
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,7 @@ def build_strategy(name: str, *, seed: int = 0, params: Mapping[str, Any] | None
     ``seed`` goes to strategies that take one. Every key of ``params`` must be a constructor
     parameter (else a usage error naming the accepted ones); text values are converted to the type
     of the parameter's default (int, float, bool), so ``beta=10`` reaches the strategy as ``10``.
+    Seeds and a ``device`` are checked here, before any work, the same way for every strategy.
     """
     cls = strategy_class(name)
     accepted = {
@@ -170,6 +174,8 @@ def build_strategy(name: str, *, seed: int = 0, params: Mapping[str, Any] | None
         kwargs[key] = coerce_param(name, key, value, accepted[key].default)
         if key == "seed":
             check_seed(kwargs[key], f"--param seed for strategy {name!r}")
+    if "device" in kwargs:
+        check_device(kwargs["device"], DEVICE_PARAM)
     return cls(**kwargs)
 
 
