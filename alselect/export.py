@@ -168,8 +168,22 @@ def select_rows(
     return Selection(run=run, rows=with_detection_counts(store, run, rows))
 
 
+def all_pending_reason(count: int) -> str:
+    """Why a ``--budget`` run ranked nothing when its ``count`` unlabeled images were all sent and
+    not labeled yet (such a run leaves them out), and what to do next."""
+    return (
+        f"all {count} unlabeled image(s) were exported and are not labeled yet (a --budget run leaves "
+        "them out); next: once annotations come back, 'alselect label <their export>' then "
+        "'alselect score'; to send them again, 'alselect score' without --budget, then "
+        "'alselect export --include-exported'"
+    )
+
+
 def explain_empty(store: Store, run: RunInfo, include_exported: bool) -> str:
     """Why an export found nothing to send, and what to do next (one line)."""
+    unlabeled = run.pool_size - run.labeled_count
+    if run.selected == 0 and unlabeled > 0:  # candidates exist only as exported-not-labeled ones
+        return f"nothing to export: run {run.id} ranked no images: {all_pending_reason(unlabeled)}"
     if run.selected == 0:
         return (
             f"nothing to export: run {run.id} ranked no images (every decodable image in {run.folder} "

@@ -19,6 +19,7 @@ from alselect.checkpoints import CheckpointOptions, LoadedModel, load_checkpoint
 from alselect.discover import resolve_root
 from alselect.embed import EmbedOptions, Engine, OutputModel, open_engine, resolve_device
 from alselect.errors import CheckpointError, NothingUsableError, UsageError
+from alselect.export import all_pending_reason
 from alselect.images import CHANGED_WHILE_READING
 from alselect.limits import check_batch_memory
 from alselect.mc_dropout import (
@@ -562,7 +563,10 @@ def score_folder(
         command=command,
         models=roles,
     )
-    if not len(ranking):
+    waiting = int((pool.exported & ~pool.labeled).sum()) if budget is not None else 0
+    if not len(ranking) and waiting:
+        reporter.warning(f"no image to rank: {all_pending_reason(waiting)}")
+    elif not len(ranking):
         reporter.warning("no unlabeled images to score: the run is empty")
     return ScoreResult(
         embed=results[0],

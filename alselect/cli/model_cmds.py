@@ -425,8 +425,8 @@ def score(
         )
         reporter.info(
             f"run {result.run_id}: {result.strategy} ranked {result.selected} of "
-            f"{result.pool_size} image(s) ({result.labeled} labeled){duplicates}; "
-            "next: alselect export --top N"
+            f"{result.pool_size} image(s) ({result.labeled} labeled){duplicates}"
+            + ("; next: alselect export --top N" if result.selected else "")
         )
 
 
