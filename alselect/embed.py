@@ -143,11 +143,13 @@ class EmbedOptions:
         return [fixed, usable_cpus()]
 
     def check(self) -> None:
-        """Fail before any work: a missing local device, or a Ray engine that cannot run here."""
+        """Fail before any work (the scan included): a missing local device, ``--decode gpu``
+        without a CUDA one, bad counts, or a Ray engine that cannot run here."""
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+        self.worker_count()
         if self.engine == "local":
-            resolve_device(self.device)
+            jpegs_on_device(self, resolve_device(self.device))
             return
         local_only = {
             "--precision": self.precision not in ("auto", "fp32"),

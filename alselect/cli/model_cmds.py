@@ -473,7 +473,7 @@ def _options(
     ray = RayOptions(ray_address, ray_actors, ray_gpus_per_actor)
     if engine != "ray" and ray != RayOptions():
         raise UsageError("--ray-address, --ray-actors and --ray-gpus-per-actor need --engine ray")
-    return EmbedOptions(
+    options = EmbedOptions(
         device,
         batch_size,
         workers,
@@ -485,6 +485,8 @@ def _options(
         engine=engine,
         ray=ray,
     )
+    options.check()  # before the store is opened or the folder scanned, whatever is embedded already
+    return options
 
 
 class Speed(NamedTuple):
