@@ -64,12 +64,6 @@ class Selection:
     rows: list[ExportRow]
 
 
-def model_display(store: Store, model_key: str) -> tuple[str, list[str] | None]:
-    """Short model name (checkpoint sha256 prefix, ``+pp…`` for overridden preprocessing)."""
-    info = store.model(model_key) or {}
-    return model_display_name(str(info.get("checkpoint_sha256") or model_key), model_key), info.get("classes")
-
-
 def detections_for(
     store: Store, run: RunInfo, rows: Sequence[ExportRow], options: ExportOptions
 ) -> dict[str, Any] | None:
@@ -117,7 +111,7 @@ def run_info(store: Store) -> RunInfo:
         selected=run["selected"],
         command=run.get("command"),
         alselect_version=run.get("alselect_version"),
-        model=model_display_name(checkpoint, run["model_key"]),
+        model=model_display_name(checkpoint, run["model_key"], model.get("preprocess")),
         model_key=run["model_key"],
         checkpoint_sha256=checkpoint,
         checkpoint_path=str(model.get("path") or ""),

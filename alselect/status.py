@@ -9,6 +9,7 @@ content still in the folder under another path (moved, renamed, or a removed cop
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -95,19 +96,24 @@ def store_status(store: Store, list_failed: bool = False) -> dict[str, Any]:
         reasons[(reason or "unknown").split(":")[0]] += 1
     models = [
         {
-            "model": model_display_name(ckpt, key),
+            "model": model_display_name(ckpt, key, derived),
             "checkpoint": from_db(path),
             "kind": kind,
             "classes": num_classes,
             "dim": dim,
+            "precision": derived.get("precision", "fp32"),
+            "mc_samples": derived.get("mc_samples"),
             "embedded": count,
             "failed": model_failures,
         }
-        for key, ckpt, path, kind, num_classes, dim, count, model_failures in store.rows(
-            "SELECT m.key, m.checkpoint_sha256, m.path, m.kind, m.num_classes, m.dim, "
-            "(SELECT COUNT(*) FROM outputs o WHERE o.model = m.id), "
-            "(SELECT COUNT(*) FROM output_failures f WHERE f.model = m.id) "
-            "FROM models m ORDER BY m.added_at"
+        for key, ckpt, path, kind, num_classes, dim, derived, count, model_failures in (
+            (*row[:6], json.loads(row[6] or "{}"), *row[7:])
+            for row in store.rows(
+                "SELECT m.key, m.checkpoint_sha256, m.path, m.kind, m.num_classes, m.dim, m.preprocess, "
+                "(SELECT COUNT(*) FROM outputs o WHERE o.model = m.id), "
+                "(SELECT COUNT(*) FROM output_failures f WHERE f.model = m.id) "
+                "FROM models m ORDER BY m.added_at"
+            )
         )
     ]
     folders = folder_counts(store)

@@ -242,7 +242,10 @@ def test_strategy_params_from_the_command_line() -> None:
         build_strategy("random", params={"seed": "x"})
 
 
-@pytest.mark.parametrize("name", ["random", "coreset", "kmeans", "diverse-minibatch", "dal", "badge", "entropy"])
+SEEDED = ["random", "coreset", "kmeans", "diverse-minibatch", "dal", "badge", "entropy"]
+
+
+@pytest.mark.parametrize("name", SEEDED)
 def test_a_negative_or_huge_seed_is_a_usage_error_naming_the_option(name: str) -> None:
     for bad in (-1, 2**63):
         with pytest.raises(UsageError, match=r"^--seed must be an integer from 0 to"):
