@@ -6,8 +6,9 @@ taken by another centroid. Pieces:
 - :func:`kmeans_fit`: (weighted) k-means++ seeding, then Lloyd iterations in float32 through torch
   (chunked, on the CPU or CUDA). Empty clusters move to the points that cost the most.
 - :func:`nearest_unique`: one chunked pass over the candidates gives each centroid its ``T``
-  nearest candidates. Centroid-image pairs are then matched greedily in increasing distance: a pair is taken when neither its centroid
-  nor its image is taken yet (ties: lower image row, then lower centroid). A centroid whose ``T``
+  nearest candidates. Centroid-image pairs are then matched greedily in increasing distance: a
+  pair is taken when neither its centroid nor its image is taken yet (ties: lower image row, then
+  lower centroid). A centroid whose ``T``
   nearest were all taken gets a second pass over the images still free. This is not the optimal
   (Hungarian) assignment, which needs O(k³) time and scipy; it gives every centroid a distinct
   image, and the nearest one whenever no closer pair competes for it.
