@@ -397,8 +397,31 @@ def _shutdown(iterator: Any) -> None:
             shutdown()
 
 
+def decode_workers(options: EmbedOptions, total: int, reporter: Reporter = NULL_REPORTER) -> int:
+    """Decoding processes for ``total`` images: ``options.worker_count()``, but no more than there are
+    batches (a process without a batch only costs its start). More than the CPUs this process may
+    use is the user's call (slow storage can gain from it); one warning says they share the cores."""
+    batches = -(-total // options.batch_size)
+    workers = min(options.worker_count(), batches)
+    cpus = usable_cpus()
+    if workers > cpus:
+        reporter.warning(
+            f"--workers: {workers} decoding processes share the {cpus} CPU(s) this process may use; "
+            "fewer are usually as fast unless the files come from slow storage"
+        )
+    return workers
+
+
+class _Loader(DataLoader):
+    """A DataLoader that leaves the worker count to ``decode_workers``, which sized it and warned in
+    alselect's words: torch's own warning (a raw ``UserWarning`` per loader) stays quiet."""
+
+    def check_worker_number_rationality(self) -> None:
+        return None
+
+
 def _loader(dataset: Dataset[Decoded], batch_size: int, workers: int, device: torch.device) -> DataLoader:
-    return DataLoader(
+    return _Loader(
         dataset,
         batch_size=batch_size,
         shuffle=False,
@@ -440,7 +463,7 @@ def run_model(
     """
     if options.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {options.batch_size}")
-    workers = options.worker_count()
+    workers = decode_workers(options, len(paths), reporter)
     check_batch_memory(options.batch_size, preprocess.image_size, workers)
     check_expected(paths, expected_sha256)
     device = resolve_device(options.device)

@@ -499,6 +499,7 @@ def score_folder(
         raise UsageError(f"--budget must be at least 1, got {budget}")
     if strategy.batch_aware and budget is None:
         raise UsageError(f"strategy {strategy.name!r} chooses a batch jointly: pass --budget N")
+    warn_prefilter_caps_budget(strategy, budget, reporter)
     models = spec if isinstance(spec, ScoreModels) else ScoreModels(task=[spec])
     if not models.task:
         raise UsageError("scoring needs at least one --model")
@@ -591,6 +592,18 @@ def score_folder(
         selected=len(ranking),
         embeds=results,
     )
+
+
+def warn_prefilter_caps_budget(strategy: Strategy, budget: int | None, reporter: Reporter) -> None:
+    """One warning when ``--prefilter STRATEGY:TOP`` keeps fewer candidates than ``--budget`` asks for:
+    the run then ranks at most TOP images, which is easy to miss in a nightly export."""
+    from alselect.strategies.compose import Prefiltered
+
+    if isinstance(strategy, Prefiltered) and budget is not None and strategy.top < budget:
+        reporter.warning(
+            f"--prefilter {strategy.prefilter.name}:{strategy.top} keeps {strategy.top} candidate(s), "
+            f"fewer than --budget {budget}: the run ranks at most {strategy.top}"
+        )
 
 
 def ranking_of(pool: PoolRows, probs: np.ndarray, indices: np.ndarray, scores: np.ndarray) -> Ranking:

@@ -325,3 +325,20 @@ def test_an_unknown_device_names_the_accepted_values_only(
         "--device", "tpu",
     )  # fmt: skip
     assert got == 2 and err.strip() == "alselect: error: --device tpu: use auto, cpu, cuda or cuda:N", err
+
+
+def test_a_prefilter_smaller_than_the_budget_says_so_once(
+    tmp_path: Path, tiny_checkpoint: Path, make_images: MakeImages, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_images(tmp_path / "pool", 6)
+    base = ["--store", str(tmp_path / "store"), "score", str(tmp_path / "pool"), "-m", str(tiny_checkpoint)]
+    code, out, err = cli(capsys, *base, "-s", "entropy", "--prefilter", "margin:2", "--budget", "5")
+    assert (code, out) == (0, ""), err
+    notes = [line for line in err.splitlines() if "--prefilter" in line]
+    assert notes == [
+        "warning: --prefilter margin:2 keeps 2 candidate(s), fewer than --budget 5: the run ranks at most 2"
+    ]
+    assert "ranked 2 of 6" in err
+    for quiet in (["--budget", "2"], []):  # TOP covers the budget, or no budget at all
+        code, _, err = cli(capsys, *base, "-s", "entropy", "--prefilter", "margin:2", *quiet)
+        assert code == 0 and "keeps 2 candidate(s)" not in err, err
