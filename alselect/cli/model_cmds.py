@@ -525,7 +525,9 @@ def _report_embed(reporter: Reporter, result: EmbedResult) -> None:
     files = f"files {counts.describe()}; " if counts else ""  # status's wording and counts
     reporter.info(
         f"{sync.found} image file(s): {sync.new} new, {sync.moved} moved, {sync.changed} changed, "
-        f"{sync.restored} restored, {sync.unchanged} unchanged; {sync.vanished} vanished; {files}"
+        f"{sync.restored} restored, {sync.unchanged} unchanged; {sync.vanished} vanished"
+        + (f", {sync.copies_removed} duplicate copy(ies) removed" if sync.copies_removed else "")
+        + f"; {files}"
         f"embedded {result.embedded} with model {result.model_display} "
         f"({result.already_embedded} already embedded)"
     )

@@ -54,6 +54,9 @@ def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
+COPY_REMOVED = "copy removed"  # ``images.reason`` of an absent path that was a duplicate copy
+
+
 def model_display_name(checkpoint_sha256: str, key: str, settings: Mapping[str, Any] | None = None) -> str:
     """What a model is, in a few characters: ``<sha12>`` of the checkpoint, ``+pp<key6>`` when its
     preprocessing (or a detector's box count) was overridden, ``+bf16`` / ``+fp16`` for outputs made
@@ -319,11 +322,14 @@ class Store:
         """The ``images.changed`` value of a row changed now: the latest run's id (0 before any)."""
         return int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM runs").fetchone()[0])
 
-    def mark_absent(self, root: str, relpaths: Iterable[str]) -> int:
-        items = [(to_db(root), to_db(p)) for p in relpaths]
+    def mark_absent(self, root: str, relpaths: Iterable[str], copies: Iterable[str] = ()) -> int:
+        """Mark paths gone; those in ``copies`` were duplicate copies of content still in the folder
+        under a path seen before (reason ``COPY_REMOVED``: ``status`` tells them from moved files)."""
+        removed = set(copies)
+        items = [(COPY_REMOVED if p in removed else None, to_db(root), to_db(p)) for p in relpaths]
         with self.transaction() as conn:
             conn.executemany(
-                f"UPDATE images SET status = 'absent', reason = NULL, {CHANGED_NOW} "
+                f"UPDATE images SET status = 'absent', reason = ?, {CHANGED_NOW} "
                 "WHERE root = ? AND relpath = ?",
                 items,
             )
