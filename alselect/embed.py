@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from alselect.device_decode import DeviceDecoder, JpegFile, device_decodable
+from alselect.devices import check_device
 from alselect.errors import AlselectError, UsageError
 from alselect.images import (
     OUT_OF_MEMORY,
@@ -142,11 +143,13 @@ class EmbedOptions:
         return [fixed, usable_cpus()]
 
     def check(self) -> None:
-        """Fail before any work: a missing local device, or a Ray engine that cannot run here."""
+        """Fail before any work (the scan included): a missing local device, ``--decode gpu``
+        without a CUDA one, bad counts, or a Ray engine that cannot run here."""
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+        self.worker_count()
         if self.engine == "local":
-            resolve_device(self.device)
+            jpegs_on_device(self, resolve_device(self.device))
             return
         local_only = {
             "--precision": self.precision not in ("auto", "fp32"),
@@ -171,22 +174,12 @@ def _cuda_present() -> bool:
     return torch.cuda.is_available()
 
 
-def resolve_device(spec: str) -> torch.device:
-    """``auto`` picks CUDA when available; an explicit CUDA device that is missing is an error."""
+def resolve_device(spec: str, option: str = "--device") -> torch.device:
+    """``auto`` picks CUDA when available; a device checked by ``check_device`` (``option`` names it)."""
+    check_device(spec, option)
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError as exc:
-        raise UsageError(f"--device: {exc}; use auto, cpu, cuda or cuda:N") from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise AlselectError(f"--device {spec}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise AlselectError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present")
-    elif device.type != "cpu":
-        raise UsageError(f"--device {spec}: use auto, cpu, cuda or cuda:N")
-    return device
+    return torch.device(spec)
 
 
 # (index, pixels, failure reason, geometry, a JPEG left for the device to decode)
@@ -404,8 +397,31 @@ def _shutdown(iterator: Any) -> None:
             shutdown()
 
 
+def decode_workers(options: EmbedOptions, total: int, reporter: Reporter = NULL_REPORTER) -> int:
+    """Decoding processes for ``total`` images: ``options.worker_count()``, but no more than there are
+    batches (a process without a batch only costs its start). More than the CPUs this process may
+    use is the user's call (slow storage can gain from it); one warning says they share the cores."""
+    batches = -(-total // options.batch_size)
+    workers = min(options.worker_count(), batches)
+    cpus = usable_cpus()
+    if workers > cpus:
+        reporter.warning(
+            f"--workers: {workers} decoding processes share the {cpus} CPU(s) this process may use; "
+            "fewer are usually as fast unless the files come from slow storage"
+        )
+    return workers
+
+
+class _Loader(DataLoader):
+    """A DataLoader that leaves the worker count to ``decode_workers``, which sized it and warned in
+    alselect's words: torch's own warning (a raw ``UserWarning`` per loader) stays quiet."""
+
+    def check_worker_number_rationality(self) -> None:
+        return None
+
+
 def _loader(dataset: Dataset[Decoded], batch_size: int, workers: int, device: torch.device) -> DataLoader:
-    return DataLoader(
+    return _Loader(
         dataset,
         batch_size=batch_size,
         shuffle=False,
@@ -447,7 +463,7 @@ def run_model(
     """
     if options.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {options.batch_size}")
-    workers = options.worker_count()
+    workers = decode_workers(options, len(paths), reporter)
     check_batch_memory(options.batch_size, preprocess.image_size, workers)
     check_expected(paths, expected_sha256)
     device = resolve_device(options.device)

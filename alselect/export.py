@@ -64,12 +64,6 @@ class Selection:
     rows: list[ExportRow]
 
 
-def model_display(store: Store, model_key: str) -> tuple[str, list[str] | None]:
-    """Short model name (checkpoint sha256 prefix, ``+pp…`` for overridden preprocessing)."""
-    info = store.model(model_key) or {}
-    return model_display_name(str(info.get("checkpoint_sha256") or model_key), model_key), info.get("classes")
-
-
 def detections_for(
     store: Store, run: RunInfo, rows: Sequence[ExportRow], options: ExportOptions
 ) -> dict[str, Any] | None:
@@ -117,7 +111,7 @@ def run_info(store: Store) -> RunInfo:
         selected=run["selected"],
         command=run.get("command"),
         alselect_version=run.get("alselect_version"),
-        model=model_display_name(checkpoint, run["model_key"]),
+        model=model_display_name(checkpoint, run["model_key"], model.get("preprocess")),
         model_key=run["model_key"],
         checkpoint_sha256=checkpoint,
         checkpoint_path=str(model.get("path") or ""),
@@ -168,8 +162,22 @@ def select_rows(
     return Selection(run=run, rows=with_detection_counts(store, run, rows))
 
 
+def all_pending_reason(count: int) -> str:
+    """Why a ``--budget`` run ranked nothing when its ``count`` unlabeled images were all sent and
+    not labeled yet (such a run leaves them out), and what to do next."""
+    return (
+        f"all {count} unlabeled image(s) were exported and are not labeled yet (a --budget run leaves "
+        "them out); next: once annotations come back, 'alselect label <their export>' then "
+        "'alselect score'; to send them again, 'alselect score' without --budget, then "
+        "'alselect export --include-exported'"
+    )
+
+
 def explain_empty(store: Store, run: RunInfo, include_exported: bool) -> str:
     """Why an export found nothing to send, and what to do next (one line)."""
+    unlabeled = run.pool_size - run.labeled_count
+    if run.selected == 0 and unlabeled > 0:  # candidates exist only as exported-not-labeled ones
+        return f"nothing to export: run {run.id} ranked no images: {all_pending_reason(unlabeled)}"
     if run.selected == 0:
         return (
             f"nothing to export: run {run.id} ranked no images (every decodable image in {run.folder} "

@@ -26,8 +26,9 @@ import numpy as np
 from alselect.errors import UsageError
 from alselect.limits import MAX_KEEP_RUNS
 from alselect.progress import NULL_REPORTER, Reporter
-from alselect.store import Store, model_display_name
+from alselect.store import Store
 from alselect.store.arrays import SEGMENT_MAX_BYTES, append_rows
+from alselect.store.names import from_db
 
 COPY_CHUNK_ROWS = 65536
 
@@ -70,10 +71,7 @@ def collect(
     if not 0 <= keep_runs <= MAX_KEEP_RUNS:
         raise UsageError(f"--keep-runs must be between 0 and {MAX_KEEP_RUNS:,}, got {keep_runs}")
     result = GcResult(dry_run=dry_run, bytes_before=store_bytes(store))
-    models = {
-        key: model_display_name(ckpt, key)
-        for key, ckpt in store.rows("SELECT key, checkpoint_sha256 FROM models")
-    }
+    models = store.model_names()
     named = resolve_models(store, drop)
     keep = used_models(store, keep_runs) - named
     doomed = [
@@ -103,15 +101,17 @@ def collect(
 
 
 def resolve_models(store: Store, names: Sequence[str]) -> set[str]:
-    """Model keys for names as ``status`` shows them (``<sha12>``, ``<sha12>+pp<key6>``), checkpoint
-    paths, or key prefixes; an unknown or ambiguous name is a usage error."""
+    """Model keys for names as ``status`` shows them (``<sha12>``, ``<sha12>+pp<key6>``,
+    ``<sha12>+bf16+mc20``...), checkpoint paths, or key prefixes; an unknown or ambiguous name is a
+    usage error."""
     rows = store.rows("SELECT key, checkpoint_sha256, path FROM models")
+    shown = store.model_names()
     found: set[str] = set()
     for name in names:
         exact = {
             key
-            for key, ckpt, path in rows
-            if name in (model_display_name(ckpt, key), path) or os.path.abspath(name) == path
+            for key, _ckpt, path in rows
+            if name in (shown[key], from_db(path)) or os.path.abspath(name) == from_db(path)
         }
         hits = exact or {key for key, _, _ in rows if len(name) >= 6 and key.startswith(name)}
         if not hits:

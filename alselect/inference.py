@@ -19,6 +19,7 @@ number format never fails an image the fp32 model scores.
 from __future__ import annotations
 
 import contextlib
+import logging
 import platform
 from collections.abc import Callable, Iterator
 from functools import cache
@@ -33,6 +34,22 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # x86 instruction sets that compute bf16 natively (torch's cpuinfo names and /proc/cpuinfo flags)
 _X86_BF16 = ("avx512_bf16", "amx_bf16")
+
+
+class _NoCudaRuntimeNotice(logging.Filter):
+    """Drops torch's ``No CUDA runtime is found, using CUDA_HOME=...`` log line: compiling on a CPU
+    device looks for a CUDA toolkit it does not need, and the line (with its own timestamp format)
+    only tells a user of a CPU-only machine what they know."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+def quiet_cuda_home_notice() -> None:
+    """Install ``_NoCudaRuntimeNotice`` on torch's C++-extension logger (once)."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if not any(isinstance(f, _NoCudaRuntimeNotice) for f in logger.filters):
+        logger.addFilter(_NoCudaRuntimeNotice())
 
 
 def check_precision(precision: str) -> None:
@@ -146,6 +163,7 @@ class Accelerated:
             with contextlib.suppress(Exception):  # a module whose weights cannot change layout keeps them
                 module.to(memory_format=torch.channels_last)
         if self.compile and not self._compiled and module is not None:
+            quiet_cuda_home_notice()
             module.compile()  # compiles on the first call; ``forward_outputs`` falls back if that fails
             self._compiled = True
         return self

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import socket
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -19,6 +20,7 @@ from alselect.checkpoints import CheckpointOptions, LoadedModel, load_checkpoint
 from alselect.discover import resolve_root
 from alselect.embed import EmbedOptions, Engine, OutputModel, open_engine, resolve_device
 from alselect.errors import CheckpointError, NothingUsableError, UsageError
+from alselect.export import all_pending_reason
 from alselect.images import CHANGED_WHILE_READING
 from alselect.limits import check_batch_memory
 from alselect.mc_dropout import (
@@ -103,16 +105,36 @@ class PreparedModel:
 
     ``task``: classification, detection or segmentation (detectors and segmenters have a runner).
     ``precision``: fp32, bf16 or fp16; outputs made in bf16 or fp16 have their own key.
+    ``base_key``: for a derived model (another precision, MC-dropout samples), the key of the fp32
+    single-pass model it comes from; ``mc_samples``: T stored MC-dropout samples per image.
     """
 
     model: LoadedModel
     preprocess: Preprocess
     key: str
-    display: str
     runner: OutputModel | None = None
     task: str = CLASSIFICATION
     precision: str = "fp32"  # the number format its outputs are made in (see ``with_precision``)
     recipe: ModelRecipe | None = None
+    base_key: str | None = None
+    mc_samples: int | None = None
+
+    @property
+    def derivation(self) -> dict[str, Any]:
+        """How this model derives from its checkpoint beyond preprocessing: recorded with it, so
+        ``status`` and exports name it as ``model_display_name`` says."""
+        derived: dict[str, Any] = {}
+        if self.precision != "fp32":
+            derived["precision"] = self.precision
+        if self.base_key is not None and self.base_key != self.key:
+            derived["base_key"] = self.base_key
+        if self.mc_samples:
+            derived["mc_samples"] = self.mc_samples
+        return derived
+
+    @property
+    def display(self) -> str:
+        return model_display_name(self.model.sha256, self.key, self.derivation)
 
 
 @dataclass
@@ -195,12 +217,9 @@ def prepare_model(spec: ModelSpec) -> PreparedModel:
         if shaped:
             settings_text += ":" + settings.key_suffix()
         key = hashlib.sha256(f"{model.sha256}:{settings_text}".encode()).hexdigest()
-    display = model_display_name(model.sha256, key)
     runner = task_runner(model, settings)
     recipe = ModelRecipe(str(Path(spec.checkpoint).resolve()), options, model.sha256, settings=settings)
-    return PreparedModel(
-        model=model, preprocess=preprocess, key=key, display=display, runner=runner, task=task, recipe=recipe
-    )
+    return PreparedModel(model=model, preprocess=preprocess, key=key, runner=runner, task=task, recipe=recipe)
 
 
 def task_runner(model: LoadedModel, settings: TaskSettings) -> OutputModel | None:
@@ -277,9 +296,7 @@ def with_precision(store: Store, prepared: PreparedModel, options: EmbedOptions)
         precision = "fp32"
     if precision == "fp32":
         return prepared
-    return replace(
-        prepared, key=reduced, display=model_display_name(prepared.model.sha256, reduced), precision=precision
-    )
+    return replace(prepared, key=reduced, precision=precision, base_key=prepared.key)
 
 
 def _has_outputs(store: Store, key: str) -> bool:
@@ -298,13 +315,11 @@ def engine_for(options: EmbedOptions, engine: Engine | None) -> Iterator[Engine]
 
 def register(store: Store, prepared: PreparedModel) -> None:
     model = prepared.model
-    settings = prepared.preprocess.to_dict()
-    if prepared.precision != "fp32":
-        settings["precision"] = prepared.precision
+    settings = {**prepared.preprocess.to_dict(), **prepared.derivation}
     store.register_model(
         prepared.key,
         model.sha256,
-        model.path,
+        os.path.abspath(model.path),  # as given, whatever the working directory of a later command
         model.kind,
         model.arch,
         model.num_classes,
@@ -484,6 +499,7 @@ def score_folder(
         raise UsageError(f"--budget must be at least 1, got {budget}")
     if strategy.batch_aware and budget is None:
         raise UsageError(f"strategy {strategy.name!r} chooses a batch jointly: pass --budget N")
+    warn_prefilter_caps_budget(strategy, budget, reporter)
     models = spec if isinstance(spec, ScoreModels) else ScoreModels(task=[spec])
     if not models.task:
         raise UsageError("scoring needs at least one --model")
@@ -562,7 +578,10 @@ def score_folder(
         command=command,
         models=roles,
     )
-    if not len(ranking):
+    waiting = int((pool.exported & ~pool.labeled).sum()) if budget is not None else 0
+    if not len(ranking) and waiting:
+        reporter.warning(f"no image to rank: {all_pending_reason(waiting)}")
+    elif not len(ranking):
         reporter.warning("no unlabeled images to score: the run is empty")
     return ScoreResult(
         embed=results[0],
@@ -573,6 +592,18 @@ def score_folder(
         selected=len(ranking),
         embeds=results,
     )
+
+
+def warn_prefilter_caps_budget(strategy: Strategy, budget: int | None, reporter: Reporter) -> None:
+    """One warning when ``--prefilter STRATEGY:TOP`` keeps fewer candidates than ``--budget`` asks for:
+    the run then ranks at most TOP images, which is easy to miss in a nightly export."""
+    from alselect.strategies.compose import Prefiltered
+
+    if isinstance(strategy, Prefiltered) and budget is not None and strategy.top < budget:
+        reporter.warning(
+            f"--prefilter {strategy.prefilter.name}:{strategy.top} keeps {strategy.top} candidate(s), "
+            f"fewer than --budget {budget}: the run ranks at most {strategy.top}"
+        )
 
 
 def ranking_of(pool: PoolRows, probs: np.ndarray, indices: np.ndarray, scores: np.ndarray) -> Ranking:
@@ -656,10 +687,11 @@ def full_pass_model(task: PreparedModel, samples: int) -> PreparedModel:
         model=task.model,
         preprocess=task.preprocess,
         key=mc_key(task.key, samples),
-        display=f"{task.display}+mc{samples}",
         runner=FullPassModel(task.model, samples),
         precision=task.precision,
         recipe=replace(task.recipe, mc_samples=samples) if task.recipe is not None else None,
+        base_key=task.base_key or task.key,
+        mc_samples=samples,
     )
 
 

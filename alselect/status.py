@@ -3,18 +3,20 @@
 Counts follow the identity rules of ``alselect.identity`` and add up: per folder, the files found
 at the last scan are ``present + failed``; the present files hold ``distinct`` images plus
 ``duplicates`` (files whose content another present file already has); ``absent`` counts paths
-seen before whose content is no longer anywhere in the folder, and ``moved`` the old paths of
-content still in the folder under another path (moved, renamed, or a removed copy).
+seen before whose content is no longer anywhere in the folder, ``moved`` the old paths of content
+still in the folder under another path (moved or renamed), and ``copies_removed`` paths of a
+duplicate copy that was deleted while another copy stayed.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from alselect.store import Store, model_display_name
+from alselect.store import COPY_REMOVED, Store, model_display_name
 from alselect.store.names import from_db, to_db
 
 
@@ -27,6 +29,7 @@ class FolderCounts:
     failed: int
     absent: int
     moved: int
+    copies_removed: int = 0
 
     @property
     def files(self) -> int:
@@ -43,9 +46,12 @@ def describe_files(counts: Mapping[str, Any]) -> str:
     ``FolderCounts`` or its dict (``status --json``'s ``folders`` entries and ``images`` totals)."""
     present, failed = counts["present"], counts["failed"]
     moved = f"; {counts['moved']} old path(s) of moved files" if counts["moved"] else ""
+    copies = counts.get("copies_removed", 0)
+    removed = f"; {copies} removed duplicate copy(ies)" if copies else ""
     return (
         f"{present + failed} found: {present} present ({counts['distinct']} image(s), "
-        f"{counts['duplicates']} duplicate file(s)), {failed} failed; {counts['absent']} absent{moved}"
+        f"{counts['duplicates']} duplicate file(s)), {failed} failed; "
+        f"{counts['absent']} absent{moved}{removed}"
     )
 
 
@@ -74,14 +80,18 @@ def folder_counts(store: Store, folder: str | None = None) -> list[FolderCounts]
             "WHERE root = ? AND status = 'present' AND sha256 IS NOT NULL)",
             (root,),
         )
-        absent, moved = store.rows(
-            f"""SELECT COALESCE(SUM(NOT {_STILL_HERE}), 0), COALESCE(SUM({_STILL_HERE}), 0)
+        absent, moved, copies = store.rows(
+            f"""SELECT COALESCE(SUM(NOT {_STILL_HERE}), 0),
+                       COALESCE(SUM({_STILL_HERE} AND i.reason IS NOT ?), 0),
+                       COALESCE(SUM({_STILL_HERE} AND i.reason IS ?), 0)
                 FROM images i WHERE i.root = ? AND i.status = 'absent'""",
-            (root,),
+            (COPY_REMOVED, COPY_REMOVED, root),
         )[0]
         present, failed = counts["present"], counts["failed"]
         duplicates = present - distinct
-        result.append(FolderCounts(from_db(root), present, distinct, duplicates, failed, absent, moved))
+        result.append(
+            FolderCounts(from_db(root), present, distinct, duplicates, failed, absent, moved, copies)
+        )
     return result
 
 
@@ -95,25 +105,30 @@ def store_status(store: Store, list_failed: bool = False) -> dict[str, Any]:
         reasons[(reason or "unknown").split(":")[0]] += 1
     models = [
         {
-            "model": model_display_name(ckpt, key),
+            "model": model_display_name(ckpt, key, derived),
             "checkpoint": from_db(path),
             "kind": kind,
             "classes": num_classes,
             "dim": dim,
+            "precision": derived.get("precision", "fp32"),
+            "mc_samples": derived.get("mc_samples"),
             "embedded": count,
             "failed": model_failures,
         }
-        for key, ckpt, path, kind, num_classes, dim, count, model_failures in store.rows(
-            "SELECT m.key, m.checkpoint_sha256, m.path, m.kind, m.num_classes, m.dim, "
-            "(SELECT COUNT(*) FROM outputs o WHERE o.model = m.id), "
-            "(SELECT COUNT(*) FROM output_failures f WHERE f.model = m.id) "
-            "FROM models m ORDER BY m.added_at"
+        for key, ckpt, path, kind, num_classes, dim, derived, count, model_failures in (
+            (*row[:6], json.loads(row[6] or "{}"), *row[7:])
+            for row in store.rows(
+                "SELECT m.key, m.checkpoint_sha256, m.path, m.kind, m.num_classes, m.dim, m.preprocess, "
+                "(SELECT COUNT(*) FROM outputs o WHERE o.model = m.id), "
+                "(SELECT COUNT(*) FROM output_failures f WHERE f.model = m.id) "
+                "FROM models m ORDER BY m.added_at"
+            )
         )
     ]
     folders = folder_counts(store)
     totals = {
         name: sum(getattr(f, name) for f in folders)
-        for name in ("present", "absent", "failed", "distinct", "duplicates", "moved")
+        for name in ("present", "absent", "failed", "distinct", "duplicates", "moved", "copies_removed")
     }
     latest = store.latest_run()
     status: dict[str, Any] = {

@@ -19,7 +19,8 @@ class SyncResult:
     """What a folder scan found. Every file found is in exactly one of new, moved, changed, restored
     and unchanged (``found`` is their sum); ``vanished`` counts paths seen before and gone now whose
     content is nowhere in the folder any more (a moved file's old path is not vanished: its content
-    is under the new path; see ``alselect.identity``)."""
+    is under the new path; see ``alselect.identity``). ``copies_removed`` counts paths gone whose
+    content is still in the folder under a path that was there before (a duplicate copy deleted)."""
 
     found: int = 0
     new: int = 0
@@ -28,6 +29,7 @@ class SyncResult:
     restored: int = 0
     unchanged: int = 0
     vanished: int = 0
+    copies_removed: int = 0
     unreadable: list[tuple[str, str]] = field(default_factory=list)
     problems: WalkProblems = field(default_factory=WalkProblems)
 
@@ -82,7 +84,7 @@ def sync_folder(
             rec.size,
             rec.mtime_ns,
             "present" if rec.status == "absent" else rec.status,
-            rec.reason,
+            None if rec.status == "absent" else rec.reason,
             found[rel].link,
         )
         for rel, rec in known.items()
@@ -112,8 +114,8 @@ def sync_folder(
         store.upsert_images(key, pending)
 
     gone = [rel for rel, rec in known.items() if rel not in found and rec.status != "absent"]
-    store.mark_absent(key, gone)
-    _count(result, known, found, hashed, gone)
+    copies = _count(result, known, found, hashed, gone)
+    store.mark_absent(key, gone, copies)
     return result
 
 
@@ -123,8 +125,12 @@ def _count(
     found: dict[str, FoundFile],
     hashed: dict[str, str | None],
     gone: list[str],
-) -> None:
-    """Sort every found file into one category and count the gone paths whose content is gone too."""
+) -> list[str]:
+    """Sort every found file into one category and count the gone paths whose content is gone too.
+
+    Returns the gone paths that were duplicate copies: their content is still here under a path
+    that is not new (a new path with the content of a gone one is that path moved, first in path
+    order)."""
     left_behind = Counter(known[rel].sha256 for rel in gone if known[rel].sha256)
     for rel in found:
         previous = known.get(rel)
@@ -143,3 +149,13 @@ def _count(
             result.unchanged += 1
     here = {hashed.get(rel, known[rel].sha256 if rel in known else None) for rel in found} - {None}
     result.vanished = sum(1 for rel in gone if known[rel].sha256 not in here)
+    moved = Counter(known[rel].sha256 for rel in gone if known[rel].sha256) - left_behind
+    copies = []
+    for rel in sorted(gone):
+        sha = known[rel].sha256
+        if sha in here and moved[sha] > 0:
+            moved[sha] -= 1
+        elif sha in here:
+            copies.append(rel)
+    result.copies_removed = len(copies)
+    return copies

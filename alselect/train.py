@@ -51,6 +51,7 @@ from alselect.models.loss_prediction import (
 )
 from alselect.preprocess import Preprocess
 from alselect.progress import NULL_REPORTER, Reporter
+from alselect.strategies.base import check_seed
 
 PRELOAD_BYTES = 2 << 30  # decoded training images up to this size are kept in memory
 EVAL_BATCH = 256
@@ -87,6 +88,7 @@ class TrainConfig:
     workers: int | None = None
 
     def check(self) -> None:
+        check_seed(self.seed, "--seed")
         if self.epochs < 1:
             raise UsageError(f"--epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 2:

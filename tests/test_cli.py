@@ -227,7 +227,15 @@ def test_output_file_quiet_mode_label_and_status(
     import json
 
     info = json.loads(out)
-    expected = {"present": 5, "absent": 0, "failed": 0, "distinct": 5, "duplicates": 0, "moved": 0}
+    expected = {
+        "present": 5,
+        "absent": 0,
+        "failed": 0,
+        "distinct": 5,
+        "duplicates": 0,
+        "moved": 0,
+        "copies_removed": 0,
+    }
     assert info["images"] == expected
     assert (info["labeled"], info["exported"], info["runs"]) == (2, 2, 1)
     assert info["latest_run"]["strategy"] == "entropy"

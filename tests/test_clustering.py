@@ -7,7 +7,7 @@ import pytest
 
 from alselect.errors import UsageError
 from alselect.strategies import PoolInputs, clustering, make_strategy
-from alselect.strategies.clustering import kmeans_fit, nearest_unique
+from alselect.strategies.clustering import kmeans_fit, nearest_unique, pick_shares
 from alselect.strategies.uncertainty import top_two
 
 
@@ -68,18 +68,15 @@ def test_nearest_unique_equals_greedy_matching_when_lists_are_complete(
     points = rng.standard_normal((40, 3)).astype(np.float32)
     centroids = rng.standard_normal((12, 3)).astype(np.float32) * 0.3  # crowded: they compete
     monkeypatch.setattr(clustering, "NEAREST_PER_CENTROID", 40)
-    picks, sizes = nearest_unique(points, np.arange(40), centroids, device="cpu")
+    picks = nearest_unique(points, np.arange(40), centroids, device="cpu")
     assert picks.tolist() == brute_greedy_matching(points, centroids)
-    nearest = ((points[:, None, :] - centroids[None, :, :]) ** 2).sum(axis=2).argmin(axis=1)
-    assert sizes.tolist() == np.bincount(nearest, minlength=12).tolist()
 
 
 def test_nearest_unique_hand_case_closer_pair_wins() -> None:
     points = np.array([[0.0], [1.0], [5.0]], dtype=np.float32)
     centroids = np.array([[0.4], [0.1]], dtype=np.float32)  # both nearest to row 0; centroid 1 is closer
-    picks, sizes = nearest_unique(points, np.arange(3), centroids, device="cpu")
+    picks = nearest_unique(points, np.arange(3), centroids, device="cpu")
     assert picks.tolist() == [1, 0]
-    assert sizes.tolist() == [2, 1]  # rows 1 and 2 are nearest centroid 0; row 0 nearest centroid 1
 
 
 def test_nearest_unique_second_pass_when_short_lists_run_out(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -90,11 +87,47 @@ def test_nearest_unique_second_pass_when_short_lists_run_out(monkeypatch: pytest
     rows = np.arange(100, 130)
     big = np.zeros((130, 2), dtype=np.float32)
     big[rows] = points
-    picks, _ = nearest_unique(big, rows, centroids, device="cpu")
+    picks = nearest_unique(big, rows, centroids, device="cpu")
     assert len(set(picks.tolist())) == 10 and set(picks.tolist()) <= set(rows.tolist())
     # the ten rows nearest the (almost identical) centroids are the ones taken
     order = np.argsort((points**2).sum(axis=1))
     assert set(picks.tolist()) == set((rows[order[:10]]).tolist())
+
+
+def test_pick_shares_match_a_brute_force_nearest_pick_count() -> None:
+    rng = np.random.default_rng(8)
+    h = rng.standard_normal((60, 4)).astype(np.float32)
+    candidates = np.arange(5, 60, 2)
+    picks = candidates[[3, 10, 0, 20]]
+    shares = pick_shares(h, candidates, picks, device="cpu")
+    d2 = ((h[candidates][:, None, :] - h[picks][None, :, :]) ** 2).sum(axis=2)
+    expected = np.bincount(d2.argmin(axis=1), minlength=4) / candidates.size
+    np.testing.assert_allclose(shares, expected)
+    assert shares.sum() == pytest.approx(1.0) and (shares > 0).all()
+
+
+def test_copies_of_one_image_share_what_they_represent_and_no_score_is_zero() -> None:
+    """Six copies of one image (identical embeddings) and two other images: k-means with more
+    centroids than distinct images must still give every pick a score in (0, 1], never increasing."""
+    rng = np.random.default_rng(9)
+    copy, others = (
+        rng.standard_normal(6).astype(np.float32),
+        rng.standard_normal((2, 6)).astype(np.float32) * 5,
+    )
+    x = np.vstack([np.tile(copy, (6, 1)), others])
+    inputs = PoolInputs(probs=np.zeros((8, 2)), labeled=np.zeros(8, dtype=bool), embeddings=x)
+    for budget in range(1, 9):
+        selection = make_strategy("kmeans", seed=0, device="cpu").select(budget, inputs)
+        scores, rows = selection.scores, selection.indices
+        assert len(set(rows.tolist())) == budget
+        assert ((scores > 0) & (scores <= 1)).all(), (budget, scores)
+        assert np.all(np.diff(scores) <= 0)
+        assert scores.sum() == pytest.approx(1.0)  # what the batch represents adds up to the pool
+        copies = rows < 6
+        if budget >= 3:  # one pick per distinct image at least: the copies together hold 6 of 8
+            assert scores[copies].sum() == pytest.approx(0.75) and set(rows[~copies].tolist()) == {6, 7}
+            np.testing.assert_allclose(scores[copies], 0.75 / copies.sum())
+            np.testing.assert_allclose(scores[~copies], 0.125)
 
 
 def test_kmeans_strategy_picks_one_image_per_blob_largest_first() -> None:

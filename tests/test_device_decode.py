@@ -26,6 +26,7 @@ from alselect.embed import (
 from alselect.errors import UsageError
 from alselect.images import decode_image_geometry, jpeg_header, load_image_geometry
 from alselect.preprocess import Preprocess
+from tests.helpers import MakeImages, cli
 
 PHOTOS = Path(__file__).resolve().parent.parent / "sample_data" / "images" / "photos"
 CROP_224 = Preprocess(image_size=224, resize_size=256)
@@ -181,6 +182,49 @@ def test_where_jpegs_are_decoded() -> None:
         jpegs_on_device(EmbedOptions(decode="gpu"), cpu)
     with pytest.raises(UsageError, match="--decode"):
         EmbedOptions(decode="nvjpeg")
+
+
+def test_decode_gpu_without_cuda_is_refused_before_any_work_even_with_nothing_to_embed(
+    tmp_path: Path, tiny_checkpoint: Path, make_images: MakeImages, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(UsageError, match="--decode gpu needs a CUDA device; the model runs on cpu"):
+        EmbedOptions(device="cpu", decode="gpu").check()
+    with pytest.raises(UsageError, match="--workers must be >= 0"):
+        EmbedOptions(device="cpu", workers=-1).check()
+    make_images(tmp_path / "pool", 3)
+    store = ["--store", str(tmp_path / "store")]
+    model = ["-m", str(tiny_checkpoint), "--workers", "0"]
+    code, out, err = cli(capsys, *store, "score", str(tmp_path / "pool"), *model, "-s", "entropy")
+    assert code == 0, err  # everything embedded now: nothing needs decoding any more
+    runs = _run_count(tmp_path / "store")
+    for command in (
+        ["score", str(tmp_path / "pool"), *model, "-s", "entropy"],
+        ["embed", str(tmp_path / "pool"), *model],
+    ):
+        code, out, err = cli(capsys, *store, *command, "--device", "cpu", "--decode", "gpu")
+        assert (code, out) == (2, ""), err
+        assert err.strip() == "alselect: error: --decode gpu needs a CUDA device; the model runs on cpu"
+    assert _run_count(tmp_path / "store") == runs
+    code, _, err = cli(
+        capsys,
+        "--store",
+        str(tmp_path / "fresh"),
+        "embed",
+        str(tmp_path / "pool"),
+        *model,
+        "--device",
+        "cpu",
+        "--decode",
+        "gpu",
+    )
+    assert code == 2 and not (tmp_path / "fresh").exists(), err
+
+
+def _run_count(store_path: Path) -> int:
+    from alselect.store import Store
+
+    with Store.open(store_path) as store:
+        return int(store.scalar("SELECT COUNT(*) FROM runs"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

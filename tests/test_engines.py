@@ -17,6 +17,7 @@ from alselect.embed import EmbedOptions, RayOptions, run_model
 from alselect.errors import AlselectError, CheckpointError, UsageError
 from alselect.images import CHANGED_WHILE_READING, load_image
 from alselect.pipeline import ModelSpec, full_pass_model, prepare_model
+from alselect.progress import Reporter
 from alselect.ray_engine import (
     ModelActor,
     Shipped,
@@ -32,6 +33,50 @@ from tests.conftest import write_image
 from tests.helpers import cli, closed_port
 
 # --- options ------------------------------------------------------------------------------------
+
+
+def test_decode_workers_never_exceed_the_batches_and_warn_past_the_cpus(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from alselect import embed
+
+    monkeypatch.setattr(embed, "usable_cpus", lambda: 2)
+    said: list[str] = []
+
+    class Collect(Reporter):
+        def warning(self, message: str) -> None:
+            said.append(message)
+
+    many = EmbedOptions(device="cpu", batch_size=64, workers=200)
+    assert embed.decode_workers(many, 4, Collect()) == 1 and said == []  # one batch: one process
+    assert embed.decode_workers(EmbedOptions(device="cpu", batch_size=64, workers=2), 1000, Collect()) == 2
+    assert said == []
+    assert embed.decode_workers(many, 64 * 300, Collect()) == 200
+    assert said == [
+        "--workers: 200 decoding processes share the 2 CPU(s) this process may use; fewer are usually "
+        "as fast unless the files come from slow storage"
+    ]
+    assert embed.decode_workers(EmbedOptions(device="cpu", workers=0), 1000, Collect()) == 0
+
+
+def test_more_workers_than_cpus_give_no_raw_torch_warning(
+    tmp_path: Path,
+    tiny_checkpoint: Path,
+    capsys: pytest.CaptureFixture[str],
+    recwarn: pytest.WarningsRecorder,
+) -> None:
+    import os
+
+    for i in range(3):
+        write_image(tmp_path / "pool" / f"{i}.png", i)
+    workers = str(len(os.sched_getaffinity(0)) + 1)  # more than torch suggests: it would warn
+    code, _, err = cli(
+        capsys, "--store", str(tmp_path / "s"), "embed", str(tmp_path / "pool"), "-m", str(tiny_checkpoint),
+        "--workers", workers, "--batch-size", "1", "--device", "cpu",
+    )  # fmt: skip
+    assert code == 0, err
+    assert not [w for w in recwarn if "DataLoader" in str(w.message)], [str(w.message) for w in recwarn]
+    assert "UserWarning" not in err
 
 
 def test_unknown_engine_and_bad_ray_options_are_usage_errors() -> None:

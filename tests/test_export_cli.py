@@ -123,6 +123,26 @@ def test_empty_run(tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.Capture
     assert (code, out) == (3, "") and "ranked no images" in err
 
 
+def test_a_budget_run_with_every_unlabeled_image_pending_says_so_in_score_and_export(
+    scored_store: Path, tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = ["--store", str(scored_store)]
+    assert cli(capsys, *store, "export", "-o", str(tmp_path / "all.csv"))[0] == 0  # all 5 pending
+    code, out, err = cli(
+        capsys, *store, "score", str(tmp_path / "pool"), "-m", str(tiny_checkpoint), "-s", "coreset",
+        "--budget", "2", "--workers", "0",
+    )  # fmt: skip
+    assert (code, out) == (0, ""), err
+    reason = "all 5 unlabeled image(s) were exported and are not labeled yet (a --budget run leaves them out)"
+    assert f"warning: no image to rank: {reason}" in err
+    assert "the run is empty" not in err and "next: alselect export" not in err
+    code, out, err = cli(capsys, *store, "export", "--fail-if-empty")
+    assert (code, out) == (3, "")
+    assert err.startswith("alselect: error: nothing to export: run 2 ranked no images: " + reason), err
+    assert "'alselect label <their export>'" in err and "'alselect export --include-exported'" in err
+    assert "was labeled, or the folder holds none" not in err
+
+
 # --- pipes: what counts as delivered --------------------------------------------------------------
 
 

@@ -71,6 +71,7 @@ def test_duplicates_are_one_image_represented_by_a_real_path(
         "distinct": 4,
         "duplicates": 3,
         "moved": 0,
+        "copies_removed": 0,
     }
     assert [f["folder"] for f in info["folders"]] == [str(pool.resolve())]
     assert info["latest_run"]["folder"] == str(pool.resolve())
@@ -104,6 +105,7 @@ def test_moved_vanished_restored_and_changed_files_are_counted_once(
         "distinct": 4,
         "duplicates": 0,
         "moved": 1,
+        "copies_removed": 0,
     }
 
     (pool / "img_1.png").write_bytes(kept)  # restored from a backup (new mtime, same bytes)
@@ -120,6 +122,35 @@ def test_moved_vanished_restored_and_changed_files_are_counted_once(
     result = sync()
     assert (result.found, result.new, result.unchanged, result.vanished) == (5, 0, 4, 0)
     assert result.moved == 1
+
+
+def test_a_deleted_duplicate_copy_is_reported_as_a_removed_copy_not_a_move(
+    tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pool, store = tmp_path / "pool", tmp_path / "store"
+    write_image(pool / "a.png", seed=1)
+    shutil.copyfile(pool / "a.png", pool / "b.png")  # a copy of a.png
+    write_image(pool / "c.png", seed=2)
+    cli_score(capsys, store, pool, tiny_checkpoint)
+    (pool / "b.png").unlink()  # the copy goes; a.png keeps the image
+    (pool / "c.png").rename(pool / "d.png")  # a real move alongside
+    err = cli_score(capsys, store, pool, tiny_checkpoint)
+    assert "2 image file(s): 0 new, 1 moved, 0 changed, 0 restored, 1 unchanged; 0 vanished, " in err
+    assert "1 duplicate copy(ies) removed;" in err
+    summary = "files 2 found: 2 present (2 image(s), 0 duplicate file(s)), 0 failed; 0 absent; "
+    assert summary + "1 old path(s) of moved files; 1 removed duplicate copy(ies)" in err
+    info = status(capsys, store)
+    assert (info["images"]["moved"], info["images"]["copies_removed"], info["images"]["absent"]) == (1, 1, 0)
+    assert info["folders"][0]["copies_removed"] == 1
+    shutil.copyfile(pool / "a.png", pool / "b.png")  # the copy comes back: nothing is removed any more
+    err = cli_score(capsys, store, pool, tiny_checkpoint)
+    assert "1 restored" in err and "removed" not in err
+    assert status(capsys, store)["images"]["copies_removed"] == 0
+    (pool / "a.png").unlink()
+    (pool / "b.png").unlink()  # every copy gone: the content vanished
+    err = cli_score(capsys, store, pool, tiny_checkpoint)
+    assert "2 vanished" in err and "removed" not in err, err
+    assert status(capsys, store)["images"]["absent"] == 2
 
 
 def test_an_image_edited_after_labeling_may_be_selected_again(

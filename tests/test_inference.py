@@ -217,6 +217,25 @@ def test_a_failed_compilation_falls_back_to_the_plain_forward(tmp_path: Path) ->
     torch.testing.assert_close(out["probs"], plain["probs"])
 
 
+def test_compile_keeps_torchs_no_cuda_runtime_line_off_stderr(tmp_path: Path) -> None:
+    """Compiling on a CPU-only machine with a CUDA_HOME makes torch log ``No CUDA runtime is found``
+    (its own format, on stderr); ``--compile`` drops that line and nothing else."""
+    import logging
+
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    seen: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    Accelerated(loaded_small_cnn(tmp_path), "fp32", compile=True).to(CPU)  # compiles lazily: cheap
+    logger.addHandler(handler)
+    try:
+        logger.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local")
+        logger.warning("another notice")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["another notice"]
+
+
 @pytest.mark.slow
 def test_compiled_model_gives_the_eager_outputs(tmp_path: Path) -> None:
     model = loaded_small_cnn(tmp_path)

@@ -15,10 +15,11 @@ import torch
 from alselect.checkpoints import load_checkpoint
 from alselect.images import load_image
 from alselect.labels import import_labels
-from alselect.pipeline import ModelSpec
+from alselect.pipeline import ModelSpec, precision_key, prepare_model
+from alselect.status import store_status
 from alselect.store import Store
 from tests.conftest import TINY_CLASSES, write_image
-from tests.helpers import FAST, MakeImages, export_rows, export_text, score
+from tests.helpers import FAST, MakeImages, cli, export_rows, export_text, score
 
 
 def test_first_run_embeds_all_and_second_run_embeds_none(
@@ -328,6 +329,65 @@ def test_model_name_is_the_same_in_run_export_and_status(
         shown = store_status(store)["models"][0]["model"]
     assert run.embed.model_display == exported == shown
     assert exported.startswith(load_checkpoint(tiny_checkpoint).sha256[:12] + "+pp")
+
+
+def test_status_says_what_each_derived_model_is_and_stores_absolute_checkpoint_paths(
+    tmp_path: Path,
+    store_path: Path,
+    tiny_checkpoint: Path,
+    make_images: MakeImages,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    make_images(tmp_path / "pool", 3)
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(tiny_checkpoint, tmp_path / "other.pt")  # the same weights under a relative name
+    sha12 = load_checkpoint(tiny_checkpoint).sha256[:12]
+    base = ["--store", str(store_path), "score", "pool", "-m", str(tiny_checkpoint), "--workers", "0"]
+    runs = [
+        ["-s", "bald", "--mc-samples", "4"],
+        ["-s", "entropy", "--precision", "bf16"],
+        ["-s", "entropy", "--precision", "fp16"],
+        ["-s", "bald", "--mc-samples", "3", "--precision", "fp16"],
+        ["-s", "entropy", "--image-size", "12", "--precision", "bf16"],
+    ]
+    for extra in runs:
+        code, _, err = cli(capsys, *base, *extra, "--device", "cpu")
+        assert code == 0, err
+    code, _, err = cli(
+        capsys, "--store", str(store_path), "score", "pool", "-m", "other.pt", "--embed-model", "other.pt",
+        "-s", "coreset", "--budget", "2", "--workers", "0", "--precision", "fp32",
+    )  # fmt: skip
+    assert code == 0, err
+    with Store.open(store_path) as store:
+        models = {m["model"]: m for m in store_status(store)["models"]}
+        pp_key = precision_key(prepare_model(ModelSpec(tiny_checkpoint, image_size=12)).key, "bf16")
+        assert (
+            store.model_names()[pp_key]
+            == f"{sha12}+pp{prepare_model(ModelSpec(tiny_checkpoint, image_size=12)).key[:6]}+bf16"
+        )
+    expected = {
+        sha12: ("fp32", None),
+        f"{sha12}+mc4": ("fp32", 4),
+        f"{sha12}+bf16": ("bf16", None),
+        f"{sha12}+fp16": ("fp16", None),
+        f"{sha12}+fp16+mc3": ("fp16", 3),
+    }
+    assert len(models) == 6, sorted(models)
+    for name, (precision, samples) in expected.items():
+        assert (models[name]["precision"], models[name]["mc_samples"]) == (precision, samples), sorted(models)
+        assert (models[name]["dim"] is None) == (samples is not None)  # MC samples hold no embedding
+    assert {m["checkpoint"] for m in models.values()} <= {str(tiny_checkpoint), str(tmp_path / "other.pt")}
+    assert models[sha12]["checkpoint"] == str(tmp_path / "other.pt")  # absolute, though given relative
+    code, out, _ = cli(capsys, "--store", str(store_path), "status")
+    assert code == 0 and "None" not in out
+    line = next(x for x in out.splitlines() if x.startswith(f"model:     {sha12}+fp16+mc3 "))
+    assert "(3 classes, 3 MC-dropout samples per image, fp16) 3 embedded" in line
+    line = next(x for x in out.splitlines() if x.startswith(f"model:     {sha12}+bf16 "))
+    assert f"(3 classes, {models[f'{sha12}+bf16']['dim']}-d, bf16) 3 embedded" in line
+    mc3 = f"{sha12}+fp16+mc3"
+    code, out, err = cli(capsys, "--store", str(store_path), "gc", "--dry-run", "--model", mc3)
+    assert code == 0 and f"{sha12}+fp16+mc3" in out, err  # gc takes the names status shows
 
 
 def test_file_rewritten_between_hashing_and_decoding_is_not_stored_under_the_old_hash(

@@ -240,3 +240,105 @@ def test_strategy_params_from_the_command_line() -> None:
         build_strategy("entropy", params={"beta": "1"})
     with pytest.raises(UsageError, match="--param seed=x"):
         build_strategy("random", params={"seed": "x"})
+
+
+SEEDED = ["random", "coreset", "kmeans", "diverse-minibatch", "dal", "badge", "entropy"]
+
+
+@pytest.mark.parametrize("name", SEEDED)
+def test_a_negative_or_huge_seed_is_a_usage_error_naming_the_option(name: str) -> None:
+    for bad in (-1, 2**63):
+        with pytest.raises(UsageError, match=r"^--seed must be an integer from 0 to"):
+            build_strategy(name, seed=bad)
+    if "seed" in build_strategy(name).get_params():
+        with pytest.raises(UsageError, match=rf"^--param seed for strategy '{name}' must be an integer"):
+            build_strategy(name, params={"seed": "-1"})
+        assert build_strategy(name, params={"seed": str(2**63 - 1)}).get_params()["seed"] == 2**63 - 1
+
+
+def test_a_negative_seed_on_the_command_line_is_exit_2_before_any_work(
+    tmp_path: Path, tiny_checkpoint: Path, make_images: MakeImages, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_images(tmp_path / "pool", 3)
+    base = ["--store", str(tmp_path / "store"), "score", str(tmp_path / "pool"), "-m", str(tiny_checkpoint)]
+    for extra, needle in (
+        (["-s", "random", "--seed", "-1"], "--seed must be"),
+        (["-s", "coreset", "--budget", "2", "--seed", "-1"], "--seed must be"),
+        (["-s", "kmeans", "--budget", "2", "--param", "seed=-1"], "--param seed for strategy 'kmeans'"),
+    ):
+        code, out, err = cli(capsys, *base, *extra)
+        assert (code, out) == (2, ""), err
+        assert len(err.strip().splitlines()) == 1 and needle in err, err
+        assert not (tmp_path / "store").exists()
+
+
+DEVICE_STRATEGIES = ["coreset", "badge", "kmeans", "diverse-minibatch", "dal", "batchbald"]
+
+
+@pytest.mark.parametrize("name", DEVICE_STRATEGIES)
+def test_a_strategy_device_is_checked_alike_when_the_strategy_is_built(name: str) -> None:
+    from alselect.errors import AlselectError
+
+    assert "device" in build_strategy(name).get_params()
+    for bad in ("tpu", "cuda:x", "CPU", "cuda:0:1", ""):
+        with pytest.raises(UsageError, match=r"^--param device=.*: use auto, cpu, cuda or cuda:N$"):
+            build_strategy(name, params={"device": bad})
+    assert build_strategy(name, params={"device": "cpu"}).get_params()["device"] == "cpu"
+    if not torch.cuda.is_available():
+        for missing in ("cuda", "cuda:0"):
+            with pytest.raises(AlselectError, match=r"^--param device=cuda(:0)?: CUDA is not available"):
+                build_strategy(name, params={"device": missing})
+    else:
+        with pytest.raises(AlselectError, match=r"CUDA device\(s\) present"):
+            build_strategy(name, params={"device": f"cuda:{torch.cuda.device_count()}"})
+
+
+@pytest.mark.parametrize(("value", "code"), [("tpu", 2), ("cuda", 1)])
+def test_a_strategy_device_on_the_command_line_is_one_line_before_any_work(
+    value: str,
+    code: int,
+    tmp_path: Path,
+    tiny_checkpoint: Path,
+    make_images: MakeImages,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    if value == "cuda" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    make_images(tmp_path / "pool", 3)
+    base = ["--store", str(tmp_path / "store"), "score", str(tmp_path / "pool"), "-m", str(tiny_checkpoint)]
+    for name in ("coreset", "kmeans"):
+        got, out, err = cli(capsys, *base, "-s", name, "--budget", "2", "--param", f"device={value}")
+        assert (got, out) == (code, ""), err
+        assert err.strip().splitlines() == [
+            f"alselect: error: --param device={value}: "
+            + ("use auto, cpu, cuda or cuda:N" if code == 2 else "CUDA is not available on this machine")
+        ]
+        assert not (tmp_path / "store").exists()
+
+
+def test_an_unknown_device_names_the_accepted_values_only(
+    tmp_path: Path, tiny_checkpoint: Path, make_images: MakeImages, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_images(tmp_path / "pool", 2)
+    got, _, err = cli(
+        capsys, "--store", str(tmp_path / "s"), "embed", str(tmp_path / "pool"), "-m", str(tiny_checkpoint),
+        "--device", "tpu",
+    )  # fmt: skip
+    assert got == 2 and err.strip() == "alselect: error: --device tpu: use auto, cpu, cuda or cuda:N", err
+
+
+def test_a_prefilter_smaller_than_the_budget_says_so_once(
+    tmp_path: Path, tiny_checkpoint: Path, make_images: MakeImages, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_images(tmp_path / "pool", 6)
+    base = ["--store", str(tmp_path / "store"), "score", str(tmp_path / "pool"), "-m", str(tiny_checkpoint)]
+    code, out, err = cli(capsys, *base, "-s", "entropy", "--prefilter", "margin:2", "--budget", "5")
+    assert (code, out) == (0, ""), err
+    notes = [line for line in err.splitlines() if "--prefilter" in line]
+    assert notes == [
+        "warning: --prefilter margin:2 keeps 2 candidate(s), fewer than --budget 5: the run ranks at most 2"
+    ]
+    assert "ranked 2 of 6" in err
+    for quiet in (["--budget", "2"], []):  # TOP covers the budget, or no budget at all
+        code, _, err = cli(capsys, *base, "-s", "entropy", "--prefilter", "margin:2", *quiet)
+        assert code == 0 and "keeps 2 candidate(s)" not in err, err

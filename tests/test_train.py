@@ -15,7 +15,7 @@ from PIL import Image
 from alselect.checkpoints import load_checkpoint
 from alselect.checkpoints.alselect_dict import save_alselect_checkpoint
 from alselect.datasets import csv_labels, image_folder, read_idx, store_labels
-from alselect.errors import CheckpointError, DataError
+from alselect.errors import CheckpointError, DataError, UsageError
 from alselect.models import build_model
 from alselect.models.loss_prediction import (
     LossPredictionModule,
@@ -416,3 +416,9 @@ def test_read_idx_plain_and_gzipped(tmp_path: Path) -> None:
     (tmp_path / "d").write_bytes(idx_bytes(array)[:-1])
     with pytest.raises(DataError, match="header says"):
         read_idx(tmp_path / "d")
+
+
+def test_a_negative_training_seed_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match=r"^--seed must be an integer from 0 to"):
+        TrainConfig(arch="small_cnn", seed=-1).check()
+    TrainConfig(arch="small_cnn", seed=0).check()

@@ -54,8 +54,8 @@ def _format_status(info: dict[str, Any]) -> str:
         lines.append(f"  failed:  {count} {reason}")
     for model in info["models"]:
         lines.append(
-            f"model:     {model['model']} {model['kind']} ({model['classes']} classes, "
-            f"{model['dim']}-d) {model['embedded']} embedded"
+            f"model:     {model['model']} {model['kind']} ({describe_model(model)}) "
+            f"{model['embedded']} embedded"
             + (f", {model['failed']} failed" if model["failed"] else "")
             + f"  {model['checkpoint']}"
         )
@@ -119,3 +119,16 @@ def strategies(as_json: Json = False) -> None:
     for r in rows:
         needs = ",".join(r["needs"]) or "-"
         typer.echo(f"{r['name']:<{width}}  {needs:<10}  {r['summary']}")
+
+
+def describe_model(model: dict[str, Any]) -> str:
+    """``10 classes, 128-d, bf16``; stored MC-dropout samples say so instead of a dimension."""
+    parts = [f"{model['classes']} classes"]
+    if model.get("mc_samples"):
+        parts.append(f"{model['mc_samples']} MC-dropout samples per image")
+    elif model["dim"] is not None:
+        parts.append(f"{model['dim']}-d")
+    else:
+        parts.append("no embedding")
+    parts.append(model.get("precision") or "fp32")
+    return ", ".join(parts)

@@ -425,8 +425,8 @@ def score(
         )
         reporter.info(
             f"run {result.run_id}: {result.strategy} ranked {result.selected} of "
-            f"{result.pool_size} image(s) ({result.labeled} labeled){duplicates}; "
-            "next: alselect export --top N"
+            f"{result.pool_size} image(s) ({result.labeled} labeled){duplicates}"
+            + ("; next: alselect export --top N" if result.selected else "")
         )
 
 
@@ -473,7 +473,7 @@ def _options(
     ray = RayOptions(ray_address, ray_actors, ray_gpus_per_actor)
     if engine != "ray" and ray != RayOptions():
         raise UsageError("--ray-address, --ray-actors and --ray-gpus-per-actor need --engine ray")
-    return EmbedOptions(
+    options = EmbedOptions(
         device,
         batch_size,
         workers,
@@ -485,6 +485,8 @@ def _options(
         engine=engine,
         ray=ray,
     )
+    options.check()  # before the store is opened or the folder scanned, whatever is embedded already
+    return options
 
 
 class Speed(NamedTuple):
@@ -523,7 +525,9 @@ def _report_embed(reporter: Reporter, result: EmbedResult) -> None:
     files = f"files {counts.describe()}; " if counts else ""  # status's wording and counts
     reporter.info(
         f"{sync.found} image file(s): {sync.new} new, {sync.moved} moved, {sync.changed} changed, "
-        f"{sync.restored} restored, {sync.unchanged} unchanged; {sync.vanished} vanished; {files}"
+        f"{sync.restored} restored, {sync.unchanged} unchanged; {sync.vanished} vanished"
+        + (f", {sync.copies_removed} duplicate copy(ies) removed" if sync.copies_removed else "")
+        + f"; {files}"
         f"embedded {result.embedded} with model {result.model_display} "
         f"({result.already_embedded} already embedded)"
     )

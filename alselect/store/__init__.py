@@ -54,10 +54,26 @@ def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def model_display_name(checkpoint_sha256: str, key: str) -> str:
-    """``<sha12>`` of the checkpoint, plus ``+pp<key6>`` when preprocessing was overridden."""
+COPY_REMOVED = "copy removed"  # ``images.reason`` of an absent path that was a duplicate copy
+
+
+def model_display_name(checkpoint_sha256: str, key: str, settings: Mapping[str, Any] | None = None) -> str:
+    """What a model is, in a few characters: ``<sha12>`` of the checkpoint, ``+pp<key6>`` when its
+    preprocessing (or a detector's box count) was overridden, ``+bf16`` / ``+fp16`` for outputs made
+    in that precision, ``+mc<T>`` for T stored MC-dropout samples; e.g. ``50ed1dd89398+bf16+mc20``.
+
+    ``settings`` is the model record's ``preprocess``: its ``base_key`` (the key of the fp32, single
+    pass model a derived one comes from), ``precision`` and ``mc_samples`` say how it was derived.
+    """
+    settings = settings or {}
+    base = str(settings.get("base_key") or key)
     short = checkpoint_sha256[:12]
-    return short if key == checkpoint_sha256 else f"{short}+pp{key[:6]}"
+    name = short if base == checkpoint_sha256 else f"{short}+pp{base[:6]}"
+    if settings.get("precision") in ("bf16", "fp16"):
+        name += f"+{settings['precision']}"
+    if settings.get("mc_samples"):
+        name += f"+mc{int(settings['mc_samples'])}"
+    return name
 
 
 class ImageRecord(NamedTuple):
@@ -306,11 +322,14 @@ class Store:
         """The ``images.changed`` value of a row changed now: the latest run's id (0 before any)."""
         return int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM runs").fetchone()[0])
 
-    def mark_absent(self, root: str, relpaths: Iterable[str]) -> int:
-        items = [(to_db(root), to_db(p)) for p in relpaths]
+    def mark_absent(self, root: str, relpaths: Iterable[str], copies: Iterable[str] = ()) -> int:
+        """Mark paths gone; those in ``copies`` were duplicate copies of content still in the folder
+        under a path seen before (reason ``COPY_REMOVED``: ``status`` tells them from moved files)."""
+        removed = set(copies)
+        items = [(COPY_REMOVED if p in removed else None, to_db(root), to_db(p)) for p in relpaths]
         with self.transaction() as conn:
             conn.executemany(
-                f"UPDATE images SET status = 'absent', reason = NULL, {CHANGED_NOW} "
+                f"UPDATE images SET status = 'absent', reason = ?, {CHANGED_NOW} "
                 "WHERE root = ? AND relpath = ?",
                 items,
             )
@@ -357,7 +376,7 @@ class Store:
                 """INSERT INTO models (key, id, checkpoint_sha256, path, kind, arch, num_classes, classes,
                                        preprocess, added_at)
                    VALUES (?, (SELECT COALESCE(MAX(id), 0) + 1 FROM models), ?, ?, ?, ?, ?, ?, ?, ?)
-                   ON CONFLICT (key) DO UPDATE SET path = excluded.path""",
+                   ON CONFLICT (key) DO UPDATE SET path = excluded.path, preprocess = excluded.preprocess""",
                 (
                     key,
                     checkpoint_sha256,
@@ -370,6 +389,15 @@ class Store:
                     utcnow(),
                 ),
             )
+
+    def model_names(self) -> dict[str, str]:
+        """Every model's ``model_display_name`` by key, in the order they were added."""
+        return {
+            key: model_display_name(ckpt, key, json.loads(settings) if settings else None)
+            for key, ckpt, settings in self.rows(
+                "SELECT key, checkpoint_sha256, preprocess FROM models ORDER BY added_at, id"
+            )
+        }
 
     def model(self, key: str) -> dict[str, Any] | None:
         """The model's record: key, id, checkpoint, path, kind, arch, classes, preprocess, outputs."""

@@ -9,7 +9,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from alselect.devices import check_device
 from alselect.errors import UsageError
+
+DEVICE_PARAM = "--param device="
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,7 @@ def build_strategy(name: str, *, seed: int = 0, params: Mapping[str, Any] | None
     ``seed`` goes to strategies that take one. Every key of ``params`` must be a constructor
     parameter (else a usage error naming the accepted ones); text values are converted to the type
     of the parameter's default (int, float, bool), so ``beta=10`` reaches the strategy as ``10``.
+    Seeds and a ``device`` are checked here, before any work, the same way for every strategy.
     """
     cls = strategy_class(name)
     accepted = {
@@ -161,13 +165,28 @@ def build_strategy(name: str, *, seed: int = 0, params: Mapping[str, Any] | None
         for key, param in inspect.signature(cls.__init__).parameters.items()
         if param.kind == param.KEYWORD_ONLY
     }
+    check_seed(seed, "--seed")
     kwargs: dict[str, Any] = {"seed": seed} if "seed" in accepted else {}
     for key, value in (params or {}).items():
         if key not in accepted:
             names = ", ".join(sorted(k for k in accepted if k != "seed")) or "none"
             raise UsageError(f"strategy {name!r} has no parameter {key!r} (its parameters: {names})")
         kwargs[key] = coerce_param(name, key, value, accepted[key].default)
+        if key == "seed":
+            check_seed(kwargs[key], f"--param seed for strategy {name!r}")
+    if "device" in kwargs:
+        check_device(kwargs["device"], DEVICE_PARAM)
     return cls(**kwargs)
+
+
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(seed: Any, option: str) -> None:
+    """A seed is an integer in [0, 2**63 - 1]: what both numpy's ``default_rng`` (no negatives) and
+    ``torch.Generator.manual_seed`` accept; anything else is a usage error naming ``option``."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"{option} must be an integer from 0 to {MAX_SEED}, got {seed!r}")
 
 
 def parse_params(items: list[str] | None) -> dict[str, str]:

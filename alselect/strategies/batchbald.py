@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from alselect.errors import UsageError
-from alselect.strategies.base import PoolInputs, Selection, Strategy, register
+from alselect.strategies.base import DEVICE_PARAM, PoolInputs, Selection, Strategy, register
 from alselect.strategies.bayesian import bald, require_mc_probs
 
 if TYPE_CHECKING:
@@ -407,7 +407,7 @@ class _GainEvaluator:
         from alselect.embed import resolve_device
 
         self.torch = torch
-        self.device = resolve_device(device)
+        self.device = resolve_device(device, DEVICE_PARAM)
         self.probs = torch.as_tensor(probs, dtype=torch.float64, device=self.device)  # [K, T, C]
         entropies = torch.special.entr(self.probs).sum(dim=2)  # [K, T]: H[p_i,t]
         self.pass_entropy = entropies  # used for configurations collapsed onto one pass

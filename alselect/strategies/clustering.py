@@ -6,12 +6,14 @@ taken by another centroid. Pieces:
 - :func:`kmeans_fit`: (weighted) k-means++ seeding, then Lloyd iterations in float32 through torch
   (chunked, on the CPU or CUDA). Empty clusters move to the points that cost the most.
 - :func:`nearest_unique`: one chunked pass over the candidates gives each centroid its ``T``
-  nearest candidates and each candidate its nearest centroid (the cluster sizes). Centroid-image
-  pairs are then matched greedily in increasing distance: a pair is taken when neither its centroid
-  nor its image is taken yet (ties: lower image row, then lower centroid). A centroid whose ``T``
+  nearest candidates. Centroid-image pairs are then matched greedily in increasing distance: a
+  pair is taken when neither its centroid nor its image is taken yet (ties: lower image row, then
+  lower centroid). A centroid whose ``T``
   nearest were all taken gets a second pass over the images still free. This is not the optimal
   (Hungarian) assignment, which needs O(k³) time and scipy; it gives every centroid a distinct
   image, and the nearest one whenever no closer pair competes for it.
+- :func:`pick_shares`: a second chunked pass gives each pick the share of the candidates it
+  represents (those nearer to it than to any other pick), the score of ``kmeans``.
 """
 
 from __future__ import annotations
@@ -126,12 +128,11 @@ def _assign(
 
 def nearest_unique(
     h: np.ndarray, candidates: np.ndarray, centroids: np.ndarray, *, device: str = "auto"
-) -> tuple[np.ndarray, np.ndarray]:
-    """A distinct candidate row per centroid, and each centroid's cluster size.
+) -> np.ndarray:
+    """A distinct candidate row per centroid: ``picks [k]`` (row indices, in centroid order).
 
-    ``h [N, D]``; ``candidates [M]`` row indices (``M ≥ k``); ``centroids [k, D]``. Returns
-    ``picks [k]`` (row indices, in centroid order) and ``sizes [k]`` (candidates whose nearest
-    centroid it is). See the module docstring for the matching rule.
+    ``h [N, D]``; ``candidates [M]`` row indices (``M ≥ k``); ``centroids [k, D]``. See the module
+    docstring for the matching rule.
     """
     k = centroids.shape[0]
     if k > candidates.size:
@@ -139,22 +140,49 @@ def nearest_unique(
     dev = resolve_torch_device(device)
     cents = _to_device(centroids, dev)
     keep = min(NEAREST_PER_CENTROID, candidates.size)
-    dist, pos, sizes = _nearest_pass(h, candidates, cents, keep, None)
+    dist, pos = _nearest_pass(h, candidates, cents, keep, None)
     picks = np.full(k, -1, dtype=np.int64)
     taken = np.zeros(candidates.size, dtype=bool)
     _match(dist, pos, np.arange(k), picks, taken)
     missing = np.flatnonzero(picks < 0)
     if missing.size:
-        dist, pos, _ = _nearest_pass(h, candidates, cents[missing], missing.size, taken)
+        dist, pos = _nearest_pass(h, candidates, cents[missing], missing.size, taken)
         _match(dist, pos, missing, picks, taken)
     assert (picks >= 0).all()
-    return candidates[picks], sizes
+    return candidates[picks]
+
+
+def pick_shares(
+    h: np.ndarray, candidates: np.ndarray, picks: np.ndarray, *, device: str = "auto"
+) -> np.ndarray:
+    """``[k]`` float64: the share of the candidates each pick represents, in (0, 1], summing to 1.
+
+    ``h [N, D]``; ``candidates [M]`` sorted row indices; ``picks [k]`` distinct rows among them. A
+    candidate belongs to its nearest pick (first on ties); picks with identical embeddings (copies of
+    one image) split what they represent evenly, and every pick represents at least itself, so no
+    share is 0 and a batch of copies never claims the same images twice.
+    """
+    rows = np.ascontiguousarray(h[picks], dtype=np.float32)
+    distinct, inverse = np.unique(rows, axis=0, return_inverse=True)
+    inverse = inverse.ravel()
+    dev = resolve_torch_device(device)
+    cents = _to_device(distinct, dev)
+    cn = (cents * cents).sum(dim=1)
+    nearest = np.empty(candidates.size, dtype=np.int64)
+    step = _block_rows(distinct.shape[0], distinct.shape[1])
+    for start in range(0, candidates.size, step):
+        block = _to_device(h[candidates[start : start + step]], dev)
+        d2 = (block * block).sum(dim=1)[:, None] + cn[None, :] - 2.0 * (block @ cents.T)
+        nearest[start : start + step] = d2.argmin(dim=1).cpu().numpy()
+    nearest[np.searchsorted(candidates, picks)] = inverse  # rounding never takes a pick from itself
+    represented = np.bincount(nearest, minlength=distinct.shape[0]) / np.bincount(inverse)
+    return represented[inverse] / candidates.size
 
 
 def _nearest_pass(
     h: np.ndarray, candidates: np.ndarray, cents: torch.Tensor, keep: int, taken: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``keep`` smallest squared distances ``[keep, k]`` and candidate positions per centroid, and sizes."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """``keep`` smallest squared distances ``[keep, k]`` and candidate positions per centroid."""
     import torch
 
     dev = cents.device
@@ -162,16 +190,13 @@ def _nearest_pass(
     cn = (cents * cents).sum(dim=1)
     best_d = torch.full((0, k), math.inf, device=dev)
     best_p = torch.zeros((0, k), dtype=torch.long, device=dev)
-    sizes = torch.zeros(k, dtype=torch.long, device=dev)
     step = _block_rows(k, cents.shape[1])
     for start in range(0, candidates.size, step):
         block = _to_device(h[candidates[start : start + step]], dev)
         bn = (block * block).sum(dim=1)
         check_finite(bn.cpu().numpy())
         d2 = (bn[:, None] + cn[None, :] - 2.0 * (block @ cents.T)).clamp_(min=0)
-        if taken is None:
-            sizes += torch.bincount(d2.argmin(dim=1), minlength=k)
-        else:
+        if taken is not None:
             mask = torch.from_numpy(taken[start : start + step]).to(dev)
             d2[mask] = math.inf
         values, index = torch.topk(d2, min(keep, d2.shape[0]), dim=0, largest=False, sorted=False)
@@ -183,7 +208,7 @@ def _nearest_pass(
         order = torch.sort(all_d, dim=0, stable=True).indices[:keep]
         best_d = torch.gather(all_d, 0, order)
         best_p = torch.gather(all_p, 0, order)
-    return best_d.cpu().numpy(), best_p.cpu().numpy(), sizes.cpu().numpy()
+    return best_d.cpu().numpy(), best_p.cpu().numpy()
 
 
 def _match(
@@ -217,17 +242,19 @@ class KMeansSampling(Strategy):
 
     k-means is fitted on a seeded sample of ``max(fit_size, 10 × budget)`` candidates (all of them
     when fewer), then every candidate is assigned to its nearest centroid in one chunked pass, and
-    the batch is the nearest distinct image per centroid (module docstring). Picks are ordered by
-    cluster size, largest first: a ``--top`` export of the batch covers the largest clusters.
-    Labeled and pending images are not clustered (the batch represents what is still unlabeled).
+    the batch is the nearest distinct image per centroid (module docstring). Each pick's score is
+    the share of the candidates it represents (``pick_shares``: those nearer to it than to any
+    other pick; copies share theirs); picks are ordered by it, largest first, so a ``--top`` export
+    of the batch covers the most images. Labeled and pending images are not clustered (the batch
+    represents what is still unlabeled).
     """
 
     name = "kmeans"
     summary = "k-means (k = budget) on embeddings: the image nearest each centroid, largest clusters first"
     needs = frozenset({"embeddings"})
     score_meaning = (
-        "fraction of the candidate images whose nearest centroid is the one this image represents "
-        "(its cluster's share of the pool), in (0, 1]"
+        "share of the candidate images this image represents (those nearer to it than to any other "
+        "pick; copies of one image share theirs), in (0, 1]; the batch's scores sum to 1"
     )
     batch_aware = True
 
@@ -244,7 +271,7 @@ class KMeansSampling(Strategy):
         _validate(self.name, max_iter=self.max_iter, fit_size=self.fit_size)
         embeddings = require_embeddings(self.name, inputs)
         candidates = np.flatnonzero(~inputs.excluded)
-        if count >= candidates.size:  # every image is its own cluster
+        if count >= candidates.size:  # every image is picked and represents itself (pick_shares)
             return Selection(
                 indices=candidates, scores=np.full(candidates.size, 1.0 / max(candidates.size, 1))
             )
@@ -262,8 +289,8 @@ class KMeansSampling(Strategy):
             max_iter=self.max_iter,
             device=self.device,
         )
-        picks, sizes = nearest_unique(embeddings, candidates, centroids, device=self.device)
-        return _order(picks, sizes / candidates.size)
+        picks = nearest_unique(embeddings, candidates, centroids, device=self.device)
+        return _order(picks, pick_shares(embeddings, candidates, picks, device=self.device))
 
 
 @register
@@ -315,5 +342,5 @@ class DiverseMiniBatch(Strategy):
             max_iter=self.max_iter,
             device=self.device,
         )
-        picks, _ = nearest_unique(embeddings, kept, centroids, device=self.device)
+        picks = nearest_unique(embeddings, kept, centroids, device=self.device)
         return _order(picks, informativeness[picks])

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from alselect.errors import DataError, UsageError
-from alselect.strategies.base import Strategy
+from alselect.strategies.base import DEVICE_PARAM, Strategy
 
 if TYPE_CHECKING:
     import torch
@@ -108,10 +108,11 @@ def resolve_precision(precision: str, work: int) -> str:
 
 
 def resolve_torch_device(device: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; validated like ``--device`` of ``embed``."""
+    """A strategy's ``device`` param: ``auto`` → CUDA when available, else CPU; checked as
+    ``build_strategy`` checks it, named ``--param device``."""
     from alselect.embed import resolve_device
 
-    return resolve_device(device)
+    return resolve_device(device, DEVICE_PARAM)
 
 
 def greedy_centres(
