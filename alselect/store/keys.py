@@ -15,12 +15,13 @@ import numpy as np
 
 def content_keys(shas: Sequence[str]) -> np.ndarray:
     """``[n, 4]`` uint64 words of each hex digest (``[0, 4]`` for none)."""
-    if not shas:
-        return np.zeros((0, 4), dtype=np.uint64)
-    raw = bytes.fromhex("".join(shas))
-    if len(raw) != 32 * len(shas):
+    try:
+        keys = hex_words("".join(shas), 4)
+    except ValueError:
+        keys = None
+    if keys is None or len(keys) != len(shas):
         raise ValueError("content hashes must be 64 hex digits each")
-    return np.frombuffer(raw, dtype=">u8").reshape(-1, 4).astype(np.uint64)
+    return keys
 
 
 def hex_words(text: str, words: int) -> np.ndarray:
