@@ -26,7 +26,7 @@ import numpy as np
 from alselect.errors import UsageError
 from alselect.limits import MAX_KEEP_RUNS
 from alselect.progress import NULL_REPORTER, Reporter
-from alselect.store import Store
+from alselect.store import MODEL_OUTPUT_COUNT, Store
 from alselect.store.arrays import SEGMENT_MAX_BYTES, append_rows
 from alselect.store.names import from_db
 
@@ -84,6 +84,7 @@ def collect(
         result.dropped_rows = sum(count_outputs(store, k) for k in doomed)
         result.bytes_after = result.bytes_before - sum(segment_bytes(store, k) for k in doomed)
         return result
+    store.merge_outputs()  # every registered row in ``outputs``, where dropping and compacting look
     result.orphan_files = remove_orphan_files(store)
     for key in doomed:
         result.dropped_rows += drop_model_arrays(store, key)
@@ -137,9 +138,12 @@ def used_models(store: Store, keep_runs: int) -> set[str]:
 
 
 def count_outputs(store: Store, key: str) -> int:
+    """Contents the model has outputs for (rows a killed writer left unmerged included: a dry run
+    on a read-only store sees them there)."""
     return int(
         store.scalar(
-            "SELECT COUNT(*) FROM outputs WHERE model = (SELECT id FROM models WHERE key = ?)", (key,)
+            f"SELECT {MODEL_OUTPUT_COUNT} FROM models m WHERE m.key = ?",
+            (key,),
         )
         or 0
     )

@@ -399,6 +399,7 @@ def embed_synced(
             recipe=prepared.recipe,
             precision=prepared.precision,  # the precision its key was made for
         )
+    store.merge_outputs()  # the pass's rows into the content-keyed table (migration m008)
     result.failures.sort()
     if result.failures:  # the counts after the pass: files that failed to decode are failed, not present
         result.counts = next(iter(folder_counts(store, key)), None)

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from alselect.store import COPY_REMOVED, Store, model_display_name
+from alselect.store import COPY_REMOVED, MODEL_OUTPUT_COUNT, Store, model_display_name
 from alselect.store.names import from_db, to_db
 
 
@@ -119,7 +119,7 @@ def store_status(store: Store, list_failed: bool = False) -> dict[str, Any]:
             (*row[:6], json.loads(row[6] or "{}"), *row[7:])
             for row in store.rows(
                 "SELECT m.key, m.checkpoint_sha256, m.path, m.kind, m.num_classes, m.dim, m.preprocess, "
-                "(SELECT COUNT(*) FROM outputs o WHERE o.model = m.id), "
+                f"{MODEL_OUTPUT_COUNT}, "
                 "(SELECT COUNT(*) FROM output_failures f WHERE f.model = m.id) "
                 "FROM models m ORDER BY m.added_at"
             )

@@ -60,8 +60,14 @@ def segment_state(store: Path) -> list[tuple[str, int, int]]:
 
 
 def embedding_count(store: Path) -> int:
+    """Contents with registered outputs, merged or still in the log (migration m008)."""
     with sqlite3.connect(store / DB_FILE) as conn:
-        return int(conn.execute("SELECT COUNT(*) FROM outputs").fetchone()[0])
+        return int(
+            conn.execute(
+                "SELECT COUNT(*) FROM (SELECT model, sha256 FROM outputs "
+                "UNION SELECT model, sha256 FROM outputs_log)"
+            ).fetchone()[0]
+        )
 
 
 def test_kill_between_array_append_and_commit_loses_only_that_batch(

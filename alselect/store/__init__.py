@@ -29,6 +29,7 @@ from alselect.store.keys import (
     hex_words,
     key_bytes,
     key_hex,
+    last_occurrences,
     lookup,
     member,
     record_keys,
@@ -43,6 +44,21 @@ KEEP_RUN_RANKINGS = 3  # runs whose per-image ranking is kept; older runs keep t
 # Every change of an image row's content or status stamps it with the latest run's id (migration m007).
 CHANGED_NOW = "changed = (SELECT COALESCE(MAX(id), 0) FROM runs)"
 EXPORT_CHUNK = 500  # ranked images looked up per query while exporting (bound parameters stay < 999)
+# Write-ahead log pages a writer lets build up before copying them into the database (SQLite's
+# default is 1,000). A batch of outputs rows touches about one B-tree page per content, so with the
+# default nearly every batch paid a checkpoint of its own; 64 MiB of log between checkpoints lets a
+# checkpoint copy each page once for many batches. Same durability: each commit is what it was.
+WAL_CHECKPOINT_PAGES = 16384
+WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes the log file is cut back to after a checkpoint
+# Registered outputs rows a model lets build up in ``outputs_log`` before they are merged into
+# ``outputs`` (migration m008): one merge rewrites each B-tree page once for this many rows.
+OUTPUTS_LOG_ROWS = 1 << 18
+# SQL: contents the model ``m`` (an alias of ``models``) has outputs for, unmerged log rows included.
+MODEL_OUTPUT_COUNT = (
+    "((SELECT COUNT(*) FROM outputs o WHERE o.model = m.id) + (SELECT COUNT(DISTINCT l.sha256) "
+    "FROM outputs_log l WHERE l.model = m.id AND NOT EXISTS "
+    "(SELECT 1 FROM outputs o WHERE o.model = l.model AND o.sha256 = l.sha256)))"
+)
 
 
 def default_store_path() -> Path:
@@ -217,6 +233,8 @@ class Store:
             conn.execute("PRAGMA busy_timeout = 30000")
             if write:
                 conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
+                conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
             if write:
@@ -243,13 +261,26 @@ class Store:
             raise
         store = cls(path, conn, lock)
         store.read_only = mode != WRITE
+        if lock is not None:
+            try:
+                store.merge_outputs()  # rows a killed writer registered but did not merge
+            except BaseException:
+                store.close()
+                raise
         return store
 
     def close(self) -> None:
-        self.closed = True
-        self.conn.close()
-        if self.lock is not None:
-            self.lock.release()
+        if self.closed:
+            return
+        try:
+            if self.lock is not None and not self.conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):  # left in the log, merged by the next writer
+                    self.merge_outputs()
+        finally:
+            self.closed = True
+            self.conn.close()
+            if self.lock is not None:
+                self.lock.release()
 
     def __enter__(self) -> Store:
         return self
@@ -440,6 +471,13 @@ class Store:
         before (e.g. not finite) are left out unless ``retry_failed``.
         """
         model_id = self._model_row(model_key)[0]
+        if self.lock is not None:
+            self.merge_outputs()
+        logged = (
+            ""
+            if self.lock is not None
+            else "AND NOT EXISTS (SELECT 1 FROM outputs_log l WHERE l.model = ?1 AND l.sha256 = i.sha256)"
+        )
         failed = (
             ""
             if retry_failed
@@ -449,6 +487,7 @@ class Store:
             f"""SELECT i.sha256, MIN(i.relpath) FROM images i
                 WHERE i.root = ?2 AND i.status = 'present' AND i.sha256 IS NOT NULL
                   AND NOT EXISTS (SELECT 1 FROM outputs o WHERE o.model = ?1 AND o.sha256 = i.sha256)
+                  {logged}
                   {failed}
                 GROUP BY i.sha256 ORDER BY MIN(i.relpath)""",
             (model_id, to_db(root)),
@@ -481,26 +520,45 @@ class Store:
             (self.path / file, committed, array.reshape(n, -1))
             for (_, file, committed), array in zip(placed, data.values(), strict=True)
         ]
-        # Sorted by content (stable: a content given twice keeps its last slot): B-tree locality.
-        rows = sorted(((model_id, sha, slot + i) for i, sha in enumerate(sha256)), key=lambda r: r[1])
+        rows = [(model_id, slot + i, sha) for i, sha in enumerate(sha256)]  # slot order: appends
         # The arrays are appended and fsynced (one thread per file, so the fsyncs overlap) while the
         # rows are inserted; the transaction commits only once every file is durable, so a crash
         # anywhere before the commit leaves at most an uncommitted tail, as before.
         with ThreadPoolExecutor(len(appends)) as pool, self.transaction() as conn:
             written = [pool.submit(append_rows, *job) for job in appends]
-            conn.executemany("INSERT OR REPLACE INTO outputs (model, sha256, slot) VALUES (?, ?, ?)", rows)
+            conn.executemany("INSERT INTO outputs_log (model, slot, sha256) VALUES (?, ?, ?)", rows)
             conn.executemany(
                 "UPDATE array_segments SET rows = rows + ? WHERE id = ?", [(n, seg) for seg, _, _ in placed]
             )
             conn.execute("UPDATE models SET slots = ? WHERE id = ?", (slot + n, model_id))
             if conn.execute("SELECT 1 FROM output_failures WHERE model = ? LIMIT 1", (model_id,)).fetchone():
                 conn.executemany(
-                    "DELETE FROM output_failures WHERE model = ? AND sha256 = ?", [r[:2] for r in rows]
+                    "DELETE FROM output_failures WHERE model = ? AND sha256 = ?", [(r[0], r[2]) for r in rows]
                 )
             for done in written:
                 done.result()  # an append that failed rolls the transaction back
             self._fault("after-append")
         self._fault("after-commit")
+        oldest = self.scalar("SELECT MIN(slot) FROM outputs_log WHERE model = ?", (model_id,))
+        if oldest is not None and slot + n - oldest >= OUTPUTS_LOG_ROWS:
+            self.merge_outputs()
+
+    def merge_outputs(self) -> None:
+        """Move the rows of ``outputs_log`` into ``outputs`` in one transaction (migration m008).
+
+        In content order, so each B-tree page is rewritten once; a content logged twice keeps its
+        latest slot. Writers merge when a model's log reaches ``OUTPUTS_LOG_ROWS``, at the end of
+        an embedding pass, when they open (a killed writer's rows) and when they close.
+        """
+        if self.conn.execute("SELECT 1 FROM outputs_log LIMIT 1").fetchone() is None:
+            return
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO outputs (model, sha256, slot) "
+                "SELECT model, sha256, slot FROM outputs_log ORDER BY model, sha256, slot"
+            )
+            conn.execute("DELETE FROM outputs_log")
+            self._fault("merge-outputs")
 
     def add_embeddings(
         self, model_key: str, sha256: Sequence[str], probs: np.ndarray, embeddings: np.ndarray
@@ -560,6 +618,13 @@ class Store:
             found.update(
                 self.rows(
                     f"SELECT sha256, slot FROM outputs WHERE model = ? AND sha256 IN ({marks})",
+                    [model_id, *part],
+                )
+            )
+            found.update(  # rows not merged yet (a writer at work, or killed): later slots win
+                self.rows(
+                    f"SELECT sha256, slot FROM outputs_log WHERE model = ? AND sha256 IN ({marks}) "
+                    "ORDER BY slot",
                     [model_id, *part],
                 )
             )
@@ -695,17 +760,10 @@ class Store:
         slots: dict[str, np.ndarray] = {}
         usable = np.ones(len(keep), dtype=bool)
         for key, model_id in zip(keys_in_order, model_ids, strict=True):
-            shas, hex_slots = self.rows(
-                "SELECT group_concat(sha256, ''), group_concat(printf('%016x', slot), '') "
-                "FROM (SELECT sha256, slot FROM outputs WHERE model = ? ORDER BY sha256)",
-                (model_id,),
-            )[0]
-            table = hex_words(shas or "", 4)
-            order = full_order(table)
-            pos, found = lookup(table[order], all_keys[keep])
+            table, stored = self._output_slots(model_id)
+            pos, found = lookup(table, all_keys[keep])
             usable &= found
-            stored = hex_words(hex_slots or "", 1).reshape(-1).astype(np.int64)
-            slots[key] = stored[order][pos] if len(stored) else pos
+            slots[key] = stored[pos] if len(stored) else pos
         keep = keep[usable]
         kept = all_keys[keep]
         labels = [r[0] for r in self.rows("SELECT sha256 FROM labels")]
@@ -719,6 +777,26 @@ class Store:
             keys=kept,
             paths=lambda: self._paths_of(image_ids),
         )
+
+    def _output_slots(self, model_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(keys [n, 4], slots [n])`` of every content the model has outputs for, keys sorted by
+        ``full_order``: the ``outputs`` table, with the unmerged ``outputs_log`` rows over it."""
+        parts = []
+        for table, sort_by in (("outputs", "sha256"), ("outputs_log", "slot")):
+            shas, hex_slots = self.rows(
+                "SELECT group_concat(sha256, ''), group_concat(printf('%016x', slot), '') "
+                f"FROM (SELECT sha256, slot FROM {table} WHERE model = ? ORDER BY {sort_by})",
+                (model_id,),
+            )[0]
+            stored = hex_words(hex_slots or "", 1).reshape(-1).astype(np.int64)
+            parts.append((hex_words(shas or "", 4), stored))
+        (keys, slots), (log_keys, log_slots) = parts
+        if len(log_keys):  # the latest slot of each content: log rows come after the table's, by slot
+            keys, slots = np.concatenate([keys, log_keys]), np.concatenate([slots, log_slots])
+            keep = last_occurrences(keys)
+            keys, slots = keys[keep], slots[keep]
+        order = full_order(keys)
+        return keys[order], slots[order]
 
     def _paths_of(self, image_ids: np.ndarray) -> tuple[list[str], list[str]]:
         """``image_paths``, also after this store was closed (a pool outlives its store)."""

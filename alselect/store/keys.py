@@ -55,8 +55,11 @@ def _same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def full_order(keys: np.ndarray) -> np.ndarray:
     """Stable order of ``keys`` by all 256 bits."""
-    order = np.argsort(keys[:, 0], kind="stable")
-    first = keys[order, 0]
+    first = keys[:, 0]
+    if len(first) and bool(np.all(first[1:] > first[:-1])):
+        return np.arange(len(first))  # already in order, distinct first words (a table read in order)
+    order = np.argsort(first, kind="stable")
+    first = first[order]
     clash = (first[1:] == first[:-1]) & ~_same(keys[order[1:]], keys[order[:-1]])
     if clash.any():  # two contents share the first 64 bits: sort by every word
         order = np.lexsort(keys.T[::-1])
@@ -75,11 +78,23 @@ def first_occurrences(keys: np.ndarray) -> np.ndarray:
     return np.sort(order[starts])
 
 
+def last_occurrences(keys: np.ndarray) -> np.ndarray:
+    """Ascending indices of the last row of each distinct key."""
+    n = len(keys)
+    return np.sort(n - 1 - first_occurrences(keys[::-1]))
+
+
 def lookup(table: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(position, found)`` of each of ``keys`` in ``table`` (keys sorted by ``full_order``)."""
     if not len(table) or not len(keys):
         return np.zeros(len(keys), dtype=np.int64), np.zeros(len(keys), dtype=bool)
-    pos = np.searchsorted(table[:, 0], keys[:, 0], side="left")
+    needles = keys[:, 0]
+    if len(needles) > 4096:  # searching in ascending order keeps the table's lines in cache
+        ascending = np.argsort(needles)
+        pos = np.empty(len(needles), dtype=np.int64)
+        pos[ascending] = np.searchsorted(table[:, 0], needles[ascending], side="left")
+    else:
+        pos = np.searchsorted(table[:, 0], needles, side="left")
     pos = np.minimum(pos, len(table) - 1)
     found = _same(table[pos], keys)
     unsure = np.flatnonzero(~found & (table[pos, 0] == keys[:, 0]))

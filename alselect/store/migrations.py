@@ -240,6 +240,30 @@ def m007_images_changed(conn: sqlite3.Connection) -> None:
     )
 
 
+@migration
+def m008_outputs_log(conn: sqlite3.Connection) -> None:
+    """Newly registered outputs go to ``outputs_log`` first, in slot order, and are merged into
+    ``outputs`` in large sorted steps (``Store.merge_outputs``).
+
+    ``outputs`` is keyed by content hash, so a batch of a thousand new contents touched about a
+    thousand B-tree pages, each rewritten at every batch's commit: registering was bound by SQLite,
+    not by the disk. Appending to a log keyed by slot touches a few pages per batch, and one merge
+    of many rows rewrites each page once. A content's slot is its latest: the log's (slots only
+    grow) over the table's.
+    """
+    run_script(
+        conn,
+        """
+        CREATE TABLE outputs_log (
+            model INTEGER NOT NULL,
+            slot INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            PRIMARY KEY (model, slot)
+        ) WITHOUT ROWID
+        """,
+    )
+
+
 def run_script(conn: sqlite3.Connection, script: str) -> None:
     """Execute ``;``-separated DDL inside the caller's transaction (``executescript`` commits)."""
     for statement in script.split(";"):

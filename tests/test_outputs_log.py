@@ -1,0 +1,179 @@
+"""Registered outputs go through ``outputs_log`` (migration m008) and are merged into ``outputs``.
+
+Every reader sees a content's latest slot whether its row is merged or not: checked against a
+dictionary of what was registered, through random batches, re-registrations and merges, from the
+writer and from a concurrent read-only reader; a writer killed mid-merge loses nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+
+from alselect.gc import count_outputs
+from alselect.status import store_status
+from alselect.store import Store
+from alselect.store.keys import first_occurrences, last_occurrences, lookup
+
+KEY = "b" * 64
+
+
+def sha(i: int) -> str:
+    return f"{(i * 0x9E3779B97F4A7C15) % (1 << 256):064x}"
+
+
+def open_with_model(path: Path) -> Store:
+    store = Store.open(path, write=True, create=True)
+    if store.model(KEY) is None:
+        store.register_model(KEY, KEY, "/m.pt", "test", None, 3, None, {})
+    return store
+
+
+def register(store: Store, ids: list[int], value: float) -> None:
+    n = len(ids)
+    store.add_outputs(
+        KEY,
+        [sha(i) for i in ids],
+        {
+            "probs": np.full((n, 3), value, np.float32),
+            "embedding": np.array([[i, value] for i in ids], np.float32),
+        },
+    )
+
+
+def logged(store: Store) -> int:
+    return int(store.scalar("SELECT COUNT(*) FROM outputs_log"))
+
+
+def expect_latest(store: Store, latest: dict[int, float]) -> None:
+    """Every reader's view equals the brute-force record of the last registration per content."""
+    ids = sorted(latest)
+    found, arrays = store.outputs_of(KEY, ["embedding"], [sha(i) for i in ids] + [sha(10**6)])
+    assert found.tolist() == [True] * len(ids) + [False]
+    np.testing.assert_array_equal(arrays["embedding"], [[i, latest[i]] for i in ids])
+    store.upsert_images("/pool", [(f"{i:05d}.png", sha(i), 1, 1, "present", None) for i in ids])
+    pool = store.pool_rows("/pool", [KEY])
+    np.testing.assert_array_equal(store.pool_array(pool, KEY, "embedding"), [[i, latest[i]] for i in ids])
+    assert count_outputs(store, KEY) == len(ids)
+    assert store_status(store)["models"][0]["embedded"] == len(ids)
+
+
+def test_rows_wait_in_the_log_until_the_threshold_and_readers_see_them(store_path: Path) -> None:
+    with mock.patch("alselect.store.OUTPUTS_LOG_ROWS", 10), open_with_model(store_path) as store:
+        register(store, [1, 2, 3, 4], 1.0)
+        assert logged(store) == 4 and store.scalar("SELECT COUNT(*) FROM outputs") == 0
+        expect_latest(store, {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0})
+        register(store, [5, 6, 7, 8, 9, 10], 1.0)  # 10 logged rows: merged after the commit
+        assert logged(store) == 0 and store.scalar("SELECT COUNT(*) FROM outputs") == 10
+        register(store, [2, 11], 2.0)  # content 2 again: its new slot is in the log, the old merged
+        assert logged(store) == 2
+        latest = dict.fromkeys(range(1, 11), 1.0) | {2: 2.0, 11: 2.0}
+        expect_latest(store, latest)
+        assert store.missing_outputs("/pool", KEY) == []
+    with Store.open(store_path) as reader:  # closing the writer merged the log
+        assert logged(reader) == 0
+        expect_latest_readonly(reader, latest)
+
+
+def expect_latest_readonly(store: Store, latest: dict[int, float]) -> None:
+    ids = sorted(latest)
+    found, arrays = store.outputs_of(KEY, ["embedding"], [sha(i) for i in ids])
+    assert found.all()
+    np.testing.assert_array_equal(arrays["embedding"], [[i, latest[i]] for i in ids])
+    pool = store.pool_rows("/pool", [KEY])
+    np.testing.assert_array_equal(store.pool_array(pool, KEY, "embedding"), [[i, latest[i]] for i in ids])
+    assert count_outputs(store, KEY) == len(ids)
+    assert store_status(store)["models"][0]["embedded"] == len(ids)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_batches_re_registrations_and_merges_match_a_dictionary(store_path: Path, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    latest: dict[int, float] = {}
+    with (
+        mock.patch("alselect.store.OUTPUTS_LOG_ROWS", int(rng.integers(5, 40))),
+        open_with_model(store_path) as store,
+    ):
+        store.upsert_images("/pool", [(f"{i:05d}.png", sha(i), 1, 1, "present", None) for i in range(60)])
+        for step in range(25):
+            ids = rng.choice(60, size=int(rng.integers(1, 12)), replace=False).tolist()
+            if rng.random() < 0.2:
+                ids.append(ids[0])  # a content twice in one batch: the later row wins
+            register(store, ids, float(step))
+            latest |= dict.fromkeys(ids, float(step))
+            if rng.random() < 0.15:
+                store.merge_outputs()
+            if step % 6 == 5:
+                expect_latest(store, latest)
+        # a concurrent reader (the writer still open, its log not merged) sees the same
+        with Store.open(store_path) as reader:
+            expect_latest_readonly(reader, latest)
+        expect_latest(store, latest)
+
+
+def test_missing_outputs_of_a_reader_counts_logged_rows_as_embedded(store_path: Path) -> None:
+    with open_with_model(store_path) as store:
+        store.upsert_images("/pool", [(f"{i}.png", sha(i), 1, 1, "present", None) for i in range(4)])
+        register(store, [0, 2], 1.0)
+        assert logged(store) == 2
+        with Store.open(store_path) as reader:
+            assert [s for s, _ in reader.missing_outputs("/pool", KEY)] == [sha(1), sha(3)]
+        assert [s for s, _ in store.missing_outputs("/pool", KEY)] == [sha(1), sha(3)]
+        assert logged(store) == 0  # a writer merges first
+
+
+KILL_SCRIPT = """
+import sys
+import numpy as np
+from alselect.store import Store
+key = "b" * 64
+store = Store.open(sys.argv[1], write=True, create=True)
+store.register_model(key, key, "/m.pt", "test", None, 3, None, {})
+shas = [f"{(i * 0x9E3779B97F4A7C15) % (1 << 256):064x}" for i in range(30)]
+for start in range(0, 30, 10):
+    part = shas[start : start + 10]
+    store.add_outputs(key, part, {"probs": np.ones((10, 3), np.float32),
+                                  "embedding": np.arange(start, start + 10, dtype=np.float32)[:, None]})
+store.merge_outputs()
+"""
+
+
+def test_a_writer_killed_while_merging_loses_nothing(store_path: Path) -> None:
+    env = {**os.environ, "ALSELECT_FAULT": "merge-outputs:1"}
+    killed = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(store_path)], env=env, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    with Store.open(store_path) as reader:  # read-only: the rows are still in the log
+        assert logged(reader) == 30 and reader.scalar("SELECT COUNT(*) FROM outputs") == 0
+        found, arrays = reader.outputs_of(KEY, ["embedding"], [sha(i) for i in range(30)])
+        assert found.all() and arrays["embedding"].ravel().tolist() == list(range(30))
+    with Store.open(store_path, write=True) as writer:  # the next writer merges them
+        assert logged(writer) == 0 and writer.scalar("SELECT COUNT(*) FROM outputs") == 30
+        found, arrays = writer.outputs_of(KEY, ["embedding"], [sha(i) for i in range(30)])
+        assert found.all() and arrays["embedding"].ravel().tolist() == list(range(30))
+
+
+def test_last_occurrences_and_sorted_lookup_match_brute_force() -> None:
+    rng = np.random.default_rng(3)
+    keys = rng.integers(0, 5, size=(9000, 4)).astype(np.uint64)  # many repeats and first-word clashes
+    as_tuples = [tuple(k) for k in keys.tolist()]
+    last: dict[tuple[int, ...], int] = {}
+    first: dict[tuple[int, ...], int] = {}
+    for i, k in enumerate(as_tuples):
+        last[k] = i
+        first.setdefault(k, i)
+    assert last_occurrences(keys).tolist() == sorted(last.values())
+    assert first_occurrences(keys).tolist() == sorted(first.values())
+    table = np.array(sorted(set(as_tuples[:4000])), dtype=np.uint64)  # sorted by all four words
+    pos, found = lookup(table, keys)  # > 4096 needles: the ascending search
+    where = {k: i for i, k in enumerate(map(tuple, table.tolist()))}
+    assert found.tolist() == [k in where for k in as_tuples]
+    assert [int(p) for p, f in zip(pos, found, strict=True) if f] == [
+        where[k] for k in as_tuples if k in where
+    ]
