@@ -66,6 +66,7 @@ class OutputModel(Protocol):
 
 DECODE_MODES = ("auto", "cpu", "gpu")
 ENGINES = ("local", "ray")
+EMBEDDING_DTYPES = ("float32", "float16")
 RAY_INSTALL_HINT = "pip install 'alselect[ray]'"
 
 
@@ -109,6 +110,7 @@ class EmbedOptions:
     compile: bool = False
     threads: int | None = None  # None: from the CPUs and the workers
     decode: str = "auto"  # where JPEGs are decoded: auto (gpu on CUDA devices), cpu, gpu
+    embedding_dtype: str = "float32"  # the stored format of ``embedding`` arrays: float32 or float16
     engine: str = "local"  # "local" or "ray"
     ray: RayOptions = RayOptions()
 
@@ -120,6 +122,8 @@ class EmbedOptions:
             raise UsageError(f"--decode must be auto, cpu or gpu, got {self.decode!r}")
         if self.threads is not None and self.threads < 1:
             raise UsageError(f"--threads must be at least 1, got {self.threads}")
+        if self.embedding_dtype not in EMBEDDING_DTYPES:
+            raise UsageError(f"--embedding-dtype must be float32 or float16, got {self.embedding_dtype!r}")
 
     def worker_count(self) -> int:
         if self.workers is not None:

@@ -51,6 +51,7 @@ from alselect.tasks import (
 from alselect.tasks.pool import LazyArrays, task_pool
 
 NOT_FINITE = "model output not finite (NaN or infinity)"
+FLOAT16_RANGE = "embedding beyond float16's range (±65,504): store it with --embedding-dtype float32"
 TASK_DEFAULTS = Reduction()  # detection / segmentation scoring options when none are given
 STANDARD_INPUTS = frozenset({"probs", "embeddings", "mc_probs"})
 # How to get a checkpoint that produces a per-image array a strategy needs.
@@ -115,6 +116,7 @@ class PreparedModel:
     runner: OutputModel | None = None
     task: str = CLASSIFICATION
     precision: str = "fp32"  # the number format its outputs are made in (see ``with_precision``)
+    embedding_dtype: str = "float32"  # the stored format of its ``embedding`` array
     recipe: ModelRecipe | None = None
     base_key: str | None = None
     mc_samples: int | None = None
@@ -126,6 +128,8 @@ class PreparedModel:
         derived: dict[str, Any] = {}
         if self.precision != "fp32":
             derived["precision"] = self.precision
+        if self.embedding_dtype != "float32":
+            derived["embedding_dtype"] = self.embedding_dtype
         if self.base_key is not None and self.base_key != self.key:
             derived["base_key"] = self.base_key
         if self.mc_samples:
@@ -285,6 +289,7 @@ def with_precision(store: Store, prepared: PreparedModel, options: EmbedOptions)
     """
     from alselect.inference import resolve_precision
 
+    prepared = with_embedding_dtype(prepared, options.embedding_dtype)
     requested = options.precision
     if options.engine != "local":
         return prepared
@@ -296,7 +301,16 @@ def with_precision(store: Store, prepared: PreparedModel, options: EmbedOptions)
         precision = "fp32"
     if precision == "fp32":
         return prepared
-    return replace(prepared, key=reduced, precision=precision, base_key=prepared.key)
+    return replace(prepared, key=reduced, precision=precision, base_key=prepared.base_key or prepared.key)
+
+
+def with_embedding_dtype(prepared: PreparedModel, dtype: str) -> PreparedModel:
+    """``prepared`` keyed for embeddings stored as ``dtype``: float32 keeps its key; float16 (half
+    the bytes to write and load) gets a key of its own, so a pool never mixes the two."""
+    if dtype == "float32":
+        return prepared
+    key = hashlib.sha256(f"{prepared.key}:embedding={dtype}".encode()).hexdigest()
+    return replace(prepared, key=key, embedding_dtype=dtype, base_key=prepared.base_key or prepared.key)
 
 
 def _has_outputs(store: Store, key: str) -> bool:
@@ -369,12 +383,18 @@ def embed_synced(
         for array in outputs.values():
             if array.dtype.kind == "f":
                 finite &= np.isfinite(array.reshape(len(indices), -1)).all(axis=1)
+        too_wide = np.zeros(len(indices), dtype=bool)
+        if prepared.embedding_dtype != "float32" and "embedding" in outputs:
+            with np.errstate(over="ignore"):  # an overflow is this image's failure, said below
+                narrow = outputs["embedding"].astype(prepared.embedding_dtype)
+            too_wide = finite & ~np.isfinite(narrow.reshape(len(indices), -1)).all(axis=1)
+            finite &= ~too_wide
+            outputs = {**outputs, "embedding": narrow}
         if not finite.all():
-            bad = [(shas[i], NOT_FINITE) for i, ok in zip(indices, finite, strict=True) if not ok]
+            reasons = [FLOAT16_RANGE if wide else NOT_FINITE for wide in too_wide.tolist()]
+            bad = [(shas[i], reasons[j]) for j, i in enumerate(indices) if not finite[j]]
             store.record_output_failures(prepared.key, bad)  # this model's failure, not the file's
-            result.failures.extend(
-                (todo[i][1], NOT_FINITE) for i, ok in zip(indices, finite, strict=True) if not ok
-            )
+            result.failures.extend((todo[i][1], reasons[j]) for j, i in enumerate(indices) if not finite[j])
             indices = [i for i, ok in zip(indices, finite, strict=True) if ok]
             outputs = {name: array[finite] for name, array in outputs.items()}
         store.add_outputs(prepared.key, [shas[i] for i in indices], outputs)

@@ -69,6 +69,14 @@ Precision = Annotated[
         help="auto, fp32, bf16 or fp16 (auto: bf16 on GPUs and CPUs that compute it natively, else fp32).",
     ),
 ]
+EmbeddingDtype = Annotated[
+    str,
+    typer.Option(
+        metavar="DTYPE",
+        help="float32 or float16: the number format embeddings are stored in (float16: half the disk "
+        "and load time, ~3 significant digits; a model's outputs in each format are kept apart).",
+    ),
+]
 Decode = Annotated[
     str,
     typer.Option(
@@ -200,6 +208,7 @@ def embed(
     max_failed: MaxFailed = None,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     precision: Precision = "auto",
+    embedding_dtype: EmbeddingDtype = "float32",
     compile: Compile = False,
     threads: Threads = None,
     decode: Decode = "auto",
@@ -231,7 +240,7 @@ def embed(
         ray_actors,
         ray_gpus_per_actor,
         max_pixels,
-        speed=Speed(precision, compile, threads, decode),
+        speed=Speed(precision, compile, threads, decode, embedding_dtype),
     )
     _check_inputs(folder, *model)
     _check_memory(batch_size, workers, image_size, device)
@@ -346,6 +355,7 @@ def score(
     max_failed: MaxFailed = None,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     precision: Precision = "auto",
+    embedding_dtype: EmbeddingDtype = "float32",
     compile: Compile = False,
     threads: Threads = None,
     decode: Decode = "auto",
@@ -394,7 +404,7 @@ def score(
         ray_actors,
         ray_gpus_per_actor,
         max_pixels,
-        speed=Speed(precision, compile, threads, decode),
+        speed=Speed(precision, compile, threads, decode, embedding_dtype),
     )
     command = command_line()
     _check_inputs(folder, *model, embed_model)
@@ -482,6 +492,7 @@ def _options(
         compile=speed.compile,
         threads=speed.threads,
         decode=speed.decode,
+        embedding_dtype=speed.embedding_dtype,
         engine=engine,
         ray=ray,
     )
@@ -490,12 +501,14 @@ def _options(
 
 
 class Speed(NamedTuple):
-    """``embed`` and ``score``'s ``--precision``, ``--compile``, ``--threads`` and ``--decode``."""
+    """``embed`` and ``score``'s ``--precision``, ``--compile``, ``--threads``, ``--decode`` and
+    ``--embedding-dtype``."""
 
     precision: str
     compile: bool
     threads: int | None
     decode: str
+    embedding_dtype: str = "float32"
 
 
 def _safeguards(allow_empty: bool, max_failed: str | None) -> Safeguards:

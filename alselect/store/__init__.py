@@ -76,7 +76,8 @@ COPY_REMOVED = "copy removed"  # ``images.reason`` of an absent path that was a 
 def model_display_name(checkpoint_sha256: str, key: str, settings: Mapping[str, Any] | None = None) -> str:
     """What a model is, in a few characters: ``<sha12>`` of the checkpoint, ``+pp<key6>`` when its
     preprocessing (or a detector's box count) was overridden, ``+bf16`` / ``+fp16`` for outputs made
-    in that precision, ``+mc<T>`` for T stored MC-dropout samples; e.g. ``50ed1dd89398+bf16+mc20``.
+    in that precision, ``+e16`` for embeddings stored as float16, ``+mc<T>`` for T stored MC-dropout
+    samples; e.g. ``50ed1dd89398+bf16+mc20``.
 
     ``settings`` is the model record's ``preprocess``: its ``base_key`` (the key of the fp32, single
     pass model a derived one comes from), ``precision`` and ``mc_samples`` say how it was derived.
@@ -87,6 +88,8 @@ def model_display_name(checkpoint_sha256: str, key: str, settings: Mapping[str, 
     name = short if base == checkpoint_sha256 else f"{short}+pp{base[:6]}"
     if settings.get("precision") in ("bf16", "fp16"):
         name += f"+{settings['precision']}"
+    if settings.get("embedding_dtype") == "float16":
+        name += "+e16"
     if settings.get("mc_samples"):
         name += f"+mc{int(settings['mc_samples'])}"
     return name
