@@ -6,6 +6,7 @@ import csv
 import io
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -18,12 +19,23 @@ import pytest
 from alselect.embed import EmbedOptions
 from alselect.export import export_latest
 from alselect.pipeline import ModelSpec, ScoreResult, score_folder
-from alselect.store import Store
+from alselect.store import DB_FILE, Store
 from tests.conftest import REPO
 
 MakeImages = Callable[..., list[Path]]
 needs_proc = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
 FAST = EmbedOptions(device="cpu", batch_size=4, workers=0)
+
+
+def embedding_count(store: Path) -> int:
+    """Contents with registered outputs, merged or still in the log (migration m008)."""
+    with sqlite3.connect(store / DB_FILE) as conn:
+        return int(
+            conn.execute(
+                "SELECT COUNT(*) FROM (SELECT model, sha256 FROM outputs "
+                "UNION SELECT model, sha256 FROM outputs_log)"
+            ).fetchone()[0]
+        )
 
 
 def score(

@@ -26,8 +26,7 @@ from alselect.embed import EmbedOptions, RayOptions, open_engine, run_model
 from alselect.pipeline import McDropout, ModelSpec, ScoreModels, embed_folder, score_folder
 from alselect.store import DB_FILE, Store
 from tests.conftest import REPO, SAMPLE_DATA, write_image
-from tests.helpers import MakeImages, closed_port, export_text
-from tests.test_store import embedding_count
+from tests.helpers import MakeImages, closed_port, embedding_count, export_text
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'alselect[ray]' runs these tests")
 pytestmark = pytest.mark.ray
@@ -213,7 +212,7 @@ def test_a_checkpoint_that_differs_on_a_worker_is_one_clear_error(
     with Store.open(tmp_path / "store", write=True, create=True) as store:
         with pytest.raises(CheckpointError, match="every node must see the same checkpoint"):
             embed_folder(store, tmp_path / "pool", ModelSpec(checkpoint), RAY)
-        assert store.scalar("SELECT (SELECT COUNT(*) FROM outputs) + (SELECT COUNT(*) FROM outputs_log)") == 0
+        assert embedding_count(tmp_path / "store") == 0
 
 
 def run_cli(
@@ -245,7 +244,7 @@ def test_a_killed_ray_driver_resumes_in_the_next_run_local_or_ray(
     ray_args = [*base, "--device", "cpu", "--batch-size", "4", "--engine", "ray", "--ray-actors", "1"]
     killed = run_cli(*ray_args, "--ray-address", cluster, env={"ALSELECT_FAULT": "after-append:3"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    registered = embedding_count(tmp_path / "store")  # merged or still in the registration log
+    registered = embedding_count(tmp_path / "store")  # merged or still in the log (m008)
     assert 0 < registered < 30 and registered % 4 == 0  # whole chunks, the one in flight lost
 
     resumed = run_cli(*ray_args)  # starts a Ray instance of its own, shuts it down at the end
@@ -254,7 +253,7 @@ def test_a_killed_ray_driver_resumes_in_the_next_run_local_or_ray(
     assert "starting a local Ray instance" in resumed.stderr
     assert f"embedded {30 - registered} " in resumed.stderr
     with Store.open(tmp_path / "store") as store:
-        assert store.scalar("SELECT COUNT(*) FROM outputs") == 30
+        assert embedding_count(tmp_path / "store") == 30
         key = store.rows("SELECT key FROM models")[0][0]
         got = store.pool(str((tmp_path / "pool").resolve()), key)
     with Store.open(tmp_path / "clean", write=True, create=True) as store:

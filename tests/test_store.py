@@ -17,7 +17,7 @@ import pytest
 from alselect.errors import StoreError
 from alselect.store import DB_FILE, Store, migrations
 from alselect.store.arrays import append_rows, read_rows
-from tests.helpers import MakeImages
+from tests.helpers import MakeImages, embedding_count
 
 
 def run_cli(
@@ -57,17 +57,6 @@ def segment_state(store: Path) -> list[tuple[str, int, int]]:
         (file, n * int(np.prod(json.loads(shape))) * np.dtype(dtype).itemsize, (store / file).stat().st_size)
         for file, n, shape, dtype in rows
     ]
-
-
-def embedding_count(store: Path) -> int:
-    """Contents with registered outputs, merged or still in the log (migration m008)."""
-    with sqlite3.connect(store / DB_FILE) as conn:
-        return int(
-            conn.execute(
-                "SELECT COUNT(*) FROM (SELECT model, sha256 FROM outputs "
-                "UNION SELECT model, sha256 FROM outputs_log)"
-            ).fetchone()[0]
-        )
 
 
 def test_kill_between_array_append_and_commit_loses_only_that_batch(

@@ -304,6 +304,20 @@ class Store:
             raise
         self.conn.execute("COMMIT")
 
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Statements in the block read one state of the database (a read transaction): a reader
+        that looks at ``outputs`` and then ``outputs_log`` sees a concurrent writer's merge whole or
+        not at all, never the rows in neither table. Inside a transaction already: that one."""
+        if self.conn.in_transaction:
+            yield
+            return
+        self.conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self.conn.execute("COMMIT")  # reads only: ends the snapshot
+
     def _fault(self, point: str) -> None:
         """Test hook: ``ALSELECT_FAULT=point:N`` kills the process the Nth time ``point`` is hit."""
         spec = os.environ.get("ALSELECT_FAULT")
@@ -476,26 +490,24 @@ class Store:
         model_id = self._model_row(model_key)[0]
         if self.lock is not None:
             self.merge_outputs()
-        logged = (
-            ""
-            if self.lock is not None
-            else "AND NOT EXISTS (SELECT 1 FROM outputs_log l WHERE l.model = ?1 AND l.sha256 = i.sha256)"
-        )
         failed = (
             ""
             if retry_failed
             else "AND NOT EXISTS (SELECT 1 FROM output_failures f WHERE f.model = ?1 AND f.sha256 = i.sha256)"
         )
-        rows = self.conn.execute(
-            f"""SELECT i.sha256, MIN(i.relpath) FROM images i
-                WHERE i.root = ?2 AND i.status = 'present' AND i.sha256 IS NOT NULL
-                  AND NOT EXISTS (SELECT 1 FROM outputs o WHERE o.model = ?1 AND o.sha256 = i.sha256)
-                  {logged}
-                  {failed}
-                GROUP BY i.sha256 ORDER BY MIN(i.relpath)""",
-            (model_id, to_db(root)),
-        )
-        return [(r[0], from_db(r[1])) for r in rows]
+        with self.snapshot():
+            rows = self.rows(
+                f"""SELECT i.sha256, MIN(i.relpath) FROM images i
+                    WHERE i.root = ?2 AND i.status = 'present' AND i.sha256 IS NOT NULL
+                      AND NOT EXISTS (SELECT 1 FROM outputs o WHERE o.model = ?1 AND o.sha256 = i.sha256)
+                      {failed}
+                    GROUP BY i.sha256 ORDER BY MIN(i.relpath)""",
+                (model_id, to_db(root)),
+            )
+            # A reader leaves out rows a writer has not merged yet. The log is keyed by slot, so
+            # it is read once (a NOT EXISTS per image would read all of it per image).
+            logged = {r[0] for r in self.rows("SELECT sha256 FROM outputs_log WHERE model = ?", (model_id,))}
+        return [(sha, from_db(rel)) for sha, rel in rows if sha not in logged]
 
     def add_outputs(self, model_key: str, sha256: Sequence[str], arrays: Mapping[str, np.ndarray]) -> None:
         """Persist one batch of per-image arrays (``name -> [n, *shape]``) for ``sha256`` (n contents).
@@ -615,22 +627,31 @@ class Store:
         model_id = self._model_row(model_key)[0]
         found: dict[str, int] = {}
         wanted = sorted(set(sha256))
-        for start in range(0, len(wanted), EXPORT_CHUNK):
-            part = wanted[start : start + EXPORT_CHUNK]
-            marks = ", ".join("?" * len(part))
-            found.update(
-                self.rows(
-                    f"SELECT sha256, slot FROM outputs WHERE model = ? AND sha256 IN ({marks})",
-                    [model_id, *part],
+        with self.snapshot():
+            for start in range(0, len(wanted), EXPORT_CHUNK):
+                part = wanted[start : start + EXPORT_CHUNK]
+                marks = ", ".join("?" * len(part))
+                found.update(
+                    self.rows(
+                        f"SELECT sha256, slot FROM outputs WHERE model = ? AND sha256 IN ({marks})",
+                        [model_id, *part],
+                    )
                 )
-            )
-            found.update(  # rows not merged yet (a writer at work, or killed): later slots win
-                self.rows(
+            # Rows not merged yet (a writer at work, or killed); later slots win. The log is keyed
+            # by slot, so a search by content reads all of the model's rows: one read, not one
+            # per chunk of wanted contents.
+            if len(wanted) <= EXPORT_CHUNK:
+                marks = ", ".join("?" * len(wanted))
+                logged = self.rows(
                     f"SELECT sha256, slot FROM outputs_log WHERE model = ? AND sha256 IN ({marks}) "
                     "ORDER BY slot",
-                    [model_id, *part],
+                    [model_id, *wanted],
                 )
-            )
+            else:
+                logged = self.rows(
+                    "SELECT sha256, slot FROM outputs_log WHERE model = ? ORDER BY slot", (model_id,)
+                )
+        found.update(logged)
         return np.array([found.get(sha, -1) for sha in sha256], dtype=np.int64)
 
     def outputs_of(
@@ -785,14 +806,15 @@ class Store:
         """``(keys [n, 4], slots [n])`` of every content the model has outputs for, keys sorted by
         ``full_order``: the ``outputs`` table, with the unmerged ``outputs_log`` rows over it."""
         parts = []
-        for table, sort_by in (("outputs", "sha256"), ("outputs_log", "slot")):
-            shas, hex_slots = self.rows(
-                "SELECT group_concat(sha256, ''), group_concat(printf('%016x', slot), '') "
-                f"FROM (SELECT sha256, slot FROM {table} WHERE model = ? ORDER BY {sort_by})",
-                (model_id,),
-            )[0]
-            stored = hex_words(hex_slots or "", 1).reshape(-1).astype(np.int64)
-            parts.append((hex_words(shas or "", 4), stored))
+        with self.snapshot():  # both tables as of one moment: a concurrent merge moves rows between them
+            for table, sort_by in (("outputs", "sha256"), ("outputs_log", "slot")):
+                shas, hex_slots = self.rows(
+                    "SELECT group_concat(sha256, ''), group_concat(printf('%016x', slot), '') "
+                    f"FROM (SELECT sha256, slot FROM {table} WHERE model = ? ORDER BY {sort_by})",
+                    (model_id,),
+                )[0]
+                stored = hex_words(hex_slots or "", 1).reshape(-1).astype(np.int64)
+                parts.append((hex_words(shas or "", 4), stored))
         (keys, slots), (log_keys, log_slots) = parts
         if len(log_keys):  # the latest slot of each content: log rows come after the table's, by slot
             keys, slots = np.concatenate([keys, log_keys]), np.concatenate([slots, log_slots])

@@ -9,8 +9,8 @@ index beside the database, which such a user cannot do. So when the store is not
   which it can map read-only (SQLite 3.22+);
 - otherwise every commit is in the database file itself, and it is opened ``immutable=1``: no
   ``-shm``, no locks, nothing written. A writer that starts meanwhile only appends to its log, so
-  the reader keeps a consistent snapshot (a checkpoint, the one in-place write, needs 1000 pages
-  of log first).
+  the reader keeps a consistent snapshot (a checkpoint, the one in-place write, needs 16,384
+  pages, 64 MiB, of log first: ``WAL_CHECKPOINT_PAGES``; or the writer's close).
 
 This module imports neither numpy nor anything else heavy, so it can be checked on its own.
 """
