@@ -45,9 +45,11 @@ KEEP_RUN_RANKINGS = 3  # runs whose per-image ranking is kept; older runs keep t
 CHANGED_NOW = "changed = (SELECT COALESCE(MAX(id), 0) FROM runs)"
 EXPORT_CHUNK = 500  # ranked images looked up per query while exporting (bound parameters stay < 999)
 # Write-ahead log pages a writer lets build up before copying them into the database (SQLite's
-# default is 1,000). A batch of outputs rows touches about one B-tree page per content, so with the
-# default nearly every batch paid a checkpoint of its own; 64 MiB of log between checkpoints lets a
-# checkpoint copy each page once for many batches. Same durability: each commit is what it was.
+# default is 1,000). A batch of outputs rows touched about one B-tree page per content, so with the
+# default nearly every batch paid a checkpoint of its own. A killed process loses nothing committed
+# either way; after a power loss (synchronous = NORMAL) the commits since the last checkpoint can
+# be undone, up to 64 MiB of log instead of 4 MiB: the store stays consistent (the arrays are
+# fsynced before their rows commit) and the next run embeds those images again.
 WAL_CHECKPOINT_PAGES = 16384
 WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes the log file is cut back to after a checkpoint
 # Registered outputs rows a model lets build up in ``outputs_log`` before they are merged into
