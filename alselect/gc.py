@@ -159,6 +159,7 @@ def segment_bytes(store: Store, key: str) -> int:
 
 def drop_model_arrays(store: Store, key: str) -> int:
     """Forget every array of the model (one transaction), then delete its files."""
+    store.merge_outputs()  # every row in ``outputs``, where this looks (a no-op when merged)
     files = [row[0] for row in store.rows("SELECT file FROM array_segments WHERE model_key = ?", (key,))]
     with store.transaction() as conn:
         model_id = conn.execute("SELECT id FROM models WHERE key = ?", (key,)).fetchone()[0]
@@ -172,6 +173,7 @@ def drop_model_arrays(store: Store, key: str) -> int:
 
 def drop_absent_outputs(store: Store) -> int:
     """Forget outputs of contents present in no folder and not labeled (their rows get compacted)."""
+    store.merge_outputs()  # every row in ``outputs``, where this looks (a no-op when merged)
     with store.transaction() as conn:
         return int(
             conn.execute(
@@ -184,6 +186,7 @@ def drop_absent_outputs(store: Store) -> int:
 
 def compact_model(store: Store, key: str, reporter: Reporter = NULL_REPORTER) -> bool:
     """Rewrite the model's arrays with only referenced rows, in as few segments as fit; True if done."""
+    store.merge_outputs()  # every row in ``outputs``, where this looks (a no-op when merged)
     model_id = store.scalar("SELECT id FROM models WHERE key = ?", (key,))
     segments = store.rows(
         "SELECT id, name, file, dtype, shape, rows FROM array_segments WHERE model_key = ? ORDER BY id",

@@ -247,3 +247,17 @@ def test_readers_read_a_full_log_once_not_once_per_image(store_path: Path) -> No
             steps[0] = 0
             assert [s for s, _ in reader.missing_outputs("/pool", KEY)] == [sha(i) for i in range(n, n + 5)]
             assert steps[0] < 20 * n // 100, steps  # per image: ~n * n / 400
+
+
+def test_gc_steps_called_alone_merge_the_log_first(store_path: Path) -> None:
+    from alselect.gc import compact_model, drop_absent_outputs
+
+    with open_with_model(store_path) as store:
+        register(store, [1, 2, 3], 1.0)
+        store.merge_outputs()
+        register(store, [2, 4], 2.0)  # content 2 again, and a new one: both only in the log
+        store.upsert_images("/pool", [(f"{i:05d}.png", sha(i), 1, 1, "present", None) for i in (1, 2, 4)])
+        assert drop_absent_outputs(store) == 1  # content 3 is present nowhere; 4 (logged) is kept
+        assert compact_model(store, KEY)  # slot of content 2's first registration is dropped
+        assert logged(store) == 0
+        expect_latest(store, {1: 1.0, 2: 2.0, 4: 2.0})
