@@ -855,16 +855,27 @@ def plot_curves(summaries: Sequence[StrategySummary], path: Path, title: str) ->
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
-    for s in summaries:
-        if not s.mean:
-            continue
+    drawn = [s for s in summaries if s.mean]
+    # 20 colours, then marker and line style tell apart the strategies that share one
+    tab20 = plt.get_cmap("tab20")
+    palette = [tab20(i) for i in range(20)]
+    markers, dashes = "os^Dv", ["-", "-.", ":"]
+    band = 0.12 if len(drawn) <= 6 else 0.05  # many bands on one plot hide each other
+    others = [s for s in drawn if s.strategy != BASELINE]
+    for s in drawn:
         x = np.asarray(s.n_labeled[: len(s.mean)])
         mean, std = np.asarray(s.mean) * 100, np.asarray(s.std) * 100
-        style: dict[str, Any] = (
-            {"color": "black", "linewidth": 2.2, "linestyle": "--"} if s.strategy == BASELINE else {}
-        )
-        (line,) = ax.plot(x, mean, marker="o", markersize=3, label=f"{s.strategy} ({s.seeds})", **style)
-        ax.fill_between(x, mean - std, mean + std, alpha=0.12, color=line.get_color())
+        if s.strategy == BASELINE:
+            style: dict[str, Any] = {"color": "black", "linewidth": 2.2, "linestyle": "--", "marker": "o"}
+        else:
+            i = others.index(s)
+            style = {
+                "color": palette[i % len(palette)],
+                "marker": markers[i % len(markers)],
+                "linestyle": dashes[(i // len(palette)) % len(dashes)],
+            }
+        (line,) = ax.plot(x, mean, markersize=3, label=f"{s.strategy} ({s.seeds})", **style)
+        ax.fill_between(x, mean - std, mean + std, alpha=band, color=line.get_color())
     ax.set_xlabel("labeled images")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(textwrap.fill(title, 100), fontsize=9)
