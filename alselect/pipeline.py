@@ -703,17 +703,31 @@ def mc_source(strategy: Strategy, task: Sequence[PreparedModel], mc: McDropout) 
 
 
 def full_pass_model(task: PreparedModel, samples: int) -> PreparedModel:
-    """The task model's T consistent-mask dropout passes, stored under their own key."""
+    """The task model's T consistent-mask dropout passes, stored under their own key.
+
+    The passes hold no embedding, so they are keyed from the model with float32 embeddings: a
+    ``--embedding-dtype float16`` run reuses them rather than making all T passes again."""
+    outputs_key = task.key
+    if task.embedding_dtype != "float32":
+        outputs_key = precision_key(task.base_key or task.key, task.precision)
     return PreparedModel(
         model=task.model,
         preprocess=task.preprocess,
-        key=mc_key(task.key, samples),
+        key=mc_key(outputs_key, samples),
         runner=FullPassModel(task.model, samples),
         precision=task.precision,
         recipe=replace(task.recipe, mc_samples=samples) if task.recipe is not None else None,
         base_key=task.base_key or task.key,
         mc_samples=samples,
     )
+
+
+def head_precision(task: PreparedModel) -> str:
+    """The precision whose rounding the head check allows for: float16 embeddings round as an fp16
+    forward does (11 significant bits), on top of the precision the probabilities were made in."""
+    if task.precision == "fp32" and task.embedding_dtype != "float32":
+        return "fp16"
+    return task.precision
 
 
 def pool_inputs(
@@ -762,7 +776,7 @@ def pool_inputs(
             mc_probs = store.pool_array(pool, mc_pass.key, "mc_probs").astype(np.float32)
         elif mc_head is not None:
             stored = store.pool_array(pool, task[0].key, "embedding")
-            weight, bias = head_layer(task[0].model, probs, stored, precision=task[0].precision)
+            weight, bias = head_layer(task[0].model, probs, stored, precision=head_precision(task[0]))
             mc_probs = head_mc_probs(stored, weight, bias, mc_head.samples, mc_head.rate)
         else:
             raise UsageError(f"strategy {strategy.name!r} needs several predictions per image")

@@ -112,6 +112,7 @@ def store_status(store: Store, list_failed: bool = False) -> dict[str, Any]:
             "dim": dim,
             "precision": derived.get("precision", "fp32"),
             "mc_samples": derived.get("mc_samples"),
+            "embedding_dtype": derived.get("embedding_dtype", "float32") if dim is not None else None,
             "embedded": count,
             "failed": model_failures,
         }

@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from alselect.checkpoints import load_checkpoint
 from alselect.checkpoints.alselect_dict import save_alselect_checkpoint
 from alselect.embed import EmbedOptions
 from alselect.errors import NothingUsableError, UsageError
 from alselect.models.small_cnn import SmallCNN
-from alselect.pipeline import FLOAT16_RANGE, ModelSpec, embed_folder
+from alselect.pipeline import FLOAT16_RANGE, McDropout, ModelSpec, ScoreModels, embed_folder
 from alselect.preprocess import Preprocess
+from alselect.status import store_status
 from alselect.store import Store
 from tests.conftest import SAMPLE_DATA
 from tests.helpers import MakeImages, cli, score
@@ -104,3 +106,75 @@ def test_embedding_dtype_is_checked_before_any_work(
     )
     assert code == 2 and out == "" and "--embedding-dtype must be float32 or float16, got 'bf16'" in err
     assert not (store_path / "alselect.db").exists()
+
+
+def test_mc_dropout_samples_are_shared_by_float32_and_float16_embeddings(
+    tmp_path: Path, store_path: Path, tiny_checkpoint: Path, make_images: MakeImages
+) -> None:
+    """MC-dropout samples hold no embedding: a float16 run reuses the float32 run's T passes per
+    image instead of recomputing them under a second model named the same."""
+    make_images(tmp_path / "pool", 4)
+    spec = ScoreModels(task=[ModelSpec(tiny_checkpoint)], mc=McDropout(samples=3, mode="full"))
+    runs = {
+        dtype: score(
+            store_path, tmp_path / "pool", tiny_checkpoint, "bald", spec=spec, options=options(dtype)
+        )
+        for dtype in ("float32", "float16")
+    }
+    mc32, mc16 = runs["float32"].embeds[-1], runs["float16"].embeds[-1]
+    assert mc32.model_display.endswith("+mc3") and mc32.embedded == 4
+    assert (mc16.model_key, mc16.embedded, mc16.already_embedded) == (mc32.model_key, 0, 4)
+    with Store.open(store_path) as store:
+        names = sorted(m["model"] for m in store_status(store)["models"])
+        records = [store.ranking_records(run.run_id) for run in runs.values()]
+    sha12 = mc32.model_display.split("+")[0]
+    assert names == [sha12, f"{sha12}+e16", f"{sha12}+mc3"]
+    assert records[0] is not None and records[1] is not None
+    np.testing.assert_array_equal(records[0]["image_id"], records[1]["image_id"])  # bald reads mc_probs only
+
+
+def test_status_says_the_embeddings_are_float16(
+    tmp_path: Path,
+    store_path: Path,
+    tiny_checkpoint: Path,
+    make_images: MakeImages,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    make_images(tmp_path / "pool", 3)
+    for dtype in ("float32", "float16"):
+        score(store_path, tmp_path / "pool", tiny_checkpoint, options=options(dtype))
+    with Store.open(store_path) as store:
+        models = {m["model"]: m for m in store_status(store)["models"]}
+    (plain,) = [name for name in models if "+" not in name]
+    assert models[plain]["embedding_dtype"] == "float32"
+    assert models[f"{plain}+e16"]["embedding_dtype"] == "float16"
+    code, out, err = cli(capsys, "--store", str(store_path), "status")
+    assert code == 0, err
+    lines = {line.split()[1]: line for line in out.splitlines() if line.startswith("model:")}
+    assert "(3 classes, 128-d float16, fp32) 3 embedded" in lines[f"{plain}+e16"]
+    assert "(3 classes, 128-d, fp32) 3 embedded" in lines[plain]
+
+
+def test_head_only_mc_dropout_allows_for_the_float16_rounding_of_the_stored_embedding(
+    tmp_path: Path, store_path: Path
+) -> None:
+    """The head check reproduces the stored probabilities from the stored embedding: rounded to
+    float16 (relative error up to 2^-11) the logits of a confident model move by more than the fp32
+    tolerance, which is no reason to say the checkpoint has no final layer."""
+    model = load_checkpoint(SAMPLE_DATA / "model.pt")
+    with torch.no_grad():  # logits 30 times as large: ranges of a few hundred
+        model.module.fc.weight.mul_(30.0)
+        model.module.fc.bias.mul_(30.0)
+    checkpoint = tmp_path / "confident.pt"
+    save_alselect_checkpoint(
+        checkpoint, model.module, "small_cnn", 10, model.classes, preprocess=model.preprocess
+    )
+    spec = ScoreModels(task=[ModelSpec(checkpoint)], mc=McDropout(samples=4, mode="head"))
+    picked = {}
+    for dtype in ("float32", "float16"):
+        run = score(store_path, FOLDER, checkpoint, "bald", budget=8, spec=spec, options=options(dtype))
+        with Store.open(store_path) as store:
+            records = store.ranking_records(run.run_id)
+        assert records is not None
+        picked[dtype] = set(records["image_id"][:8].tolist())
+    assert len(picked["float32"] & picked["float16"]) >= 6, picked

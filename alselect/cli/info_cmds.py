@@ -122,12 +122,14 @@ def strategies(as_json: Json = False) -> None:
 
 
 def describe_model(model: dict[str, Any]) -> str:
-    """``10 classes, 128-d, bf16``; stored MC-dropout samples say so instead of a dimension."""
+    """``10 classes, 128-d, bf16`` (``128-d float16`` for embeddings stored as float16); stored
+    MC-dropout samples say so instead of a dimension."""
     parts = [f"{model['classes']} classes"]
     if model.get("mc_samples"):
         parts.append(f"{model['mc_samples']} MC-dropout samples per image")
     elif model["dim"] is not None:
-        parts.append(f"{model['dim']}-d")
+        narrow = " float16" if model.get("embedding_dtype") == "float16" else ""
+        parts.append(f"{model['dim']}-d{narrow}")
     else:
         parts.append("no embedding")
     parts.append(model.get("precision") or "fp32")
