@@ -166,4 +166,19 @@ def store_status(store: Store, list_failed: bool = False) -> dict[str, Any]:
         status["failed_images"] = [
             {"folder": from_db(root), "path": from_db(rel), "reason": reason} for root, rel, reason in failed
         ]
+        status["failed_outputs"] = failed_outputs(store)
     return status
+
+
+def failed_outputs(store: Store) -> list[dict[str, Any]]:
+    """Present files whose content one model could not give outputs for (not finite, beyond
+    float16), with the model's name and the reason: the file is fine, other models still read it."""
+    names = store.model_names()
+    return [
+        {"folder": from_db(root), "path": from_db(rel), "model": names[key], "reason": reason}
+        for root, rel, key, reason in store.rows(
+            "SELECT i.root, i.relpath, m.key, f.reason FROM output_failures f "
+            "JOIN models m ON m.id = f.model JOIN images i ON i.sha256 = f.sha256 "
+            "WHERE i.status = 'present' ORDER BY i.root, i.relpath, m.added_at"
+        )
+    ]

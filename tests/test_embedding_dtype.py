@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +66,7 @@ def test_batch_strategies_pick_alike_from_float16_embeddings(tmp_path: Path, str
 
 
 def test_an_embedding_beyond_float16_range_fails_for_that_model_with_its_reason(
-    tmp_path: Path, store_path: Path, make_images: MakeImages
+    tmp_path: Path, store_path: Path, make_images: MakeImages, capsys: pytest.CaptureFixture[str]
 ) -> None:
     torch.manual_seed(0)
     model = SmallCNN(num_classes=3)
@@ -82,6 +83,20 @@ def test_an_embedding_beyond_float16_range_fails_for_that_model_with_its_reason(
         reasons = store.rows("SELECT reason FROM output_failures")
         assert reasons == [(FLOAT16_RANGE,)] * 4
         assert store.rows("SELECT status FROM images") == [("present",)] * 4  # the file is fine
+        names = store.model_names()
+    # the run said "'alselect status --failed' lists them": it does, with the model and the reason
+    code, out, err = cli(capsys, "--store", str(store_path), "status", "--failed")
+    assert code == 0, err
+    root = str((tmp_path / "pool").resolve())
+    (wide,) = [name for name in names.values() if name.endswith("+e16")]
+    listed = sorted(line for line in out.splitlines() if line.startswith(root))
+    assert listed == [f"{root}/img_{i:04d}.png\tmodel {wide}: {FLOAT16_RANGE}" for i in range(4)]
+    info = json.loads(cli(capsys, "--store", str(store_path), "status", "--json", "--failed")[1])
+    assert info["failed_images"] == []  # the files are fine: other models still read them
+    assert [(item["path"], item["model"], item["reason"]) for item in info["failed_outputs"]] == [
+        (f"img_{i:04d}.png", wide, FLOAT16_RANGE) for i in range(4)
+    ]
+    with Store.open(store_path, write=True) as store:
         plain = embed_folder(store, tmp_path / "pool", ModelSpec(checkpoint), options("float32"))
         assert plain.embedded == 4 and plain.failures == []
 

@@ -79,6 +79,9 @@ def _format_status(info: dict[str, Any]) -> str:
     lines.append(f"exported:  {info['exported']} image(s) in {info['exports']} export(s)")
     for item in info.get("failed_images", []):  # one line each: control characters escaped
         lines.append(f"{one_line(item['folder'] + '/' + item['path'])}\t{one_line(item['reason'] or '')}")
+    for item in info.get("failed_outputs", []):
+        reason = f"model {item['model']}: {item['reason']}"
+        lines.append(f"{one_line(item['folder'] + '/' + item['path'])}\t{one_line(reason)}")
     return "\n".join(lines)
 
 
