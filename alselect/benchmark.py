@@ -845,6 +845,21 @@ def summary_csv(summaries: Sequence[StrategySummary]) -> str:
     return buffer.getvalue()
 
 
+PLOT_COLOURS = 20  # matplotlib's tab20
+PLOT_MARKERS = "os^Dv"
+PLOT_DASHES = ("-", "-.", ":")
+LEGEND_INSIDE = 24  # legend entries (2 columns) that fit inside the axes
+LEGEND_ROWS = 30  # rows per legend column beside the axes
+
+
+def curve_style(index: int) -> tuple[int, str, str]:
+    """(colour index, marker, line style) of the ``index``-th non-baseline curve: 20 colours, each
+    round of 20 shifts the markers and changes the line style, so the first 300 curves all differ."""
+    colour, round_ = index % PLOT_COLOURS, index // PLOT_COLOURS
+    marker = PLOT_MARKERS[(index + round_) % len(PLOT_MARKERS)]
+    return colour, marker, PLOT_DASHES[round_ % len(PLOT_DASHES)]
+
+
 def plot_curves(summaries: Sequence[StrategySummary], path: Path, title: str) -> bool:
     """Learning curves (mean ± std band over seeds) as PNG; False when matplotlib is missing."""
     try:
@@ -856,10 +871,8 @@ def plot_curves(summaries: Sequence[StrategySummary], path: Path, title: str) ->
         return False
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     drawn = [s for s in summaries if s.mean]
-    # 20 colours, then marker and line style tell apart the strategies that share one
     tab20 = plt.get_cmap("tab20")
-    palette = [tab20(i) for i in range(20)]
-    markers, dashes = "os^Dv", ["-", "-.", ":"]
+    palette = [tab20(i) for i in range(PLOT_COLOURS)]
     band = 0.12 if len(drawn) <= 6 else 0.05  # many bands on one plot hide each other
     others = [s for s in drawn if s.strategy != BASELINE]
     for s in drawn:
@@ -868,22 +881,22 @@ def plot_curves(summaries: Sequence[StrategySummary], path: Path, title: str) ->
         if s.strategy == BASELINE:
             style: dict[str, Any] = {"color": "black", "linewidth": 2.2, "linestyle": "--", "marker": "o"}
         else:
-            i = others.index(s)
-            style = {
-                "color": palette[i % len(palette)],
-                "marker": markers[i % len(markers)],
-                "linestyle": dashes[(i // len(palette)) % len(dashes)],
-            }
+            colour, marker, dash = curve_style(others.index(s))
+            style = {"color": palette[colour], "marker": marker, "linestyle": dash}
         (line,) = ax.plot(x, mean, markersize=3, label=f"{s.strategy} ({s.seeds})", **style)
         ax.fill_between(x, mean - std, mean + std, alpha=band, color=line.get_color())
     ax.set_xlabel("labeled images")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(textwrap.fill(title, 100), fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    if len(drawn) <= LEGEND_INSIDE:
+        ax.legend(fontsize=7, ncol=2, loc="lower right")
+    else:  # more entries than the axes hold: beside them, in columns of at most LEGEND_ROWS
+        columns = -(-len(drawn) // LEGEND_ROWS)
+        ax.legend(fontsize=7, ncol=columns, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp)
+    fig.savefig(tmp, bbox_inches="tight")  # the whole legend, wherever it is
     plt.close(fig)
     os.replace(tmp, path)
     return True

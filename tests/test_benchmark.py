@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 from multiprocessing.synchronize import Event
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -349,3 +350,45 @@ def _hold_lock(path: Path, ready: Event, stop: Event) -> None:
     with WriterLock(path, timeout=0):
         ready.set()
         stop.wait(60)
+
+
+def test_curve_styles_stay_distinct_beyond_sixty_strategies() -> None:
+    """Colour, marker and line style repeated from the 61st strategy on (markers cycled with the
+    colours, so only 20 × 3 combinations were reachable)."""
+    styles = [bench.curve_style(i) for i in range(300)]
+    assert len(set(styles)) == 300
+    assert styles[:20] == [(i, "os^Dv"[i % 5], "-") for i in range(20)]  # the first 20 as before
+
+
+@pytest.mark.parametrize("count", [1, 21, 70])
+def test_the_plot_holds_every_legend_entry(
+    tmp_path: Path, count: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """70 entries overflowed the axes: the legend ran off the top of the saved image."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    saved = []
+    real_savefig = plt.Figure.savefig
+
+    def savefig(fig: Any, fname: Any, **kwargs: Any) -> None:
+        real_savefig(fig, fname, **kwargs)
+        renderer = fig.canvas.get_renderer()
+        area = fig.get_tightbbox(renderer) if kwargs.get("bbox_inches") == "tight" else fig.bbox_inches
+        legend = (
+            fig.axes[0].get_legend().get_window_extent(renderer).transformed(fig.dpi_scale_trans.inverted())
+        )
+        saved.append((area, legend, len(fig.axes[0].get_legend().get_texts())))
+
+    monkeypatch.setattr(plt.Figure, "savefig", savefig)
+    names = ["random", *(f"strategy-{i}" for i in range(count - 1))]
+    summaries = [
+        bench.StrategySummary(name, 2, [10, 20, 30], [0.5, 0.6, 0.7], [0.01] * 3, [0.6], [0.0], [0.0])
+        for name in names
+    ]
+    assert bench.plot_curves(summaries, tmp_path / "curves.png", "title")
+    ((area, legend, entries),) = saved
+    assert entries == count
+    tolerance = 0.02  # inches
+    assert area.x0 - tolerance <= legend.x0 and legend.x1 <= area.x1 + tolerance
+    assert area.y0 - tolerance <= legend.y0 and legend.y1 <= area.y1 + tolerance
