@@ -285,10 +285,13 @@ def with_precision(store: Store, prepared: PreparedModel, options: EmbedOptions)
     store that already holds this model's fp32 outputs and none in that precision keeps fp32: an
     existing pool is never re-embedded, nor split between two number formats, because a newer alselect
     or another machine would pick differently. ``--precision bf16`` once moves it (``alselect gc`` then
-    frees the fp32 arrays). The Ray engine runs models in fp32 (``EmbedOptions.check``).
+    frees the fp32 arrays). A store with the float32-embedding fp32 pool keeps fp32 for its first
+    ``--embedding-dtype float16`` pool too: that option changes how embeddings are stored, not the
+    forward. The Ray engine runs models in fp32 (``EmbedOptions.check``).
     """
     from alselect.inference import resolve_precision
 
+    unstored = prepared.key  # before ``--embedding-dtype`` gives the model a key of its own
     prepared = with_embedding_dtype(prepared, options.embedding_dtype)
     requested = options.precision
     if options.engine != "local":
@@ -297,6 +300,15 @@ def with_precision(store: Store, prepared: PreparedModel, options: EmbedOptions)
     precision = resolve_precision(requested, device, reduced_ok=prepared.task == CLASSIFICATION)
     reduced = precision_key(prepared.key, precision)
     fp32_pool = _has_outputs(store, prepared.key) and not _has_outputs(store, reduced)
+    if (
+        prepared.key != unstored
+        and not _has_outputs(store, prepared.key)
+        and not _has_outputs(store, reduced)
+    ):
+        # a first float16 pool follows the float32 one it copies
+        fp32_pool = _has_outputs(store, unstored) and not _has_outputs(
+            store, precision_key(unstored, precision)
+        )
     if requested == "auto" and precision != "fp32" and fp32_pool:
         precision = "fp32"
     if precision == "fp32":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,16 @@ from alselect.checkpoints.alselect_dict import save_alselect_checkpoint
 from alselect.embed import EmbedOptions
 from alselect.errors import NothingUsableError, UsageError
 from alselect.models.small_cnn import SmallCNN
-from alselect.pipeline import FLOAT16_RANGE, McDropout, ModelSpec, ScoreModels, embed_folder
+from alselect.pipeline import (
+    FLOAT16_RANGE,
+    McDropout,
+    ModelSpec,
+    ScoreModels,
+    embed_folder,
+    precision_key,
+    prepare_model,
+    with_embedding_dtype,
+)
 from alselect.preprocess import Preprocess
 from alselect.status import store_status
 from alselect.store import Store
@@ -193,3 +203,37 @@ def test_head_only_mc_dropout_allows_for_the_float16_rounding_of_the_stored_embe
         assert records is not None
         picked[dtype] = set(records["image_id"][:8].tolist())
     assert len(picked["float32"] & picked["float16"]) >= 6, picked
+
+
+def test_auto_precision_keeps_the_fp32_forward_of_an_existing_pool_when_it_moves_to_float16(
+    tmp_path: Path,
+    store_path: Path,
+    tiny_checkpoint: Path,
+    make_images: MakeImages,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Adding ``--embedding-dtype float16`` to a store of fp32 outputs changes how embeddings are
+    stored, not the forward: on a bf16-capable machine ``auto`` kept fp32 for the float32 pool and
+    so keeps it for its float16 copy (the float32 values rounded, as the README says)."""
+    from alselect import inference
+
+    make_images(tmp_path / "pool", 3)
+
+    def embed(store: Path, precision: str, dtype: str) -> tuple[str, str, int]:
+        with Store.open(store, write=True, create=True) as opened:
+            run = embed_folder(
+                opened,
+                tmp_path / "pool",
+                ModelSpec(tiny_checkpoint),
+                replace(options(dtype), precision=precision),
+            )
+        return run.model_key, run.model_display, run.embedded
+
+    fp32_key, plain, _ = embed(store_path, "fp32", "float32")
+    monkeypatch.setattr(inference, "cpu_bf16_native", lambda: True)  # now a bf16-capable CPU
+    assert embed(store_path, "auto", "float32") == (fp32_key, plain, 0)
+    e16_key = with_embedding_dtype(prepare_model(ModelSpec(tiny_checkpoint)), "float16").key
+    assert embed(store_path, "auto", "float16") == (e16_key, f"{plain}+e16", 3)
+    assert embed(store_path, "auto", "float16") == (e16_key, f"{plain}+e16", 0)
+    fresh = embed(tmp_path / "fresh", "auto", "float16")  # a new store starts in the fast format
+    assert fresh == (precision_key(e16_key, "bf16"), f"{plain}+bf16+e16", 3)
