@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -63,16 +64,21 @@ def test_float16_embeddings_are_the_float32_ones_rounded_under_their_own_key(sto
 @pytest.mark.parametrize("strategy", ["coreset", "kmeans", "badge"])
 def test_batch_strategies_pick_alike_from_float16_embeddings(tmp_path: Path, strategy: str) -> None:
     """Rounding to float16 (relative error <= 2^-11) barely moves a batch selection."""
-    picked = {}
-    for dtype in ("float32", "float16"):
-        store_path = tmp_path / dtype
-        run = score(store_path, FOLDER, SAMPLE_DATA / "model.pt", strategy, budget=8, options=options(dtype))
-        assert run.selected == 8
-        with Store.open(store_path) as store:
-            records = store.ranking_records(run.run_id)
-        assert records is not None
-        picked[dtype] = set(records["image_id"][:8].tolist())
+    picked = {
+        dtype: first_eight(tmp_path / dtype, SAMPLE_DATA / "model.pt", strategy, options=options(dtype))
+        for dtype in ("float32", "float16")
+    }
     assert len(picked["float32"] & picked["float16"]) >= 6, picked
+
+
+def first_eight(store_path: Path, checkpoint: Path, strategy: str, **kwargs: Any) -> set[int]:
+    """The image ids a ``--budget 8`` run over the sample folder picks."""
+    run = score(store_path, FOLDER, checkpoint, strategy, budget=8, **kwargs)
+    assert run.selected == 8
+    with Store.open(store_path) as store:
+        records = store.ranking_records(run.run_id)
+    assert records is not None
+    return set(records["image_id"][:8].tolist())
 
 
 def test_an_embedding_beyond_float16_range_fails_for_that_model_with_its_reason(
@@ -195,13 +201,10 @@ def test_head_only_mc_dropout_allows_for_the_float16_rounding_of_the_stored_embe
         checkpoint, model.module, "small_cnn", 10, model.classes, preprocess=model.preprocess
     )
     spec = ScoreModels(task=[ModelSpec(checkpoint)], mc=McDropout(samples=4, mode="head"))
-    picked = {}
-    for dtype in ("float32", "float16"):
-        run = score(store_path, FOLDER, checkpoint, "bald", budget=8, spec=spec, options=options(dtype))
-        with Store.open(store_path) as store:
-            records = store.ranking_records(run.run_id)
-        assert records is not None
-        picked[dtype] = set(records["image_id"][:8].tolist())
+    picked = {
+        dtype: first_eight(store_path, checkpoint, "bald", spec=spec, options=options(dtype))
+        for dtype in ("float32", "float16")
+    }
     assert len(picked["float32"] & picked["float16"]) >= 6, picked
 
 
