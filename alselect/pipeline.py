@@ -299,16 +299,11 @@ def with_precision(store: Store, prepared: PreparedModel, options: EmbedOptions)
     device = resolve_device(options.device)
     precision = resolve_precision(requested, device, reduced_ok=prepared.task == CLASSIFICATION)
     reduced = precision_key(prepared.key, precision)
-    fp32_pool = _has_outputs(store, prepared.key) and not _has_outputs(store, reduced)
-    if (
-        prepared.key != unstored
-        and not _has_outputs(store, prepared.key)
-        and not _has_outputs(store, reduced)
-    ):
-        # a first float16 pool follows the float32 one it copies
-        fp32_pool = _has_outputs(store, unstored) and not _has_outputs(
-            store, precision_key(unstored, precision)
-        )
+    # the pool whose stored outputs decide: this one, or for a first float16 pool the float32 one
+    decides = prepared.key
+    if decides != unstored and not _has_outputs(store, decides) and not _has_outputs(store, reduced):
+        decides = unstored
+    fp32_pool = _has_outputs(store, decides) and not _has_outputs(store, precision_key(decides, precision))
     if requested == "auto" and precision != "fp32" and fp32_pool:
         precision = "fp32"
     if precision == "fp32":
