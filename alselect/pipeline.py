@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -38,6 +39,7 @@ from alselect.status import FolderCounts, folder_counts
 from alselect.store import PoolRows, Store, model_display_name
 from alselect.store.keys import content_keys
 from alselect.store.rankings import Ranking
+from alselect.store.writer import OutputWriter
 from alselect.strategies import PoolInputs, Strategy, build_strategy
 from alselect.sync import SyncResult, sync_folder
 from alselect.tasks import (
@@ -400,22 +402,24 @@ def embed_synced(
         if not finite.all():
             reasons = [FLOAT16_RANGE if wide else NOT_FINITE for wide in too_wide.tolist()]
             bad = [(shas[i], reasons[j]) for j, i in enumerate(indices) if not finite[j]]
-            store.record_output_failures(prepared.key, bad)  # this model's failure, not the file's
+            writer.call(functools.partial(store.record_output_failures, prepared.key, bad))  # the model's
             result.failures.extend((todo[i][1], reasons[j]) for j, i in enumerate(indices) if not finite[j])
             indices = [i for i, ok in zip(indices, finite, strict=True) if ok]
             outputs = {name: array[finite] for name, array in outputs.items()}
-        store.add_outputs(prepared.key, [shas[i] for i in indices], outputs)
+        writer.put([shas[i] for i in indices], outputs)
         if failures:
             # a file edited since hashing is not broken: the next sync hashes its new content
             lasting = [(shas[i], reason) for i, reason in failures if reason != CHANGED_WHILE_READING]
-            result.failures.extend(store.mark_failed(key, lasting))  # every file holding the content
+            writer.call(lambda: result.failures.extend(store.mark_failed(key, lasting)))  # every copy
             result.failures.extend(
                 (todo[i][1], reason) for i, reason in failures if reason == CHANGED_WHILE_READING
             )
         result.embedded += len(indices)
 
     runner = prepared.runner or prepared.model
-    with engine_for(options, engine) as running:
+    # Batches are registered on a writer thread, grouped when the model outpaces the disk
+    # (alselect.store.writer); leaving the block waits for every batch handed over.
+    with OutputWriter(store, prepared.key) as writer, engine_for(options, engine) as running:
         running.run(
             runner,
             paths,

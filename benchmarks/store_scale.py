@@ -6,9 +6,11 @@ methods, then time what cron runs every night.
 
 Steps timed (each on the same store, in this order):
 
-- ``register``: ``Store.add_outputs`` of probs [C] float32 + embedding [D] in batches of
-  ``--batch`` images (arrays appended and fsynced, then registered in one transaction each), as
-  the embed loop does; reported as images/s.
+- ``register``: probs [C] float32 + embedding [D] in batches of ``--batch`` images, handed to
+  ``OutputWriter`` as the embed loop does (``--register writer``: a background thread registers
+  them, several batches in one append + fsync + transaction when they wait), or one
+  ``Store.add_outputs`` per batch in the loop's thread (``--register direct``); images/s, the
+  final merge included.
 - ``pool``: everything a selection needs: ``pool_rows`` (one row per content, path order, labeled
   and exported masks) plus ``probs`` and ``embedding`` arrays for all N images.
 - ``record_run``: ``Store.record_run`` of an N-image ranking (the rankings of older runs beyond the
@@ -59,6 +61,7 @@ from alselect.labels import import_labels
 from alselect.pipeline import ranking_of
 from alselect.status import store_status
 from alselect.store import Store
+from alselect.store.writer import OutputWriter
 
 KEY = "f" * 64
 
@@ -77,7 +80,9 @@ def sha_of(i: int) -> str:
     return hashlib.sha256(i.to_bytes(8, "little")).hexdigest()
 
 
-def build(path: Path, n: int, classes: int, dim: int, batch: int, dtype: str) -> dict[str, float]:
+def build(
+    path: Path, n: int, classes: int, dim: int, batch: int, dtype: str, register: str = "writer"
+) -> dict[str, float]:
     rng = np.random.default_rng(0)
     results: dict[str, float] = {}
     with Store.open(path, write=True, create=True) as store:
@@ -97,13 +102,16 @@ def build(path: Path, n: int, classes: int, dim: int, batch: int, dtype: str) ->
         emb = rng.standard_normal((batch, dim)).astype(dtype)
         shas = [sha_of(i) for i in range(n)]  # hashing is not the store's work: done before the clock
         start = time.perf_counter()
-        for lo in range(0, n, batch):
-            hi = min(lo + batch, n)
-            store.add_outputs(
-                KEY,
-                shas[lo:hi],
-                {"probs": probs[: hi - lo], "embedding": emb[: hi - lo]},
-            )
+        if register == "writer":  # as the embed loop registers: handed to OutputWriter's thread
+            with OutputWriter(store, KEY) as writer:
+                for lo in range(0, n, batch):
+                    hi = min(lo + batch, n)
+                    writer.put(shas[lo:hi], {"probs": probs[: hi - lo], "embedding": emb[: hi - lo]})
+            results["register_groups"] = writer.groups
+        else:  # one add_outputs (append, fsync, transaction) per batch, in this thread
+            for lo in range(0, n, batch):
+                hi = min(lo + batch, n)
+                store.add_outputs(KEY, shas[lo:hi], {"probs": probs[: hi - lo], "embedding": emb[: hi - lo]})
         store.merge_outputs()  # as an embedding pass ends: every row in the content-keyed table
         elapsed = time.perf_counter() - start
         results["register_s"] = elapsed
@@ -218,6 +226,13 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--batch", type=int, default=1024, help="images per add_outputs call")
+    parser.add_argument(
+        "--register",
+        choices=("writer", "direct"),
+        default="writer",
+        help="writer: batches handed to OutputWriter, as the embed loop does (grouped when they wait); "
+        "direct: one Store.add_outputs per batch",
+    )
     parser.add_argument("--dtype", default="float32", help="embedding dtype on disk (float32 or float16)")
     parser.add_argument("--keep", type=Path, default=None, help="build the store here and keep it")
     parser.add_argument("--json", type=Path, default=None)
@@ -229,7 +244,8 @@ def main() -> None:
     path = args.keep or work / "store"
     try:
         results: dict[str, Any] = {"n": args.n, "dim": args.dim, "classes": args.classes, "batch": args.batch}
-        results.update(build(path, args.n, args.classes, args.dim, args.batch, args.dtype))
+        results["register"] = args.register
+        results.update(build(path, args.n, args.classes, args.dim, args.batch, args.dtype, args.register))
         with Store.open(path, write=True) as store:
             measure_nightly(store, results, work, args.n)
         results["roof_read_s"] = roof_read(path)

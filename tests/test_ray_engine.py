@@ -241,11 +241,12 @@ def test_a_killed_ray_driver_resumes_in_the_next_run_local_or_ray(
         "--model",
         str(tiny_checkpoint),
     ]
-    ray_args = [*base, "--device", "cpu", "--batch-size", "4", "--engine", "ray", "--ray-actors", "1"]
+    # 15 chunks of 2: more than two registrations can hold, even grouped (alselect.store.writer)
+    ray_args = [*base, "--device", "cpu", "--batch-size", "2", "--engine", "ray", "--ray-actors", "1"]
     killed = run_cli(*ray_args, "--ray-address", cluster, env={"ALSELECT_FAULT": "after-append:3"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     registered = embedding_count(tmp_path / "store")  # merged or still in the log (m008)
-    assert 0 < registered < 30 and registered % 4 == 0  # whole chunks, the one in flight lost
+    assert 0 < registered < 30 and registered % 2 == 0  # whole chunks, the one in flight lost
 
     resumed = run_cli(*ray_args)  # starts a Ray instance of its own, shuts it down at the end
     assert resumed.returncode == 0, resumed.stderr
@@ -257,7 +258,7 @@ def test_a_killed_ray_driver_resumes_in_the_next_run_local_or_ray(
         key = store.rows("SELECT key FROM models")[0][0]
         got = store.pool(str((tmp_path / "pool").resolve()), key)
     with Store.open(tmp_path / "clean", write=True, create=True) as store:
-        embed_folder(store, tmp_path / "pool", ModelSpec(tiny_checkpoint), EmbedOptions("cpu", 4, 0))
+        embed_folder(store, tmp_path / "pool", ModelSpec(tiny_checkpoint), EmbedOptions("cpu", 2, 0))
         want = store.pool(str((tmp_path / "pool").resolve()), key)
     np.testing.assert_array_equal(got.probs, want.probs)
     np.testing.assert_array_equal(got.embeddings, want.embeddings)

@@ -53,7 +53,9 @@ def open_mode(store: Path, db_path: Path, write: bool) -> str:
 def open_connection(db_path: Path, mode: str) -> sqlite3.Connection:
     """A connection in autocommit mode (transactions are explicit) opened as ``mode`` says."""
     if mode == WRITE:
-        return sqlite3.connect(db_path, isolation_level=None, timeout=30.0)
+        # An embedding pass writes from one background thread (``alselect.store.writer``) while
+        # the loop that opened the store waits: one thread at a time, never two.
+        return sqlite3.connect(db_path, isolation_level=None, timeout=30.0, check_same_thread=False)
     query = "mode=ro" if mode == READ_WAL else "immutable=1"
     uri = f"{db_path.resolve().as_uri()}?{query}"
     return sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30.0)

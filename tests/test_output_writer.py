@@ -1,0 +1,129 @@
+"""``OutputWriter``: an embedding pass's registrations on a background thread, in order, grouped
+when batches wait (one append and transaction for several), errors raised in the loop's thread."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+
+from alselect.errors import StoreError
+from alselect.store import Store
+from alselect.store.writer import OutputWriter
+
+KEY = "c" * 64
+
+
+def sha(i: int) -> str:
+    return f"{(i * 0x9E3779B97F4A7C15) % (1 << 256):064x}"
+
+
+def batch(ids: range, width: int = 4) -> tuple[list[str], dict[str, np.ndarray]]:
+    n = len(ids)
+    return [sha(i) for i in ids], {
+        "probs": np.full((n, 3), 1 / 3, np.float32),
+        "embedding": np.array([[i] * width for i in ids], np.float32),
+    }
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    opened = Store.open(tmp_path / "store", write=True, create=True)
+    opened.register_model(KEY, KEY, "/m.pt", "test", None, 3, None, {})
+    yield opened
+    opened.close()
+
+
+def stored_embeddings(store: Store, ids: range) -> np.ndarray:
+    found, arrays = store.outputs_of(KEY, ["embedding"], [sha(i) for i in ids])
+    assert found.all()
+    return arrays["embedding"]
+
+
+def blocked_writer(store: Store, **kwargs: int) -> tuple[OutputWriter, threading.Event]:
+    """A writer whose thread waits in a ``call`` until the returned event is set."""
+    writer = OutputWriter(store, KEY, **kwargs)
+    release, started = threading.Event(), threading.Event()
+    writer.call(lambda: (started.set(), release.wait(10)))
+    assert started.wait(10)
+    return writer, release
+
+
+def test_batches_waiting_are_registered_in_one_transaction(store: Store) -> None:
+    writer, release = blocked_writer(store)
+    with mock.patch.object(store, "add_outputs", wraps=store.add_outputs) as add:
+        for lo in (0, 5, 10):
+            writer.put(*batch(range(lo, lo + 5)))
+        release.set()
+        writer.close()
+    assert [len(call.args[1]) for call in add.call_args_list] == [15]  # one group of three batches
+    assert (writer.batches, writer.groups) == (3, 1)
+    np.testing.assert_array_equal(stored_embeddings(store, range(15))[:, 0], np.arange(15))
+
+
+def test_a_writer_that_keeps_up_registers_each_batch_alone(store: Store) -> None:
+    with mock.patch.object(store, "add_outputs", wraps=store.add_outputs) as add:
+        with OutputWriter(store, KEY) as writer:
+            for lo in (0, 3, 6):
+                writer.put(*batch(range(lo, lo + 3)))
+                done = threading.Event()
+                writer.call(done.set)
+                assert done.wait(10)  # the loop waits: nothing is left to group
+    assert [len(call.args[1]) for call in add.call_args_list] == [3, 3, 3]
+
+
+def test_groups_stop_at_group_rows(store: Store) -> None:
+    writer, release = blocked_writer(store, group_rows=4, queue_batches=8)
+    with mock.patch.object(store, "add_outputs", wraps=store.add_outputs) as add:
+        for lo in range(0, 10, 2):
+            writer.put(*batch(range(lo, lo + 2)))
+        release.set()
+        writer.close()
+    sizes = [len(call.args[1]) for call in add.call_args_list]
+    assert sum(sizes) == 10 and max(sizes) == 4
+
+
+def test_calls_run_in_order_with_the_batches(store: Store) -> None:
+    seen: list[int] = []
+    count = "SELECT (SELECT COUNT(*) FROM outputs) + (SELECT COUNT(*) FROM outputs_log)"
+    writer, release = blocked_writer(store)
+    writer.put(*batch(range(0, 4)))
+    writer.call(lambda: seen.append(int(store.scalar(count))))
+    writer.put(*batch(range(4, 6)))
+    release.set()
+    writer.close()
+    assert seen == [4]  # the second batch was not grouped ahead of the call
+    assert int(store.scalar(count)) == 6
+
+
+def test_the_callers_buffers_may_be_reused_after_put(store: Store) -> None:
+    writer, release = blocked_writer(store)
+    shas, arrays = batch(range(3))
+    writer.put(shas, arrays)
+    arrays["embedding"][:] = -1  # a reused output buffer
+    release.set()
+    writer.close()
+    np.testing.assert_array_equal(stored_embeddings(store, range(3))[:, 0], [0, 1, 2])
+
+
+def test_a_failed_registration_is_raised_in_the_loop(store: Store) -> None:
+    writer = OutputWriter(store, KEY)
+    writer.put(*batch(range(2)))
+    writer.put(*batch(range(2, 4), width=5))  # another layout than the model's first batch
+    with pytest.raises(StoreError, match="stores"):
+        for lo in range(4, 400, 2):  # a put after the failure raises it (at the latest at close)
+            writer.put(*batch(range(lo, lo + 2)))
+        writer.close()
+    with pytest.raises(StoreError):
+        writer.close()  # and keeps raising it
+    assert store.outputs_of(KEY, ["embedding"], [sha(0), sha(1)])[0].all()  # the batch before stays
+
+
+def test_an_error_in_the_loop_keeps_what_was_handed_over(store: Store) -> None:
+    with pytest.raises(ValueError, match="model failed"), OutputWriter(store, KEY) as writer:
+        writer.put(*batch(range(4)))
+        raise ValueError("model failed")
+    np.testing.assert_array_equal(stored_embeddings(store, range(4))[:, 0], np.arange(4))
