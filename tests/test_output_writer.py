@@ -65,13 +65,15 @@ def test_batches_waiting_are_registered_in_one_transaction(store: Store) -> None
 
 
 def test_a_writer_that_keeps_up_registers_each_batch_alone(store: Store) -> None:
-    with mock.patch.object(store, "add_outputs", wraps=store.add_outputs) as add:
-        with OutputWriter(store, KEY) as writer:
-            for lo in (0, 3, 6):
-                writer.put(*batch(range(lo, lo + 3)))
-                done = threading.Event()
-                writer.call(done.set)
-                assert done.wait(10)  # the loop waits: nothing is left to group
+    with (
+        mock.patch.object(store, "add_outputs", wraps=store.add_outputs) as add,
+        OutputWriter(store, KEY) as writer,
+    ):
+        for lo in (0, 3, 6):
+            writer.put(*batch(range(lo, lo + 3)))
+            done = threading.Event()
+            writer.call(done.set)
+            assert done.wait(10)  # the loop waits: nothing is left to group
     assert [len(call.args[1]) for call in add.call_args_list] == [3, 3, 3]
 
 
