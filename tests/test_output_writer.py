@@ -129,3 +129,19 @@ def test_an_error_in_the_loop_keeps_what_was_handed_over(store: Store) -> None:
         writer.put(*batch(range(4)))
         raise ValueError("model failed")
     np.testing.assert_array_equal(stored_embeddings(store, range(4))[:, 0], np.arange(4))
+
+
+def test_arrays_that_do_not_match_their_batch_are_refused_where_they_are_put(store: Store) -> None:
+    # Alone, add_outputs refuses such a batch; grouped, 3 + 1 rows for 2 + 2 contents would line up
+    # and store row 3 (batch 1's extra) under batch 2's first content.
+    writer, release = blocked_writer(store)
+    with pytest.raises(ValueError, match=r"'embedding' has shape \(3, 1\) for 2 images"):
+        writer.put([sha(0), sha(1)], {"embedding": np.array([[0.0], [1.0], [99.0]], np.float32)})
+    with pytest.raises(ValueError, match=r"'embedding' has shape \(1, 1\) for 2 images"):
+        writer.put([sha(2), sha(3)], {"embedding": np.array([[3.0]], np.float32)})
+    with pytest.raises(ValueError, match=r"'loss_pred' has shape \(\) for 1 images"):
+        writer.put([sha(4)], {"loss_pred": np.float32(0.5)})
+    release.set()
+    writer.close()
+    assert writer.batches == 0
+    assert not store.outputs_of(KEY, ["embedding"], [sha(i) for i in range(4)])[0].any()

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from alselect.store import storable
+
 if TYPE_CHECKING:
     from alselect.store import Store
 
@@ -76,12 +78,19 @@ class OutputWriter:
     # -- the loop's side ---------------------------------------------------------------------
 
     def put(self, sha256: Sequence[str], arrays: Mapping[str, np.ndarray]) -> None:
-        """Hand over one batch; its arrays are copied, so the caller may reuse its buffers."""
+        """Hand over one batch; its arrays are copied, so the caller may reuse its buffers.
+
+        Each array must have a row per content (``ValueError`` here, as ``Store.add_outputs``
+        says it): grouped with others, a batch with rows to spare and one short of rows would
+        line up and store rows under other contents' hashes.
+        """
         self._check()
-        if len(sha256) == 0:
+        n = len(sha256)
+        if n == 0:
             return
+        copies = {name: np.array(storable(name, a, n), copy=True) for name, a in arrays.items()}
         self.batches += 1
-        self._queue.put(_Outputs(list(sha256), {name: np.array(a, copy=True) for name, a in arrays.items()}))
+        self._queue.put(_Outputs(list(sha256), copies))
 
     def call(self, write: Callable[[], object]) -> None:
         """Run ``write`` (a store write) on the writer thread, after the batches handed over so far."""
