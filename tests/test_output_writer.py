@@ -145,3 +145,30 @@ def test_arrays_that_do_not_match_their_batch_are_refused_where_they_are_put(sto
     writer.close()
     assert writer.batches == 0
     assert not store.outputs_of(KEY, ["embedding"], [sha(i) for i in range(4)])[0].any()
+
+
+def test_an_interrupt_while_closing_drops_what_waits_but_never_leaves_the_thread_on_the_store(
+    store: Store,
+) -> None:
+    # A second Ctrl-C while close() waits: the store is closed next (the CLI's ``with``), so the
+    # thread must be gone first; the batch still waiting is dropped (the next run embeds it again).
+    writer, release = blocked_writer(store)
+    writer.put(*batch(range(2)))
+    join = writer._thread.join
+    waits: list[bool] = []
+
+    def interrupted_join(timeout: float | None = None) -> None:
+        waits.append(True)
+        if len(waits) == 1:
+            raise KeyboardInterrupt  # lands in the first wait
+        release.set()  # only a writer that waits again lets the blocked write finish
+        join(timeout)
+
+    writer._thread.join = interrupted_join  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        writer.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)  # the first Ctrl-C left the loop
+    alive = writer._thread.is_alive()
+    release.set()
+    join(10)
+    assert not alive
+    assert not store.outputs_of(KEY, ["embedding"], [sha(0), sha(1)])[0].any()

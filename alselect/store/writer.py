@@ -72,6 +72,8 @@ class OutputWriter:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, queue_batches))
         self._error: BaseException | None = None
         self._closed = False
+        self._stop_sent = False
+        self._drop = False  # set by an interrupted close: what has not begun is not written
         self._thread = threading.Thread(target=self._run, name="alselect-output-writer", daemon=True)
         self._thread.start()
 
@@ -98,13 +100,33 @@ class OutputWriter:
         self._queue.put(write)
 
     def close(self) -> None:
-        """Wait until everything handed over is registered; raise the writer's error, if any."""
+        """Wait until everything handed over is registered; raise the writer's error, if any.
+
+        Interrupted while it waits (a second Ctrl-C), it drops the writes not yet begun (the next
+        run embeds them again) and still waits for the one in progress before raising: the caller
+        closes the store next, and no thread may be using it then.
+        """
         if not self._closed:
             self._closed = True
-            self._queue.put(_STOP)
-            self._thread.join()
+            try:
+                self._stop()
+            except BaseException:
+                self._drop = True
+                while True:
+                    try:
+                        self._stop()
+                        break
+                    except KeyboardInterrupt:
+                        continue
+                raise
         if self._error is not None:
             raise self._error
+
+    def _stop(self) -> None:
+        if not self._stop_sent:
+            self._queue.put(_STOP)
+            self._stop_sent = True
+        self._thread.join()
 
     def __enter__(self) -> OutputWriter:
         return self
@@ -137,7 +159,7 @@ class OutputWriter:
                     break
                 items.append(item)
                 rows += len(item.sha256) if isinstance(item, _Outputs) else 0
-            if self._error is None:
+            if self._error is None and not self._drop:
                 try:
                     self._write(items)
                 except BaseException as exc:  # handed to the loop's thread
@@ -156,7 +178,7 @@ class OutputWriter:
                 continue
             self._register(group)
             group = []
-            if item is not _STOP:
+            if item is not _STOP and not self._drop:
                 item()
         self._register(group)
 
@@ -165,7 +187,7 @@ class OutputWriter:
         return sum(len(item.sha256) for item in group)
 
     def _register(self, group: list[_Outputs]) -> None:
-        if not group:
+        if not group or self._drop:
             return
         if len(group) == 1:
             sha256, arrays = group[0].sha256, group[0].arrays
