@@ -8,9 +8,10 @@ takes each batch off the loop: the loop hands it over and goes on, one thread re
 the order given, and when batches are waiting it registers them together (one append and fsync per
 array file, one transaction: group commit), so the store keeps up with any model.
 
-What a ``kill -9`` can lose grows from the batch being written to that plus the batches waiting
-(at most ``QUEUE_BATCHES``); the store stays consistent either way (``Store.add_outputs``) and the
-next run embeds them again.
+What a ``kill -9`` can lose grows from the batch being written to the group being written (the
+batches that waited, at most ``GROUP_ROWS`` images) plus the batches waiting since (at most
+``QUEUE_BATCHES``); the store stays consistent either way (``Store.add_outputs``) and the next run
+embeds them again.
 """
 
 from __future__ import annotations
