@@ -3,16 +3,24 @@ when batches wait (one append and transaction for several), errors raised in the
 
 from __future__ import annotations
 
+import shutil
 import threading
+from dataclasses import replace
 from pathlib import Path
+from typing import Any, ClassVar
 from unittest import mock
 
 import numpy as np
 import pytest
+import torch
 
+from alselect import pipeline
+from alselect.checkpoints import load_checkpoint
 from alselect.errors import StoreError
+from alselect.images import load_image
 from alselect.store import Store
 from alselect.store.writer import OutputWriter
+from tests.helpers import FAST, MakeImages, score
 
 KEY = "c" * 64
 
@@ -172,3 +180,54 @@ def test_an_interrupt_while_closing_drops_what_waits_but_never_leaves_the_thread
     join(10)
     assert not alive
     assert not store.outputs_of(KEY, ["embedding"], [sha(0), sha(1)])[0].any()
+
+
+class _HeldWriter(OutputWriter):
+    """Every batch of the pass waits until it ends, then goes in groups of at most 5 images."""
+
+    made: ClassVar[list[OutputWriter]] = []
+
+    def __init__(self, store: Store, model_key: str, **_: Any) -> None:
+        super().__init__(store, model_key, queue_batches=1000, group_rows=5)
+        self._release, started = threading.Event(), threading.Event()
+        self.call(lambda: (started.set(), self._release.wait(60)))
+        assert started.wait(60)
+        self.made.append(self)
+
+    def close(self) -> None:
+        self._release.set()
+        super().close()
+
+
+def test_a_pass_whose_batches_all_wait_stores_each_image_its_own_outputs(
+    tmp_path: Path,
+    store_path: Path,
+    tiny_checkpoint: Path,
+    make_images: MakeImages,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Grouped batches, split by decode failures (recorded on the writer thread between them) and
+    # by the group size, against the model run on each image directly.
+    files = make_images(tmp_path / "pool", 11)
+    for i in (2, 7):
+        (tmp_path / "pool" / f"img_{i:04d}_bad.png").write_bytes(b"not an image %d" % i)
+    shutil.copy(files[4], tmp_path / "pool" / "z_copy.png")
+    monkeypatch.setattr(pipeline, "OutputWriter", _HeldWriter)
+    _HeldWriter.made.clear()
+    result = score(
+        store_path, tmp_path / "pool", tiny_checkpoint, options=replace(FAST, precision="fp32", batch_size=3)
+    )
+    [writer] = _HeldWriter.made
+    assert writer.batches > writer.groups > 1  # batches were grouped, in more than one group
+    assert result.embed.embedded == 11
+    assert [name for name, _ in result.embed.failures] == ["img_0002_bad.png", "img_0007_bad.png"]
+    model = load_checkpoint(tiny_checkpoint)
+    pixels = torch.from_numpy(np.stack([load_image(f, model.preprocess) for f in files])).float()
+    mean = torch.tensor(model.preprocess.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(model.preprocess.std).view(1, 3, 1, 1) * 255
+    probs, embedding = model.predict((pixels - mean) / std)
+    with Store.open(store_path) as store:
+        pool = store.pool(str((tmp_path / "pool").resolve()), result.embed.model_key)
+    assert pool.relpaths == [f.name for f in files]
+    np.testing.assert_allclose(pool.probs, probs.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pool.embeddings, embedding.numpy(), rtol=1e-5, atol=1e-6)
