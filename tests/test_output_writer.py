@@ -19,7 +19,7 @@ from alselect.checkpoints import load_checkpoint
 from alselect.errors import StoreError
 from alselect.images import load_image
 from alselect.store import Store
-from alselect.store.writer import OutputWriter
+from alselect.store.writer import OutputWriter, _Outputs
 from tests.helpers import FAST, MakeImages, score
 
 KEY = "c" * 64
@@ -231,3 +231,28 @@ def test_a_pass_whose_batches_all_wait_stores_each_image_its_own_outputs(
     assert pool.relpaths == [f.name for f in files]
     np.testing.assert_allclose(pool.probs, probs.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(pool.embeddings, embedding.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_group_holds_no_more_than_the_queue_even_when_the_loop_puts_while_it_is_taken(
+    store: Store,
+) -> None:
+    # What a kill -9 loses is bounded by the queue: the group being written takes at most what
+    # waited. The loop's blocked put can land between the writer's first take and the rest.
+    writer, release = blocked_writer(store, queue_batches=2)
+    writer.put(*batch(range(0, 2)))
+    writer.put(*batch(range(2, 4)))
+    late = [_Outputs(*batch(range(4, 6)))]
+    take = writer._queue.get
+
+    def take_then_the_loop_puts(*args: Any, **kwargs: Any) -> Any:
+        item = take(*args, **kwargs)
+        if late:
+            writer._queue.put_nowait(late.pop())  # into the slot just freed
+        return item
+
+    with mock.patch.object(store, "add_outputs", wraps=store.add_outputs) as add:
+        writer._queue.get = take_then_the_loop_puts  # type: ignore[method-assign]
+        release.set()
+        writer.close()
+    assert [len(call.args[1]) for call in add.call_args_list] == [4, 2]
+    np.testing.assert_array_equal(stored_embeddings(store, range(6))[:, 0], np.arange(6))

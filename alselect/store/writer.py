@@ -9,9 +9,9 @@ the order given, and when batches are waiting it registers them together (one ap
 array file, one transaction: group commit), so the store keeps up with any model.
 
 What a ``kill -9`` can lose grows from the batch being written to the group being written (the
-batches that waited, at most ``GROUP_ROWS`` images) plus the batches waiting since (at most
-``QUEUE_BATCHES``); the store stays consistent either way (``Store.add_outputs``) and the next run
-embeds them again.
+batches that waited: at most ``QUEUE_BATCHES``, and ``GROUP_ROWS`` images) plus the batches
+waiting since (at most ``QUEUE_BATCHES``); the store stays consistent either way
+(``Store.add_outputs``) and the next run embeds them again.
 """
 
 from __future__ import annotations
@@ -153,7 +153,9 @@ class OutputWriter:
         while True:
             items = [self._queue.get()]
             rows = len(items[0].sha256) if isinstance(items[0], _Outputs) else 0
-            while items[-1] is not _STOP and rows < self.group_rows:
+            # no more than the queue holds: a put that lands while they are taken waits for the
+            # next group, so what a kill -9 can lose stays bounded by the queue (module docstring)
+            while items[-1] is not _STOP and rows < self.group_rows and len(items) < self._queue.maxsize:
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
