@@ -12,15 +12,12 @@ from unittest import mock
 
 import numpy as np
 import pytest
-import torch
 
 from alselect import pipeline
-from alselect.checkpoints import load_checkpoint
 from alselect.errors import StoreError
-from alselect.images import load_image
 from alselect.store import Store
 from alselect.store.writer import OutputWriter, _Outputs
-from tests.helpers import FAST, MakeImages, score
+from tests.helpers import FAST, MakeImages, assert_stored_as_direct_forward, score
 
 KEY = "c" * 64
 
@@ -221,16 +218,8 @@ def test_a_pass_whose_batches_all_wait_stores_each_image_its_own_outputs(
     assert writer.batches > writer.groups > 1  # batches were grouped, in more than one group
     assert result.embed.embedded == 11
     assert [name for name, _ in result.embed.failures] == ["img_0002_bad.png", "img_0007_bad.png"]
-    model = load_checkpoint(tiny_checkpoint)
-    pixels = torch.from_numpy(np.stack([load_image(f, model.preprocess) for f in files])).float()
-    mean = torch.tensor(model.preprocess.mean).view(1, 3, 1, 1) * 255
-    std = torch.tensor(model.preprocess.std).view(1, 3, 1, 1) * 255
-    probs, embedding = model.predict((pixels - mean) / std)
-    with Store.open(store_path) as store:
-        pool = store.pool(str((tmp_path / "pool").resolve()), result.embed.model_key)
-    assert pool.relpaths == [f.name for f in files]
-    np.testing.assert_allclose(pool.probs, probs.numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(pool.embeddings, embedding.numpy(), rtol=1e-5, atol=1e-6)
+    key = result.embed.model_key
+    assert_stored_as_direct_forward(store_path, tmp_path / "pool", key, tiny_checkpoint, files)
 
 
 def test_a_group_holds_no_more_than_the_queue_even_when_the_loop_puts_while_it_is_taken(
