@@ -134,9 +134,13 @@ def hash_files(
         return [one(relpath) for relpath in relpaths]
 
     pending = iter(relpaths)
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+    threads = max(1, threads)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
         # bounded chunks: Executor.map would create a future per file up front (GBs at 1M files)
         while chunk := list(itertools.islice(pending, HASH_CHUNK)):
-            groups = [chunk[start : start + HASH_GROUP] for start in range(0, len(chunk), HASH_GROUP)]
+            # groups of HASH_GROUP, but at least 4 groups per thread: a few large files (new scans
+            # added to a pool) are read side by side, not one after another on one thread
+            size = max(1, min(HASH_GROUP, len(chunk) // (4 * threads)))
+            groups = [chunk[start : start + size] for start in range(0, len(chunk), size)]
             for hashed in pool.map(group, groups):
                 yield from hashed

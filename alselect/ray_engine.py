@@ -13,8 +13,8 @@ through two stages:
 
 A chunk stays one row from start to end, so the model sees exactly the batches the local engine
 gives it and the arrays are the same. Results arrive as they finish, in no particular order, and
-go to ``on_batch`` at once: the caller registers them (append, fsync, one transaction) before the
-next, so the driver holds only Ray's small output buffer, never the pool.
+go to ``on_batch`` at once: the caller hands them to its writer thread (``alselect.store.writer``,
+a few batches waiting at most), so the driver holds only Ray's small output buffer, never the pool.
 
 Retries are Ray Data's defaults: a decode task whose worker process dies is retried, and a model
 actor that dies (node lost, OOM killer, segfault) is restarted and its unfinished chunks retried,

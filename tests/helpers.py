@@ -27,6 +27,29 @@ needs_proc = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="
 FAST = EmbedOptions(device="cpu", batch_size=4, workers=0)
 
 
+def assert_stored_as_direct_forward(
+    store_path: Path, folder: Path, model_key: str, checkpoint: Path, files: list[Path]
+) -> None:
+    """The folder's pool is ``files`` in order, with the ``probs`` and ``embedding`` of the
+    checkpoint's plain fp32 forward on each (decoded and normalised as an embedding pass does)."""
+    import numpy as np
+    import torch
+
+    from alselect.checkpoints import load_checkpoint
+    from alselect.images import load_image
+
+    model = load_checkpoint(checkpoint)
+    pixels = torch.from_numpy(np.stack([load_image(f, model.preprocess) for f in files])).float()
+    mean = torch.tensor(model.preprocess.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(model.preprocess.std).view(1, 3, 1, 1) * 255
+    probs, embedding = model.predict((pixels - mean) / std)
+    with Store.open(store_path) as store:
+        pool = store.pool(str(folder.resolve()), model_key)
+    assert pool.relpaths == [f.name for f in files]
+    np.testing.assert_allclose(pool.probs, probs.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pool.embeddings, embedding.numpy(), rtol=1e-5, atol=1e-6)
+
+
 def embedding_count(store: Path) -> int:
     """Contents with registered outputs, merged or still in the log (migration m008)."""
     with sqlite3.connect(store / DB_FILE) as conn:

@@ -3,16 +3,21 @@ when batches wait (one append and transaction for several), errors raised in the
 
 from __future__ import annotations
 
+import shutil
 import threading
+from dataclasses import replace
 from pathlib import Path
+from typing import Any, ClassVar
 from unittest import mock
 
 import numpy as np
 import pytest
 
+from alselect import pipeline
 from alselect.errors import StoreError
 from alselect.store import Store
-from alselect.store.writer import OutputWriter
+from alselect.store.writer import OutputWriter, _Outputs
+from tests.helpers import FAST, MakeImages, assert_stored_as_direct_forward, score
 
 KEY = "c" * 64
 
@@ -129,3 +134,114 @@ def test_an_error_in_the_loop_keeps_what_was_handed_over(store: Store) -> None:
         writer.put(*batch(range(4)))
         raise ValueError("model failed")
     np.testing.assert_array_equal(stored_embeddings(store, range(4))[:, 0], np.arange(4))
+
+
+def test_arrays_that_do_not_match_their_batch_are_refused_where_they_are_put(store: Store) -> None:
+    # Alone, add_outputs refuses such a batch; grouped, 3 + 1 rows for 2 + 2 contents would line up
+    # and store row 3 (batch 1's extra) under batch 2's first content.
+    writer, release = blocked_writer(store)
+    with pytest.raises(ValueError, match=r"'embedding' has shape \(3, 1\) for 2 images"):
+        writer.put([sha(0), sha(1)], {"embedding": np.array([[0.0], [1.0], [99.0]], np.float32)})
+    with pytest.raises(ValueError, match=r"'embedding' has shape \(1, 1\) for 2 images"):
+        writer.put([sha(2), sha(3)], {"embedding": np.array([[3.0]], np.float32)})
+    with pytest.raises(ValueError, match=r"'loss_pred' has shape \(\) for 1 images"):
+        writer.put([sha(4)], {"loss_pred": np.float32(0.5)})
+    release.set()
+    writer.close()
+    assert writer.batches == 0
+    assert not store.outputs_of(KEY, ["embedding"], [sha(i) for i in range(4)])[0].any()
+
+
+def test_an_interrupt_while_closing_drops_what_waits_but_never_leaves_the_thread_on_the_store(
+    store: Store,
+) -> None:
+    # A second Ctrl-C while close() waits: the store is closed next (the CLI's ``with``), so the
+    # thread must be gone first; the batch still waiting is dropped (the next run embeds it again).
+    writer, release = blocked_writer(store)
+    writer.put(*batch(range(2)))
+    join = writer._thread.join
+    waits: list[bool] = []
+
+    def interrupted_join(timeout: float | None = None) -> None:
+        waits.append(True)
+        if len(waits) == 1:
+            raise KeyboardInterrupt  # lands in the first wait
+        release.set()  # only a writer that waits again lets the blocked write finish
+        join(timeout)
+
+    writer._thread.join = interrupted_join  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        writer.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)  # the first Ctrl-C left the loop
+    alive = writer._thread.is_alive()
+    release.set()
+    join(10)
+    assert not alive
+    assert not store.outputs_of(KEY, ["embedding"], [sha(0), sha(1)])[0].any()
+
+
+class _HeldWriter(OutputWriter):
+    """Every batch of the pass waits until it ends, then goes in groups of at most 5 images."""
+
+    made: ClassVar[list[OutputWriter]] = []
+
+    def __init__(self, store: Store, model_key: str, **_: Any) -> None:
+        super().__init__(store, model_key, queue_batches=1000, group_rows=5)
+        self._release, started = threading.Event(), threading.Event()
+        self.call(lambda: (started.set(), self._release.wait(60)))
+        assert started.wait(60)
+        self.made.append(self)
+
+    def close(self) -> None:
+        self._release.set()
+        super().close()
+
+
+def test_a_pass_whose_batches_all_wait_stores_each_image_its_own_outputs(
+    tmp_path: Path,
+    store_path: Path,
+    tiny_checkpoint: Path,
+    make_images: MakeImages,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Grouped batches, split by decode failures (recorded on the writer thread between them) and
+    # by the group size, against the model run on each image directly.
+    files = make_images(tmp_path / "pool", 11)
+    for i in (2, 7):
+        (tmp_path / "pool" / f"img_{i:04d}_bad.png").write_bytes(b"not an image %d" % i)
+    shutil.copy(files[4], tmp_path / "pool" / "z_copy.png")
+    monkeypatch.setattr(pipeline, "OutputWriter", _HeldWriter)
+    _HeldWriter.made.clear()
+    result = score(
+        store_path, tmp_path / "pool", tiny_checkpoint, options=replace(FAST, precision="fp32", batch_size=3)
+    )
+    [writer] = _HeldWriter.made
+    assert writer.batches > writer.groups > 1  # batches were grouped, in more than one group
+    assert result.embed.embedded == 11
+    assert [name for name, _ in result.embed.failures] == ["img_0002_bad.png", "img_0007_bad.png"]
+    key = result.embed.model_key
+    assert_stored_as_direct_forward(store_path, tmp_path / "pool", key, tiny_checkpoint, files)
+
+
+def test_a_group_holds_no_more_than_the_queue_even_when_the_loop_puts_while_it_is_taken(
+    store: Store,
+) -> None:
+    # What a kill -9 loses is bounded by the queue: the group being written takes at most what
+    # waited. The loop's blocked put can land between the writer's first take and the rest.
+    writer, release = blocked_writer(store, queue_batches=2)
+    writer.put(*batch(range(0, 2)))
+    writer.put(*batch(range(2, 4)))
+    late = [_Outputs(*batch(range(4, 6)))]
+    take = writer._queue.get
+
+    def take_then_the_loop_puts(*args: Any, **kwargs: Any) -> Any:
+        item = take(*args, **kwargs)
+        if late:
+            writer._queue.put_nowait(late.pop())  # into the slot just freed
+        return item
+
+    with mock.patch.object(store, "add_outputs", wraps=store.add_outputs) as add:
+        writer._queue.get = take_then_the_loop_puts  # type: ignore[method-assign]
+        release.set()
+        writer.close()
+    assert [len(call.args[1]) for call in add.call_args_list] == [4, 2]
+    np.testing.assert_array_equal(stored_embeddings(store, range(6))[:, 0], np.arange(6))

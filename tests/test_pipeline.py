@@ -8,18 +8,24 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from alselect.checkpoints import load_checkpoint
-from alselect.images import load_image
 from alselect.labels import import_labels
 from alselect.pipeline import ModelSpec, precision_key, prepare_model
 from alselect.status import store_status
 from alselect.store import Store
 from tests.conftest import TINY_CLASSES, write_image
-from tests.helpers import FAST, MakeImages, cli, export_rows, export_text, score
+from tests.helpers import (
+    FAST,
+    MakeImages,
+    assert_stored_as_direct_forward,
+    cli,
+    export_rows,
+    export_text,
+    score,
+)
 
 
 def test_first_run_embeds_all_and_second_run_embeds_none(
@@ -65,16 +71,8 @@ def test_stored_arrays_equal_direct_model_output(
     files = make_images(tmp_path / "pool", 5)
     # compared with the plain fp32 forward: on a CPU with native bf16, auto would pick bf16
     result = score(store_path, tmp_path / "pool", tiny_checkpoint, options=replace(FAST, precision="fp32"))
-    model = load_checkpoint(tiny_checkpoint)
-    pixels = torch.from_numpy(np.stack([load_image(f, model.preprocess) for f in files])).float()
-    mean = torch.tensor(model.preprocess.mean).view(1, 3, 1, 1) * 255
-    std = torch.tensor(model.preprocess.std).view(1, 3, 1, 1) * 255
-    probs, embedding = model.predict((pixels - mean) / std)
-    with Store.open(store_path) as store:
-        pool = store.pool(str((tmp_path / "pool").resolve()), result.embed.model_key)
-    assert pool.relpaths == [f.name for f in files]
-    np.testing.assert_allclose(pool.probs, probs.numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(pool.embeddings, embedding.numpy(), rtol=1e-5, atol=1e-6)
+    key = result.embed.model_key
+    assert_stored_as_direct_forward(store_path, tmp_path / "pool", key, tiny_checkpoint, files)
 
 
 def test_exported_scores_are_entropy_of_stored_probs_in_descending_order(

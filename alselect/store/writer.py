@@ -8,9 +8,10 @@ takes each batch off the loop: the loop hands it over and goes on, one thread re
 the order given, and when batches are waiting it registers them together (one append and fsync per
 array file, one transaction: group commit), so the store keeps up with any model.
 
-What a ``kill -9`` can lose grows from the batch being written to that plus the batches waiting
-(at most ``QUEUE_BATCHES``); the store stays consistent either way (``Store.add_outputs``) and the
-next run embeds them again.
+What a ``kill -9`` can lose grows from the batch being written to the group being written (the
+batches that waited: at most ``QUEUE_BATCHES``, and ``GROUP_ROWS`` images) plus the batches
+waiting since (at most ``QUEUE_BATCHES``); the store stays consistent either way
+(``Store.add_outputs``) and the next run embeds them again.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from alselect.store import storable
 
 if TYPE_CHECKING:
     from alselect.store import Store
@@ -70,18 +73,27 @@ class OutputWriter:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, queue_batches))
         self._error: BaseException | None = None
         self._closed = False
+        self._stop_sent = False
+        self._drop = False  # set by an interrupted close: what has not begun is not written
         self._thread = threading.Thread(target=self._run, name="alselect-output-writer", daemon=True)
         self._thread.start()
 
     # -- the loop's side ---------------------------------------------------------------------
 
     def put(self, sha256: Sequence[str], arrays: Mapping[str, np.ndarray]) -> None:
-        """Hand over one batch; its arrays are copied, so the caller may reuse its buffers."""
+        """Hand over one batch; its arrays are copied, so the caller may reuse its buffers.
+
+        Each array must have a row per content (``ValueError`` here, as ``Store.add_outputs``
+        says it): grouped with others, a batch with rows to spare and one short of rows would
+        line up and store rows under other contents' hashes.
+        """
         self._check()
-        if len(sha256) == 0:
+        n = len(sha256)
+        if n == 0:
             return
+        copies = {name: np.array(storable(name, a, n), copy=True) for name, a in arrays.items()}
         self.batches += 1
-        self._queue.put(_Outputs(list(sha256), {name: np.array(a, copy=True) for name, a in arrays.items()}))
+        self._queue.put(_Outputs(list(sha256), copies))
 
     def call(self, write: Callable[[], object]) -> None:
         """Run ``write`` (a store write) on the writer thread, after the batches handed over so far."""
@@ -89,13 +101,33 @@ class OutputWriter:
         self._queue.put(write)
 
     def close(self) -> None:
-        """Wait until everything handed over is registered; raise the writer's error, if any."""
+        """Wait until everything handed over is registered; raise the writer's error, if any.
+
+        Interrupted while it waits (a second Ctrl-C), it drops the writes not yet begun (the next
+        run embeds them again) and still waits for the one in progress before raising: the caller
+        closes the store next, and no thread may be using it then.
+        """
         if not self._closed:
             self._closed = True
-            self._queue.put(_STOP)
-            self._thread.join()
+            try:
+                self._stop()
+            except BaseException:
+                self._drop = True
+                while True:
+                    try:
+                        self._stop()
+                        break
+                    except KeyboardInterrupt:
+                        continue
+                raise
         if self._error is not None:
             raise self._error
+
+    def _stop(self) -> None:
+        if not self._stop_sent:
+            self._queue.put(_STOP)
+            self._stop_sent = True
+        self._thread.join()
 
     def __enter__(self) -> OutputWriter:
         return self
@@ -121,14 +153,16 @@ class OutputWriter:
         while True:
             items = [self._queue.get()]
             rows = len(items[0].sha256) if isinstance(items[0], _Outputs) else 0
-            while items[-1] is not _STOP and rows < self.group_rows:
+            # no more than the queue holds: a put that lands while they are taken waits for the
+            # next group, so what a kill -9 can lose stays bounded by the queue (module docstring)
+            while items[-1] is not _STOP and rows < self.group_rows and len(items) < self._queue.maxsize:
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
                 items.append(item)
                 rows += len(item.sha256) if isinstance(item, _Outputs) else 0
-            if self._error is None:
+            if self._error is None and not self._drop:
                 try:
                     self._write(items)
                 except BaseException as exc:  # handed to the loop's thread
@@ -147,7 +181,7 @@ class OutputWriter:
                 continue
             self._register(group)
             group = []
-            if item is not _STOP:
+            if item is not _STOP and not self._drop:
                 item()
         self._register(group)
 
@@ -156,7 +190,7 @@ class OutputWriter:
         return sum(len(item.sha256) for item in group)
 
     def _register(self, group: list[_Outputs]) -> None:
-        if not group:
+        if not group or self._drop:
             return
         if len(group) == 1:
             sha256, arrays = group[0].sha256, group[0].arrays

@@ -1,0 +1,58 @@
+"""``hash_files``: contents hashed on several threads, in input order, unreadable paths said in one line."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from alselect import discover
+from alselect.discover import hash_files
+
+
+def test_a_few_files_are_still_hashed_on_several_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A few large new files (TIFF scans added to a pool) must not be read one after another on a
+    # single thread because they fit in one group of small files.
+    names = [f"{i}.tif" for i in range(4)]
+    for name in names:
+        (tmp_path / name).write_bytes(name.encode())
+    meet = threading.Barrier(2, timeout=5)  # passes only while two files are hashed at once
+    real = discover.sha256_file
+
+    def hashed_in_pairs(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+        meet.wait()
+        return real(path, chunk)
+
+    monkeypatch.setattr(discover, "sha256_file", hashed_in_pairs)
+    got = list(hash_files(tmp_path, names, 2))
+    assert got == [(name, hashlib.sha256(name.encode()).hexdigest(), None) for name in names]
+
+
+def test_hashes_come_back_in_input_order_across_groups(tmp_path: Path) -> None:
+    names = [f"{i:04d}.png" for i in range(discover.HASH_CHUNK + 77)]
+    for name in names:
+        (tmp_path / name).write_bytes(name.encode())
+    got = list(hash_files(tmp_path, reversed(names), 3))
+    assert got == [(n, hashlib.sha256(n.encode()).hexdigest(), None) for n in reversed(names)]
+
+
+def test_unreadable_paths_fail_with_the_reason_and_the_rest_are_hashed(tmp_path: Path) -> None:
+    (tmp_path / "ok.png").write_bytes(b"abc")
+    (tmp_path / "dir.png").mkdir()
+    os.symlink("missing.png", tmp_path / "dangling.png")
+    os.symlink("loop.png", tmp_path / "loop.png")
+    names = ["dir.png", "dangling.png", "loop.png", "ok.png", "gone.png", "ok.png/x.png"]
+    got = dict((name, (sha, reason)) for name, sha, reason in hash_files(tmp_path, names, 2))
+    assert got == {
+        "dir.png": (None, "unreadable: Is a directory"),
+        "dangling.png": (None, "unreadable: No such file or directory"),
+        "loop.png": (None, "unreadable: Too many levels of symbolic links"),
+        "ok.png": (hashlib.sha256(b"abc").hexdigest(), None),
+        "gone.png": (None, "unreadable: No such file or directory"),
+        "ok.png/x.png": (None, "unreadable: Not a directory"),
+    }
