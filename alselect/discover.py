@@ -9,6 +9,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 
 from alselect.errors import DataError
 
@@ -40,6 +41,9 @@ class WalkProblems:
 
     unreadable_dirs: list[str] = field(default_factory=list)
     symlink_loops: int = 0
+    # image-named paths that are no regular file (a FIFO, socket or device, or a link to one):
+    # reading one would block or never end
+    special_files: list[str] = field(default_factory=list)
 
 
 def resolve_root(folder: str | os.PathLike[str]) -> Path:
@@ -99,6 +103,9 @@ def _walk(
             stat = entry.stat()
         except OSError:
             continue  # dangling symlink or a file removed mid-walk
+        if not S_ISREG(stat.st_mode):
+            problems.special_files.append(relpath)
+            continue
         yield FoundFile(relpath=relpath, size=stat.st_size, mtime_ns=stat.st_mtime_ns, link=link)
 
 

@@ -410,7 +410,8 @@ def embed_synced(
         if failures:
             # a file edited since hashing is not broken: the next sync hashes its new content
             lasting = [(shas[i], reason) for i, reason in failures if reason != CHANGED_WHILE_READING]
-            writer.call(lambda: result.failures.extend(store.mark_failed(key, lasting)))  # every copy
+            if lasting:  # a call between two batches keeps them from being registered together
+                writer.call(lambda: result.failures.extend(store.mark_failed(key, lasting)))  # every copy
             result.failures.extend(
                 (todo[i][1], reason) for i, reason in failures if reason == CHANGED_WHILE_READING
             )

@@ -11,6 +11,7 @@ import pytest
 
 from alselect import discover
 from alselect.discover import hash_files
+from tests.helpers import MakeImages, cli
 
 
 def test_a_few_files_are_still_hashed_on_several_threads(
@@ -56,3 +57,29 @@ def test_unreadable_paths_fail_with_the_reason_and_the_rest_are_hashed(tmp_path:
         "gone.png": (None, "unreadable: No such file or directory"),
         "ok.png/x.png": (None, "unreadable: Not a directory"),
     }
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX FIFOs")
+def test_image_named_fifos_and_devices_are_skipped_and_said_not_read(
+    tmp_path: Path,
+    store_path: Path,
+    tiny_checkpoint: Path,
+    make_images: MakeImages,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Reading a FIFO blocks until a writer comes, a link to /dev/zero never ends: a nightly run
+    # must neither hang on one nor take it for an image.
+    pool = tmp_path / "pool"
+    make_images(pool, 2)
+    os.mkfifo(pool / "pipe.png")
+    (pool / "zeros.jpg").symlink_to("/dev/zero")
+    problems = discover.WalkProblems()
+    found = [f.relpath for f in discover.walk_images(pool, problems)]
+    assert found == ["img_0000.png", "img_0001.png"]
+    assert problems.special_files == ["pipe.png", "zeros.jpg"]
+
+    code, _, err = cli(capsys, "--store", str(store_path), "embed", str(pool), "-m", str(tiny_checkpoint))
+    assert code == 0, err
+    assert "embedded 2 " in err
+    said = "2 image-named path(s) that are no regular file (FIFO, socket, device) skipped, e.g. pipe.png"
+    assert said in err

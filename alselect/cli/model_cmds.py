@@ -553,3 +553,8 @@ def _report_embed(reporter: Reporter, result: EmbedResult) -> None:
             f"{len(problems.unreadable_dirs)} unreadable folder(s) skipped, "
             f"e.g. {problems.unreadable_dirs[0]}"
         )
+    if problems.special_files:
+        reporter.warning(
+            f"{len(problems.special_files)} image-named path(s) that are no regular file (FIFO, socket, "
+            f"device) skipped, e.g. {problems.special_files[0]}"
+        )
