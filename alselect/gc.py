@@ -26,7 +26,7 @@ import numpy as np
 from alselect.errors import UsageError
 from alselect.limits import MAX_KEEP_RUNS
 from alselect.progress import NULL_REPORTER, Reporter
-from alselect.store import MODEL_OUTPUT_COUNT, Store
+from alselect.store import Store
 from alselect.store.arrays import SEGMENT_MAX_BYTES, append_rows
 from alselect.store.names import from_db
 
@@ -140,13 +140,7 @@ def used_models(store: Store, keep_runs: int) -> set[str]:
 def count_outputs(store: Store, key: str) -> int:
     """Contents the model has outputs for (rows a killed writer left unmerged included: a dry run
     on a read-only store sees them there)."""
-    return int(
-        store.scalar(
-            f"SELECT {MODEL_OUTPUT_COUNT} FROM models m WHERE m.key = ?",
-            (key,),
-        )
-        or 0
-    )
+    return store.output_count(key)
 
 
 def segment_bytes(store: Store, key: str) -> int:

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from alselect.store import COPY_REMOVED, MODEL_OUTPUT_COUNT, Store, model_display_name
+from alselect.store import COPY_REMOVED, Store, model_display_name
 from alselect.store.names import from_db, to_db
 
 
@@ -116,11 +116,10 @@ def store_status(store: Store, list_failed: bool = False) -> dict[str, Any]:
             "embedded": count,
             "failed": model_failures,
         }
-        for key, ckpt, path, kind, num_classes, dim, derived, count, model_failures in (
-            (*row[:6], json.loads(row[6] or "{}"), *row[7:])
+        for key, ckpt, path, kind, num_classes, dim, derived, model_failures, count in (
+            (*row[:6], json.loads(row[6] or "{}"), row[7], store.output_count(row[0]))
             for row in store.rows(
                 "SELECT m.key, m.checkpoint_sha256, m.path, m.kind, m.num_classes, m.dim, m.preprocess, "
-                f"{MODEL_OUTPUT_COUNT}, "
                 "(SELECT COUNT(*) FROM output_failures f WHERE f.model = m.id) "
                 "FROM models m ORDER BY m.added_at"
             )

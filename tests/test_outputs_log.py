@@ -261,3 +261,17 @@ def test_gc_steps_called_alone_merge_the_log_first(store_path: Path) -> None:
         assert compact_model(store, KEY)  # slot of content 2's first registration is dropped
         assert logged(store) == 0
         expect_latest(store, {1: 1.0, 2: 2.0, 4: 2.0})
+
+
+def test_output_count_counts_a_content_logged_twice_once(store_path: Path) -> None:
+    """The fast count (log rows not merged yet) must not count a content registered twice before a
+    merge twice, nor a logged content that is merged already (brute force: the set of contents)."""
+    with mock.patch("alselect.store.OUTPUTS_LOG_ROWS", 1000), open_with_model(store_path) as store:
+        register(store, [1, 2], 1.0)
+        store.merge_outputs()
+        register(store, [2, 3], 2.0)  # 2 is merged and logged again
+        assert store.output_count(KEY) == 3
+        register(store, [3, 4], 3.0)  # 3 logged twice, not merged
+        assert logged(store) == 4
+        assert store.output_count(KEY) == len({1, 2, 3, 4})
+        assert store.output_count("f" * 64) == 0  # a model the store does not know
