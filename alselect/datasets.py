@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from alselect.discover import resolve_root, walk_images
+from alselect.discover import WalkProblems, resolve_root, walk_images
 from alselect.errors import DataError
 from alselect.store import Store
 
@@ -77,17 +77,21 @@ def _labeled(pairs: Sequence[tuple[Path, str]], source: str, skipped: list[tuple
 def image_folder(folder: str | Path) -> LabeledFiles:
     """torchvision's ImageFolder layout: ``folder/<class>/**/<image>``; classes sorted by name.
 
-    Images directly in ``folder`` (in no class folder) are skipped and reported.
+    Images directly in ``folder`` (in no class folder), image-named paths that are no regular file
+    (a FIFO, socket or device: the walk skips them) and unreadable folders are skipped and reported.
     """
     root = resolve_root(folder)
     pairs: list[tuple[Path, str]] = []
     skipped: list[tuple[str, str]] = []
-    for found in walk_images(root):
+    problems = WalkProblems()
+    for found in walk_images(root, problems):
         parts = found.relpath.split("/")
         if len(parts) < 2:
             skipped.append((found.relpath, "not inside a class folder"))
             continue
         pairs.append((root / found.relpath, parts[0]))
+    skipped += [(rel, "not a regular file (FIFO, socket, device)") for rel in problems.special_files]
+    skipped += [(rel, "unreadable folder") for rel in problems.unreadable_dirs]
     if not pairs:
         raise DataError(f"{folder}: no images in class subfolders (expected {folder}/<class>/<image>)")
     return _labeled(pairs, f"folder {root}", skipped)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import os
 import struct
 from pathlib import Path
 
@@ -357,6 +358,29 @@ def test_train_from_csv_and_from_store_labels(tmp_path: Path, capsys: pytest.Cap
     )  # fmt: skip
     assert code == 0, err
     assert load_checkpoint(ckpt).classes == ["bright", "dark"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX FIFOs")
+def test_class_folder_reports_what_the_walk_skipped(tmp_path: Path) -> None:
+    """A FIFO or a link to a device in a class folder is left out and said, not dropped silently;
+    so is a folder that cannot be read (where permissions bind: not for root)."""
+    folder = write_class_folder(tmp_path / "data", per_class=2)
+    os.mkfifo(folder / "bright" / "pipe.png")
+    (folder / "dark" / "null.jpg").symlink_to(os.devnull)
+    locked = folder / "locked"
+    locked.mkdir()
+    locked.chmod(0)
+    try:
+        files = image_folder(folder)
+        readable = os.access(locked, os.R_OK)
+    finally:
+        locked.chmod(0o700)
+    assert sorted(p.relative_to(folder).as_posix() for p in files.paths) == [
+        "bright/bright_00.png", "bright/bright_01.png", "dark/dark_00.png", "dark/dark_01.png",
+    ]  # fmt: skip
+    special = "not a regular file (FIFO, socket, device)"
+    expected = [("bright/pipe.png", special), ("dark/null.jpg", special)]
+    assert files.skipped == expected + ([] if readable else [("locked/", "unreadable folder")])
 
 
 def test_train_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
