@@ -183,6 +183,7 @@ class ScoreResult:
     labeled: int
     selected: int
     embeds: list[EmbedResult] = field(default_factory=list)  # every model's, task model first
+    labeled_syncs: list[tuple[str, SyncResult]] = field(default_factory=list)  # (--labeled-dir, its scan)
 
 
 @dataclass(frozen=True)
@@ -565,8 +566,10 @@ def score_folder(
         for result in results:  # one scan, one folder: every model's summary shows the final counts
             result.counts = results[-1].counts
         check_failures(results, safeguards)
+        labeled_syncs = []
         for other in extra_roots:
             other_sync = sync_folder(store, other, reporter)
+            labeled_syncs.append((str(other), other_sync))
             for p in everyone:
                 embed_synced(store, other, other_sync, p, options, reporter, retry_failed, engine=running)
 
@@ -624,6 +627,7 @@ def score_folder(
         labeled=labeled,
         selected=len(ranking),
         embeds=results,
+        labeled_syncs=labeled_syncs,
     )
 
 

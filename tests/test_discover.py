@@ -83,3 +83,47 @@ def test_image_named_fifos_and_devices_are_skipped_and_said_not_read(
     assert "embedded 2 " in err
     said = "2 image-named path(s) that are no regular file (FIFO, socket, device) skipped, e.g. pipe.png"
     assert said in err
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX FIFOs")
+def test_score_says_a_scans_skipped_paths_once_and_those_of_labeled_folders(
+    tmp_path: Path,
+    store_path: Path,
+    tiny_checkpoint: Path,
+    make_images: MakeImages,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Two ensemble members share one scan: its skipped FIFO is one warning, not one per model; a
+    # FIFO in a --labeled-dir is said too, with that folder's path.
+    import torch
+
+    from alselect.checkpoints.alselect_dict import save_alselect_checkpoint
+    from alselect.models.small_cnn import SmallCNN
+    from alselect.preprocess import Preprocess
+    from tests.conftest import TINY_CLASSES
+
+    torch.manual_seed(1)
+    other = tmp_path / "other.pt"
+    preprocess = Preprocess(image_size=16, resize_size=16, mean=(0.5,) * 3, std=(0.25,) * 3)
+    save_alselect_checkpoint(
+        other,
+        SmallCNN(num_classes=3),
+        arch="small_cnn",
+        num_classes=3,
+        classes=TINY_CLASSES,
+        preprocess=preprocess,
+    )
+    pool, labeled = tmp_path / "pool", tmp_path / "labeled"
+    make_images(pool, 3)
+    make_images(labeled, 2, start=10)
+    os.mkfifo(pool / "pipe.png")
+    os.mkfifo(labeled / "pipe2.png")
+    code, _, err = cli(
+        capsys, "--store", str(store_path), "score", str(pool), "-m", str(tiny_checkpoint), "-m", str(other),
+        "-s", "entropy", "--workers", "0", "--labeled-dir", str(labeled),
+    )  # fmt: skip
+    assert code == 0, err
+    said = "1 image-named path(s) that are no regular file (FIFO, socket, device) skipped, e.g. "
+    assert err.count(said) == 2
+    assert f"{said}pipe.png\n" in err
+    assert f"{said}{labeled.resolve()}/pipe2.png\n" in err

@@ -12,6 +12,7 @@ from alselect.limits import DEFAULT_MAX_PIXELS
 from alselect.progress import Reporter
 
 if TYPE_CHECKING:
+    from alselect.discover import WalkProblems
     from alselect.embed import EmbedOptions
     from alselect.pipeline import EmbedResult, ModelSpec, Safeguards
 
@@ -427,8 +428,10 @@ def score(
             reduction=reduction,
         )
         reporter.close()
-        for embedded in result.embeds:
-            _report_embed(reporter, embedded)
+        for i, embedded in enumerate(result.embeds):  # one scan: its skipped paths said once
+            _report_embed(reporter, embedded, walk=i == 0)
+        for labeled_folder, labeled_sync in result.labeled_syncs:
+            _report_walk(reporter, labeled_sync.problems, labeled_folder)
         counts = result.embeds[0].counts if result.embeds else None
         duplicates = (
             f"; {counts.duplicates} duplicate file(s) counted once" if counts and counts.duplicates else ""
@@ -533,7 +536,8 @@ def parse_share(text: str | None) -> float | None:
     return value
 
 
-def _report_embed(reporter: Reporter, result: EmbedResult) -> None:
+def _report_embed(reporter: Reporter, result: EmbedResult, walk: bool = True) -> None:
+    """A model's summary line and warnings; ``walk``: also what its folder scan skipped."""
     sync, counts = result.sync, result.counts
     files = f"files {counts.describe()}; " if counts else ""  # status's wording and counts
     reporter.info(
@@ -547,14 +551,23 @@ def _report_embed(reporter: Reporter, result: EmbedResult) -> None:
     summary = result.failure_summary()
     if summary:
         reporter.warning(summary)
-    problems = sync.problems
+    if walk:
+        _report_walk(reporter, sync.problems)
+
+
+def _report_walk(reporter: Reporter, problems: WalkProblems, folder: str | None = None) -> None:
+    """What a folder scan skipped; paths relative to the scanned folder, or under ``folder``."""
+
+    def shown(relpath: str) -> str:
+        return relpath if folder is None else f"{folder.rstrip('/')}/{relpath}"
+
     if problems.unreadable_dirs:
         reporter.warning(
             f"{len(problems.unreadable_dirs)} unreadable folder(s) skipped, "
-            f"e.g. {problems.unreadable_dirs[0]}"
+            f"e.g. {shown(problems.unreadable_dirs[0])}"
         )
     if problems.special_files:
         reporter.warning(
             f"{len(problems.special_files)} image-named path(s) that are no regular file (FIFO, socket, "
-            f"device) skipped, e.g. {problems.special_files[0]}"
+            f"device) skipped, e.g. {shown(problems.special_files[0])}"
         )
