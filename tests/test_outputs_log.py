@@ -275,3 +275,15 @@ def test_output_count_counts_a_content_logged_twice_once(store_path: Path) -> No
         assert logged(store) == 4
         assert store.output_count(KEY) == len({1, 2, 3, 4})
         assert store.output_count("f" * 64) == 0  # a model the store does not know
+
+
+def test_output_count_of_hashes_that_are_not_64_hex_digits_is_exact(store_path: Path) -> None:
+    """A library caller's content names need not be SHA-256 hex: the count falls back to SQL."""
+    with mock.patch("alselect.store.OUTPUTS_LOG_ROWS", 1000), open_with_model(store_path) as store:
+        names = ["a" * 32, "b" * 64, "b" * 64, "c" * 96, "not hex at all"]
+        n = len(names)
+        store.add_outputs(
+            KEY, names, {"probs": np.full((n, 3), 0.5, np.float32), "embedding": np.ones((n, 2), np.float32)}
+        )
+        assert logged(store) == n
+        assert store.output_count(KEY) == len(set(names))

@@ -599,8 +599,11 @@ class Store:
             (shas,) = self.rows(
                 "SELECT group_concat(sha256, '') FROM outputs_log WHERE model = ?", (model_id,)
             )[0]
-            if len(first_occurrences(hex_words(shas or "", 4))) == logged:
-                return merged + int(new)
+            # hashes that are not 64 hex digits (a library caller's) cannot be compared as numbers
+            if len(shas or "") == 64 * logged:
+                with contextlib.suppress(ValueError):
+                    if len(first_occurrences(hex_words(shas or "", 4))) == logged:
+                        return merged + int(new)
             exact = self.scalar(f"SELECT {MODEL_OUTPUT_COUNT} FROM models m WHERE m.id = ?", (model_id,))
             return int(exact or 0)
 
