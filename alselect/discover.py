@@ -12,6 +12,7 @@ from pathlib import Path
 from stat import S_ISREG
 
 from alselect.errors import DataError
+from alselect.fsutil import open_regular
 
 HASH_CHUNK = 1024
 # Files per thread-pool task. A task per file cost ~80 us of hand-over and lock traffic, ten times
@@ -112,7 +113,7 @@ def _walk(
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of the file's bytes, read through a bare descriptor (no buffered file object)."""
     digest = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    fd = open_regular(path)
     try:
         while block := os.read(fd, chunk):
             digest.update(block)

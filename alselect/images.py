@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +14,7 @@ from typing import IO, cast
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from alselect.fsutil import NOT_REGULAR, open_regular
 from alselect.limits import DEFAULT_MAX_PIXELS
 from alselect.preprocess import Preprocess
 
@@ -78,7 +80,12 @@ def read_image_file(path: Path, expected_sha256: str | None = None) -> bytes:
     """The file's bytes, read once; with ``expected_sha256``, only if they still hash to it
     (else ``ImageDecodeError("changed while reading")``)."""
     try:
-        data = path.read_bytes()
+        with os.fdopen(open_regular(path), "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        if exc.strerror == NOT_REGULAR:  # replaced by a FIFO or device since the walk
+            raise ImageDecodeError(f"unreadable: {NOT_REGULAR}") from None
+        raise decode_error(exc) from None
     except Exception as exc:
         raise decode_error(exc) from None
     if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256.lower():

@@ -127,3 +127,30 @@ def test_score_says_a_scans_skipped_paths_once_and_those_of_labeled_folders(
     assert err.count(said) == 2
     assert f"{said}pipe.png\n" in err
     assert f"{said}{labeled.resolve()}/pipe2.png\n" in err
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX FIFOs")
+def test_a_fifo_that_replaced_an_image_after_the_walk_fails_at_once(tmp_path: Path) -> None:
+    # Between the walk and the read a file can become a FIFO: hashing and decoding must fail with
+    # a reason, not wait forever for a writer.
+    from alselect.images import ImageDecodeError, read_image_file
+
+    fifo = tmp_path / "late.png"
+    os.mkfifo(fifo)
+    outcome: dict[str, object] = {}
+
+    def read_both() -> None:
+        outcome["hash"] = list(hash_files(tmp_path, ["late.png"]))
+        try:
+            read_image_file(fifo)
+        except ImageDecodeError as exc:
+            outcome["decode"] = str(exc)
+
+    reader = threading.Thread(target=read_both, daemon=True)
+    reader.start()
+    reader.join(10)
+    assert not reader.is_alive(), "reading a FIFO blocked"
+    assert outcome == {
+        "hash": [("late.png", None, "unreadable: not a regular file")],
+        "decode": "unreadable: not a regular file",
+    }
