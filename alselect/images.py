@@ -82,10 +82,6 @@ def read_image_file(path: Path, expected_sha256: str | None = None) -> bytes:
     try:
         with os.fdopen(open_regular(path), "rb") as handle:
             data = handle.read()
-    except OSError as exc:
-        if exc.strerror == NOT_REGULAR:  # replaced by a FIFO or device since the walk
-            raise ImageDecodeError(f"unreadable: {NOT_REGULAR}") from None
-        raise decode_error(exc) from None
     except Exception as exc:
         raise decode_error(exc) from None
     if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256.lower():
@@ -121,8 +117,8 @@ def decode_error(exc: Exception) -> ImageDecodeError:
         return ImageDecodeError("not an image (unrecognised format)")
     if isinstance(exc, MemoryError):
         return ImageDecodeError(OUT_OF_MEMORY)
-    if isinstance(exc, PermissionError):
-        return ImageDecodeError(f"unreadable: {exc.strerror}")
+    if isinstance(exc, PermissionError) or (isinstance(exc, OSError) and exc.strerror == NOT_REGULAR):
+        return ImageDecodeError(f"unreadable: {exc.strerror}")  # NOT_REGULAR: a FIFO or device now
     if isinstance(exc, FileNotFoundError):
         return ImageDecodeError("vanished while reading")
     if isinstance(exc, OSError):

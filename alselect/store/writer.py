@@ -173,8 +173,8 @@ class OutputWriter:
     def _write(self, items: list[Any]) -> None:
         group: list[_Outputs] = []
         for item in items:
-            if isinstance(item, _Outputs):
-                if group and (group[0].layout() != item.layout() or self._rows(group) >= self.group_rows):
+            if isinstance(item, _Outputs):  # ``_run`` took no more than ``group_rows`` for them
+                if group and group[0].layout() != item.layout():
                     self._register(group)
                     group = []
                 group.append(item)
@@ -184,10 +184,6 @@ class OutputWriter:
             if item is not _STOP and not self._drop:
                 item()
         self._register(group)
-
-    @staticmethod
-    def _rows(group: list[_Outputs]) -> int:
-        return sum(len(item.sha256) for item in group)
 
     def _register(self, group: list[_Outputs]) -> None:
         if not group or self._drop:
